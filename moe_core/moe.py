@@ -1,0 +1,357 @@
+"""MoEMLP: the one Mixture-of-Experts FFN that every conversion method produces.
+
+    y = shared(x) + sum_{e in S(x)} g_e(x) * (W_down^e (act(W_gate^e x) * W_up^e x) + b^e)
+
+- ``shared``: an optional always-on gated MLP (CMoE's shared experts merged into one block).
+- routed experts stored stacked (``gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I)), the transformers-5
+  layout; experts narrower than I are zero-padded, which is exact (a zero row gives act(0) * 0 = 0).
+- a router giving scores (T, E); probabilities p = softmax(scores / temperature), always in float32.
+- a routing policy choosing S(x): top-k on p + selection_bias (CMoE's aux-free balancing bias only
+  affects selection), or dynamic: the smallest set whose summed p reaches a threshold (at least one).
+- gates g: ``cmoe`` 1 + p * u (u starts at 0), ``prob`` p, ``renorm`` p / sum_S p.
+
+With every expert selected and unit gates the block equals the dense MLP it was cut from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GateMode = Literal["cmoe", "prob", "renorm"]
+
+
+@dataclass(frozen=True)
+class RoutingPolicy:
+    """How many experts a token uses: fixed top-k, or dynamic by cumulative routing weight."""
+
+    mode: Literal["topk", "dynamic"] = "topk"
+    k: int = 1
+    threshold: float = 0.5  # dynamic: keep adding experts until their summed probability reaches this
+    max_k: int | None = None  # dynamic: optional cap
+
+    def __post_init__(self):
+        if self.mode not in ("topk", "dynamic"):
+            raise ValueError(f"Routing policy mode must be 'topk' or 'dynamic', got '{self.mode}'.")
+        if self.k < 1:
+            raise ValueError(f"top-k must be at least 1, got {self.k}.")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"Dynamic threshold must be in (0, 1], got {self.threshold}.")
+
+    def label(self) -> str:
+        return f"top-{self.k}" if self.mode == "topk" else f"dyn-{self.threshold:g}"
+
+
+class GatedMLP(nn.Module):
+    """act(gate_proj(x)) * up_proj(x) -> down_proj: the shared expert (and a standalone dense FFN)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: nn.Module):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act_fn = act
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Scores (T, E) in float32.
+
+    ``linear``: W_r x (+ optional training noise, DIVE's NoisyTopkRouter).
+    ``cmoe``:   act(W_gate^R x) * (W_up^R x) from each expert's representative neuron (CMoE eq. 8);
+                ``abs_scores`` takes |.| as the released code does.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        n_experts: int,
+        kind: Literal["linear", "cmoe"] = "linear",
+        act: nn.Module | None = None,
+        abs_scores: bool = False,
+        noise: bool = False,
+    ):
+        super().__init__()
+        if kind not in ("linear", "cmoe"):
+            raise ValueError(f"Router kind must be 'linear' or 'cmoe', got '{kind}'.")
+        self.kind, self.abs_scores, self.noise_scale = kind, abs_scores, 5e-4
+        self.weight = nn.Parameter(torch.zeros(n_experts, hidden_size))  # linear: W_r; cmoe: W_gate^R
+        self.up_weight = nn.Parameter(torch.zeros(n_experts, hidden_size)) if kind == "cmoe" else None
+        self.noise_weight = nn.Parameter(torch.zeros(n_experts, hidden_size)) if noise else None
+        self.act_fn = act if act is not None else nn.SiLU()
+
+    def forward(self, x):  # (T, H) -> (T, E) float32
+        xf = x.float()
+        scores = F.linear(xf, self.weight.float())
+        if self.kind == "cmoe":
+            scores = self.act_fn(scores) * F.linear(xf, self.up_weight.float())
+            if self.abs_scores:
+                scores = scores.abs()
+        if self.noise_weight is not None and self.training:
+            noise_std = F.softplus(F.linear(xf, self.noise_weight.float())) * self.noise_scale
+            scores = scores + torch.randn_like(scores) * noise_std
+        return scores
+
+
+class MoEMLP(nn.Module):
+    """Shared expert + stacked routed experts + router + routing policy (see module docstring)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        expert_sizes: list[int],
+        shared_size: int,
+        act: nn.Module,
+        router: Router,
+        policy: RoutingPolicy = RoutingPolicy(),
+        gate_mode: GateMode = "cmoe",
+        expert_bias: bool = False,
+        act_name: str = "silu",
+    ):
+        super().__init__()
+        n_experts, width = len(expert_sizes), max(expert_sizes)
+        if n_experts < 1 or min(expert_sizes) < 1:
+            raise ValueError(f"Need at least one routed expert of width >= 1, got sizes {expert_sizes}.")
+        if gate_mode not in ("cmoe", "prob", "renorm"):
+            raise ValueError(f"gate_mode must be cmoe, prob or renorm, got '{gate_mode}'.")
+        self.hidden_size, self.expert_sizes, self.act_name = hidden_size, list(expert_sizes), act_name
+        self.shared_expert = GatedMLP(hidden_size, shared_size, act) if shared_size > 0 else None
+        self.gate_up_proj = nn.Parameter(torch.zeros(n_experts, 2 * width, hidden_size))  # (E, 2I, H)
+        self.down_proj = nn.Parameter(torch.zeros(n_experts, hidden_size, width))  # (E, H, I)
+        self.expert_bias = nn.Parameter(torch.zeros(n_experts, hidden_size)) if expert_bias else None
+        self.router, self.act_fn, self.gate_mode = router, act, gate_mode
+        self.gate_scale = nn.Parameter(torch.zeros(n_experts))  # CMoE's u, eq. 9
+        self.register_buffer("selection_bias", torch.zeros(n_experts))  # CMoE's b, selection only
+        self.register_buffer("load_counts", torch.zeros(n_experts), persistent=False)
+        self.policy, self.temperature, self.balance_gamma = policy, 1.0, 0.0
+        self.track_load, self.tokens_seen, self.slots_used = False, 0, 0
+        self.set_policy(policy)
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.expert_sizes)
+
+    @property
+    def shared_size(self) -> int:
+        return 0 if self.shared_expert is None else self.shared_expert.gate_proj.out_features
+
+    def set_policy(self, policy: RoutingPolicy) -> None:
+        if policy.mode == "topk" and policy.k > self.n_experts:
+            raise ValueError(
+                f"top-{policy.k} needs at least {policy.k} routed experts; this layer has {self.n_experts}."
+            )
+        self.policy = policy
+
+    # ------------------------------------------------------------------ routing
+    def route(self, x):
+        """x (T, H) -> (idx (T, K) long, gates (T, K) float32, probs (T, E) float32).
+
+        Unselected slots (dynamic policy, fewer than K experts for a token) have idx -1 and gate 0.
+        """
+        probs = torch.softmax(self.router(x) / self.temperature, dim=-1)  # (T, E) float32
+        ranking = probs + self.selection_bias
+        if self.policy.mode == "topk":
+            idx = ranking.topk(self.policy.k, dim=-1).indices  # (T, K)
+            chosen = probs.gather(1, idx)
+        else:
+            idx, chosen = self._dynamic_selection(probs, ranking)
+        gates = self._gates(chosen, idx)
+        return idx, gates, probs
+
+    def _dynamic_selection(self, probs, ranking):
+        cap = min(self.policy.max_k or self.n_experts, self.n_experts)
+        idx = ranking.topk(cap, dim=-1).indices  # (T, cap), best first
+        p_sorted = probs.gather(1, idx)
+        before = p_sorted.cumsum(-1) - p_sorted  # mass of the better experts
+        keep = before < self.policy.threshold  # smallest prefix reaching the threshold; slot 0 always kept
+        k_needed = int(keep.sum(-1).max())
+        idx, p_sorted, keep = idx[:, :k_needed], p_sorted[:, :k_needed], keep[:, :k_needed]
+        return idx.masked_fill(~keep, -1), p_sorted * keep
+
+    def _gates(self, chosen, idx):  # chosen: (T, K) probabilities of the selected experts, 0 where unused
+        used = idx >= 0
+        if self.gate_mode == "cmoe":
+            u = self.gate_scale.float()[idx.clamp(min=0)]
+            return (1.0 + chosen * u) * used
+        if self.gate_mode == "renorm":
+            return chosen / chosen.sum(-1, keepdim=True).clamp(min=1e-20)
+        return chosen
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (T, H)
+        idx, gates, _ = self.route(x2)
+        self._after_routing(idx)
+        out = self.shared_expert(x2) if self.shared_expert is not None else torch.zeros_like(x2)
+        out = self._routed(x2, idx, gates, out)
+        return out.reshape(shape)
+
+    def _routed(self, x2, idx, gates, out):
+        """Group (token, slot) pairs by expert; one matmul pair per expert hit; no loop over tokens."""
+        n_slots = idx.shape[1]
+        flat_e = idx.reshape(-1)
+        order = flat_e.argsort(stable=True)
+        counts = torch.bincount(flat_e.clamp(min=0)[flat_e >= 0], minlength=self.n_experts).tolist()
+        start = int((flat_e < 0).sum())  # unused slots (-1) sort first
+        flat_gate = gates.reshape(-1).to(x2.dtype)
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            pairs = order[start : start + count]
+            start += count
+            tokens = pairs // n_slots
+            y = self._expert(e, x2[tokens]) * flat_gate[pairs].unsqueeze(-1)
+            out = out.index_add(0, tokens, y)
+        return out
+
+    def _expert(self, e: int, x):  # (n, H) -> (n, H)
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        y = F.linear(self.act_fn(gate) * up, self.down_proj[e])
+        return y if self.expert_bias is None else y + self.expert_bias[e]
+
+    def forward_reference(self, x):
+        """Every expert on every token, combined with a dense (T, E) gate matrix: slow, obviously right."""
+        x2 = x.reshape(-1, x.shape[-1])
+        idx, gates, _ = self.route(x2)
+        dense_gates = torch.zeros(x2.shape[0], self.n_experts + 1, dtype=torch.float32, device=x.device)
+        dense_gates.scatter_add_(1, idx.clamp(min=-1) % (self.n_experts + 1), gates)
+        out = self.shared_expert(x2) if self.shared_expert is not None else torch.zeros_like(x2)
+        for e in range(self.n_experts):
+            out = out + self._expert(e, x2) * dense_gates[:, e : e + 1].to(x2.dtype)
+        return out.reshape(x.shape)
+
+    # ------------------------------------------------------------------ load statistics and balancing
+    def _after_routing(self, idx):
+        if not (self.track_load or (self.training and self.balance_gamma > 0)):
+            return
+        with torch.no_grad():
+            used = idx[idx >= 0]
+            counts = torch.bincount(used, minlength=self.n_experts).float()
+            if self.track_load:
+                self.load_counts += counts
+                self.tokens_seen += idx.shape[0]
+                self.slots_used += int(used.numel())
+            if self.training and self.balance_gamma > 0:
+                # CMoE / DeepSeek-V3 aux-loss-free balancing: overloaded experts lose selection bias.
+                self.selection_bias -= self.balance_gamma * torch.sign(counts - counts.mean())
+
+    def reset_load(self) -> None:
+        self.load_counts.zero_()
+        self.tokens_seen = self.slots_used = 0
+
+    def mean_active_experts(self) -> float:
+        """Average routed experts per token: measured if load was tracked, else the policy's k."""
+        if self.tokens_seen:
+            return self.slots_used / self.tokens_seen
+        return float(self.policy.k if self.policy.mode == "topk" else self.n_experts)
+
+    # ------------------------------------------------------------------ accounting and serialisation
+    def param_counts(self, mean_active: float | None = None) -> dict:
+        """Total and per-token active parameters of this block (padding excluded)."""
+        h = self.hidden_size
+        k = self.mean_active_experts() if mean_active is None else mean_active
+        mean_size = sum(self.expert_sizes) / self.n_experts
+        router = sum(p.numel() for p in self.router.parameters() if p is not self.router.noise_weight)
+        shared, routed = 3 * h * self.shared_size, 3 * h * sum(self.expert_sizes)
+        return {
+            "total": shared + routed + router,
+            "active": shared + 3 * h * mean_size * k + router,
+            "shared": shared,
+            "routed": routed,
+            "router": router,
+        }
+
+    def spec(self) -> dict:
+        """Everything needed to rebuild an empty block of the same shape (weights come separately)."""
+        r = self.router
+        return {
+            "hidden_size": self.hidden_size,
+            "expert_sizes": self.expert_sizes,
+            "shared_size": self.shared_size,
+            "act_name": self.act_name,
+            "gate_mode": self.gate_mode,
+            "expert_bias": self.expert_bias is not None,
+            "policy": asdict(self.policy),
+            "temperature": self.temperature,
+            "router": {"kind": r.kind, "abs_scores": r.abs_scores, "noise": r.noise_weight is not None},
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> MoEMLP:
+        from transformers.activations import ACT2FN
+
+        act = ACT2FN[spec["act_name"]]
+        rs = spec["router"]
+        router = Router(
+            spec["hidden_size"], len(spec["expert_sizes"]), rs["kind"], act, rs["abs_scores"], rs["noise"]
+        )
+        block = cls(
+            spec["hidden_size"],
+            spec["expert_sizes"],
+            spec["shared_size"],
+            act,
+            router,
+            RoutingPolicy(**spec["policy"]),
+            spec["gate_mode"],
+            spec["expert_bias"],
+            spec["act_name"],
+        )
+        block.temperature = spec.get("temperature", 1.0)
+        return block
+
+    @classmethod
+    @torch.no_grad()
+    def from_dense(
+        cls,
+        w_gate,
+        w_up,
+        w_down,
+        act_name: str,
+        shared_idx,
+        expert_idx: list,
+        router: Router,
+        policy: RoutingPolicy = RoutingPolicy(),
+        gate_mode: GateMode = "cmoe",
+        expert_bias=None,
+    ) -> MoEMLP:
+        """Cut a dense gated MLP into experts by neuron indices.
+
+        w_gate, w_up (I, H); w_down (H, I); shared_idx (S,) long (may be empty); expert_idx: E index
+        tensors (experts may overlap, as DIVE's pruned copies do); expert_bias (E, H) or None;
+        act_name: a transformers ACT2FN key (the model config's hidden_act).
+        """
+        from transformers.activations import ACT2FN
+
+        act, hidden = ACT2FN[act_name], w_gate.shape[1]
+        sizes = [int(ix.numel()) for ix in expert_idx]
+        block = cls(
+            hidden,
+            sizes,
+            int(shared_idx.numel()),
+            act,
+            router,
+            policy,
+            gate_mode,
+            expert_bias is not None,
+            act_name,
+        ).to(device=w_gate.device, dtype=w_gate.dtype)
+        if block.shared_expert is not None:
+            block.shared_expert.gate_proj.weight.copy_(w_gate[shared_idx])
+            block.shared_expert.up_proj.weight.copy_(w_up[shared_idx])
+            block.shared_expert.down_proj.weight.copy_(w_down[:, shared_idx])
+        width = max(sizes)
+        for e, ix in enumerate(expert_idx):
+            n = ix.numel()
+            block.gate_up_proj[e, :n] = w_gate[ix]
+            block.gate_up_proj[e, width : width + n] = w_up[ix]
+            block.down_proj[e, :, :n] = w_down[:, ix]
+        if expert_bias is not None:
+            block.expert_bias.copy_(expert_bias)
+        return block.eval()

@@ -1,0 +1,174 @@
+"""Activation profiling: which FFN neurons fire, per layer, on the user's calibration text.
+
+Activation rate follows CMoE (arXiv 2502.04416, App. A.2, eqs. 13-15): for each token the K_a neurons
+with the largest |h_i| are marked active, h = act(W_gate x) * (W_up x); the rate of neuron i is the
+fraction of tokens that mark it. Also kept: mean |h_i| and a histogram of h per layer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .layerwise import capture_layer_inputs, mlp_inputs
+
+HIST_BINS = 101
+
+
+class Cancelled(Exception):
+    """Raised when the caller's cancel() returns True; nothing is written."""
+
+
+def check_cancel(cancel: Callable[[], bool] | None) -> None:
+    if cancel is not None and cancel():
+        raise Cancelled("Cancelled by the user.")
+
+
+@torch.no_grad()
+def ffn_hidden(adapter, mlp, x: torch.Tensor) -> torch.Tensor:
+    """h = act(W_gate x) * (W_up x) in float32. x (T, H) -> (T, I)."""
+    w_gate, w_up, _ = adapter.weights(mlp)
+    xf = x.float()
+    return adapter.act_fn(mlp)(xf @ w_gate.float().T) * (xf @ w_up.float().T)
+
+
+def atopk_counts(h: torch.Tensor, k_act: int) -> torch.Tensor:
+    """CMoE ATopK markers summed over tokens: h (T, I) -> counts (I,)."""
+    idx = h.abs().topk(k_act, dim=-1).indices  # (T, K_a)
+    return torch.bincount(idx.reshape(-1), minlength=h.shape[1]).float()
+
+
+@dataclass
+class ActivationProfile:
+    """Per-layer neuron statistics. rates, mean_abs: (L, I); h_hist_counts (L, B); h_hist_edges (L, B+1)."""
+
+    rates: torch.Tensor
+    mean_abs: torch.Tensor
+    h_hist_counts: torch.Tensor
+    h_hist_edges: torch.Tensor
+    k_act: int
+    n_tokens: int
+    model_spec: str = ""
+    text_spec: str = ""
+
+    @property
+    def n_layers(self) -> int:
+        return self.rates.shape[0]
+
+    def rate_histogram(self, layer: int, bins: int = 50) -> tuple[np.ndarray, np.ndarray]:
+        """Histogram of activation rates of one layer's neurons over [0, max rate]."""
+        rates = self.rates[layer].numpy()
+        return np.histogram(rates, bins=bins, range=(0.0, max(float(rates.max()), 1e-6)))
+
+    def h_histogram(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.h_hist_counts[layer].numpy(), self.h_hist_edges[layer].numpy()
+
+    def summary(self) -> dict:
+        r = self.rates
+        return {
+            "model": self.model_spec,
+            "text": self.text_spec,
+            "layers": self.n_layers,
+            "neurons_per_layer": r.shape[1],
+            "tokens": self.n_tokens,
+            "k_act": self.k_act,
+            "uniform_rate": self.k_act / r.shape[1],
+            "median_rate": float(r.median()),
+            "max_rate": float(r.max()),
+            "share_of_neurons_above_10x_uniform": float((r > 10 * self.k_act / r.shape[1]).float().mean()),
+        }
+
+    def save(self, folder: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "rates": self.rates,
+            "mean_abs": self.mean_abs,
+            "h_hist_counts": self.h_hist_counts,
+            "h_hist_edges": self.h_hist_edges,
+        }
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "profile.safetensors"))
+        meta = {
+            "k_act": self.k_act,
+            "n_tokens": self.n_tokens,
+            "model_spec": self.model_spec,
+            "text_spec": self.text_spec,
+            "summary": self.summary(),
+        }
+        (folder / "profile.json").write_text(json.dumps(meta, indent=2))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> ActivationProfile:
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        meta = json.loads((folder / "profile.json").read_text())
+        meta.pop("summary", None)
+        return cls(**load_file(str(folder / "profile.safetensors")), **meta)
+
+
+class _LayerStats:
+    """Running accumulators for one layer (histogram range fixed from its first micro-batch)."""
+
+    def __init__(self, n_neurons: int, k_act: int):
+        self.k_act, self.counts, self.abs_sum = k_act, torch.zeros(n_neurons), torch.zeros(n_neurons)
+        self.hist, self.edges, self.tokens = torch.zeros(HIST_BINS), None, 0
+
+    def add(self, h: torch.Tensor) -> None:  # h (T, I) float32
+        self.counts += atopk_counts(h, self.k_act).cpu()
+        self.abs_sum += h.abs().sum(0).cpu()
+        self.tokens += h.shape[0]
+        if self.edges is None:
+            sample = h.flatten()[:: max(1, h.numel() // 1_000_000)].abs()
+            bound = float(sample.quantile(0.999)) or 1e-6
+            self.edges = torch.linspace(-bound, bound, HIST_BINS + 1)
+        lo, hi = float(self.edges[0]), float(self.edges[-1])
+        self.hist += torch.histc(h.clamp(lo, hi).cpu(), bins=HIST_BINS, min=lo, max=hi)
+
+
+@torch.no_grad()
+def profile_model(
+    dense,
+    input_ids: torch.Tensor,
+    *,
+    k_act: int = 10,
+    batch_size: int = 1,
+    text_spec: str = "",
+    progress: Callable[[float, str], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> ActivationProfile:
+    """Profile every FFN of a dense model on input_ids (N, T), one decoder layer at a time."""
+    n_neurons = dense.model.config.intermediate_size
+    if not 1 <= k_act <= n_neurons:
+        raise ValueError(f"K_a must be between 1 and the intermediate size ({n_neurons}), got {k_act}.")
+    inputs = capture_layer_inputs(dense, input_ids, batch_size)
+    layers = dense.adapter.layers(dense.model)
+    stats = []
+    for i, layer in enumerate(layers):
+        check_cancel(cancel)
+        mlp = dense.adapter.mlp(dense.model, i)
+        xs, inputs = mlp_inputs(layer, mlp, inputs)
+        acc = _LayerStats(n_neurons, k_act)
+        for x in xs:
+            acc.add(ffn_hidden(dense.adapter, mlp, x))
+        stats.append(acc)
+        if progress:
+            progress((i + 1) / len(layers), f"Profiled layer {i + 1}/{len(layers)}")
+    return ActivationProfile(
+        rates=torch.stack([s.counts / s.tokens for s in stats]),
+        mean_abs=torch.stack([s.abs_sum / s.tokens for s in stats]),
+        h_hist_counts=torch.stack([s.hist for s in stats]),
+        h_hist_edges=torch.stack([s.edges for s in stats]),
+        k_act=k_act,
+        n_tokens=stats[0].tokens,
+        model_spec=dense.spec,
+        text_spec=text_spec,
+    )
