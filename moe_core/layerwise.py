@@ -6,6 +6,7 @@ for the calibration hidden states, not for the whole forward graph.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -42,10 +43,8 @@ def capture_layer_inputs(dense, input_ids: torch.Tensor, batch_size: int = 1) ->
     handle = first.register_forward_pre_hook(catch, with_kwargs=True)
     try:
         for chunk in input_ids.to(dense.device).split(batch_size):
-            try:
+            with contextlib.suppress(_StopForward):
                 dense.model.model(input_ids=chunk, use_cache=False)
-            except _StopForward:
-                pass
     finally:
         handle.remove()
     return LayerInputs(hidden, kwargs)
