@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .layerwise import capture_layer_inputs, mlp_inputs
+from .layerwise import capture_layer_inputs, run_layer
 
 HIST_BINS = 101
 
@@ -122,16 +122,18 @@ class _LayerStats:
         self.k_act, self.counts, self.abs_sum = k_act, torch.zeros(n_neurons), torch.zeros(n_neurons)
         self.hist, self.edges, self.tokens = torch.zeros(HIST_BINS), None, 0
 
-    def add(self, h: torch.Tensor) -> None:  # h (T, I) float32
-        self.counts += atopk_counts(h, self.k_act).cpu()
-        self.abs_sum += h.abs().sum(0).cpu()
+    def add(self, h: torch.Tensor) -> None:  # h (T, I)
+        h = h.reshape(-1, h.shape[-1]).float()
+        a = h.abs()
+        self.counts += torch.bincount(a.topk(self.k_act, dim=-1).indices.reshape(-1), minlength=h.shape[1]).cpu()
+        self.abs_sum += a.sum(0).cpu()
         self.tokens += h.shape[0]
-        if self.edges is None:
-            sample = h.flatten()[:: max(1, h.numel() // 1_000_000)].abs()
-            bound = float(sample.quantile(0.999)) or 1e-6
+        if self.edges is None:  # symmetric range from the first micro-batch's 99.9th |h| percentile
+            sample = a.flatten()[:: max(1, a.numel() // 200_000)]
+            bound = float(sample.kthvalue(max(1, int(0.999 * sample.numel()))).values) or 1e-6
             self.edges = torch.linspace(-bound, bound, HIST_BINS + 1)
         lo, hi = float(self.edges[0]), float(self.edges[-1])
-        self.hist += torch.histc(h.clamp(lo, hi).cpu(), bins=HIST_BINS, min=lo, max=hi)
+        self.hist += torch.histc(h.clamp(lo, hi), bins=HIST_BINS, min=lo, max=hi).cpu()
 
 
 @torch.no_grad()
@@ -154,11 +156,13 @@ def profile_model(
     stats = []
     for i, layer in enumerate(layers):
         check_cancel(cancel)
-        mlp = dense.adapter.mlp(dense.model, i)
-        xs, inputs = mlp_inputs(layer, mlp, inputs)
         acc = _LayerStats(n_neurons, k_act)
-        for x in xs:
-            acc.add(ffn_hidden(dense.adapter, mlp, x))
+        # The input of down_proj is exactly h = act(gate(x)) * up(x): read it instead of recomputing it.
+        handle = dense.mlp(i).down_proj.register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0]))
+        try:
+            inputs = run_layer(layer, inputs)
+        finally:
+            handle.remove()
         stats.append(acc)
         if progress:
             progress((i + 1) / len(layers), f"Profiled layer {i + 1}/{len(layers)}")
