@@ -47,11 +47,22 @@ def main() -> None:
     profile = profile_model(dense, ids, k_act=args.k_act, text_spec=source.spec)
     seconds = time.perf_counter() - start
     n_tokens = ids.numel()
-    print(f"model load {load_s:.1f} s | text {source.spec} | {args.n_sequences} x {args.seq_len} tokens "
-          f"| threads {torch.get_num_threads()}")
+    print(
+        f"model load {load_s:.1f} s | text {source.spec} | {args.n_sequences} x {args.seq_len} tokens "
+        f"| threads {torch.get_num_threads()}"
+    )
     print(f"profiled {profile.n_layers} layers in {seconds:.1f} s ({n_tokens / seconds:.0f} tokens/s)")
-    print(json.dumps({"seconds": round(seconds, 2), "tokens_per_s": round(n_tokens / seconds, 1),
-                      "tokens": n_tokens, "layers": profile.n_layers, "text": source.spec}))
+    print(
+        json.dumps(
+            {
+                "seconds": round(seconds, 2),
+                "tokens_per_s": round(n_tokens / seconds, 1),
+                "tokens": n_tokens,
+                "layers": profile.n_layers,
+                "text": source.spec,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 
 def _check(ok: bool, message: str) -> None:
@@ -57,6 +59,61 @@ class ProfileConfig:
         _check(self.batch_size >= 1, f"profile.batch_size must be >= 1, got {self.batch_size}.")
 
 
+def parse_experts(text: str) -> tuple[int, int, int]:
+    """'S2A2E8' -> (n_shared 2, n_active 2, n_experts 8): S shared + A active routed out of E experts (CMoE)."""
+    match = re.fullmatch(r"\s*S(\d+)A(\d+)E(\d+)\s*", str(text), flags=re.IGNORECASE)
+    _check(
+        match is not None,
+        f"Expert configuration '{text}' is not of the form SxAyEz (x shared, y active routed, z experts), "
+        "e.g. S2A2E8 or S3A3E8.",
+    )
+    n_shared, n_active, n_experts = (int(g) for g in match.groups())
+    _check(n_experts >= 2, f"{text}: need at least 2 experts (E >= 2), got E{n_experts}.")
+    _check(
+        n_shared < n_experts,
+        f"{text}: with every expert shared nothing is routed (that is the dense model); use S <= E-1.",
+    )
+    _check(
+        1 <= n_active <= n_experts - n_shared,
+        f"{text}: active routed experts A must be 1..E-S = 1..{n_experts - n_shared}, got A{n_active}.",
+    )
+    return n_shared, n_active, n_experts
+
+
+@dataclass(frozen=True)
+class CMoEConfig:
+    """CMoE carving (arXiv 2502.04416); defaults follow the paper and the released code."""
+
+    experts: str = "S2A2E8"  # SxAyEz: x shared + y active routed of z experts; S2A2E8 runs 50% of the FFN
+    k_act: int = 10  # K_a: ATopK neurons marked per token (paper and code)
+    variant: Literal["paper", "code"] = "code"  # code: cosine profiling, L1, |s| router (lower perplexity)
+    kmeans_iters: int = 1  # balanced-assignment + centroid-update rounds (the code does one)
+    sequential: bool = True  # each carved layer's output feeds the next layer's calibration (the code)
+    layers: tuple[int, ...] | None = None  # layers to carve; None = all
+    batch_size: int = 4  # calibration sequences per forward micro-batch
+
+    def __post_init__(self):
+        parse_experts(self.experts)
+        _check(self.k_act >= 1, f"cmoe.k_act must be >= 1, got {self.k_act}.")
+        _check(
+            self.variant in ("paper", "code"), f"cmoe.variant must be 'paper' or 'code', got '{self.variant}'."
+        )
+        _check(1 <= self.kmeans_iters <= 100, f"cmoe.kmeans_iters must be 1..100, got {self.kmeans_iters}.")
+        _check(self.batch_size >= 1, f"cmoe.batch_size must be >= 1, got {self.batch_size}.")
+        if self.layers is not None:
+            layers = tuple(self.layers)
+            _check(
+                len(layers) > 0 and all(isinstance(i, int) and i >= 0 for i in layers),
+                f"cmoe.layers must be null (all) or a non-empty list of layer indices >= 0, got {self.layers}.",
+            )
+            object.__setattr__(self, "layers", tuple(sorted(set(layers))))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(n_shared, n_active, n_experts)."""
+        return parse_experts(self.experts)
+
+
 def from_dict(cls, data: dict | None):
     """Build a (possibly nested) frozen dataclass from a dict, refusing unknown keys by name."""
     data = dict(data or {})
@@ -103,4 +160,99 @@ class ProfileRun:
     out: str = "outputs/profile"
 
 
-_NESTED = {"ModelConfig": ModelConfig, "DataConfig": DataConfig, "ProfileConfig": ProfileConfig}
+ConvertMethod = Literal["cmoe"]  # a new method adds its name here and a section below
+
+
+@dataclass(frozen=True)
+class ConvertRun:
+    """Root config of `python -m moe_core convert`: the method named by `method` reads its own section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: ConvertMethod = "cmoe"
+    cmoe: CMoEConfig = field(default_factory=CMoEConfig)
+    out: str = "outputs/convert"
+
+    def __post_init__(self):
+        methods = get_args(ConvertMethod)
+        _check(self.method in methods, f"Unknown method '{self.method}'. Methods: {', '.join(methods)}.")
+        _check(bool(str(self.out).strip()), "out is empty: give the folder to write the converted model to.")
+
+    def section(self):
+        """The config section of the chosen method (e.g. self.cmoe)."""
+        return getattr(self, self.method)
+
+
+_NESTED = {
+    "ModelConfig": ModelConfig,
+    "DataConfig": DataConfig,
+    "ProfileConfig": ProfileConfig,
+    "CMoEConfig": CMoEConfig,
+}
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Light LoRA fine-tuning after conversion (CMoE §5.1), sized for minutes on a 2-core CPU."""
+
+    text: str = "shared:calib-wikipedia"  # not WikiText-2: only its test split is here, PPL is measured on it
+    n_sequences: int = 32  # paper 2048 x 2048 tokens; 32 x 256 is ~3 min for SmolLM2-135M on 2 cores
+    seq_len: int = 256
+    batch_size: int = 2  # the code's --sft-bsz
+    epochs: int = 1
+    lr: float = 5e-4  # LoRA; paper 5.95e-5 over ~1000 steps, a few dozen CPU steps need more (measured)
+    scale_lr: float = 1e-3  # CMoE's gate scales u (paper)
+    lora_r: int = 8  # paper and code
+    lora_alpha: int = 32  # paper and code
+    lora_dropout: float = 0.0  # code 0.1, but peft has no dropout for LoRA on stacked expert tensors
+    expert_lora: bool = True  # LoRA on the routed experts too (peft target_parameters)
+    balance_gamma: float = 1e-3  # aux-loss-free bias step per forward (paper)
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(self.n_sequences >= 1, f"finetune.n_sequences must be >= 1, got {self.n_sequences}.")
+        _check(self.seq_len >= 2, f"finetune.seq_len must be >= 2, got {self.seq_len}.")
+        _check(self.batch_size >= 1, f"finetune.batch_size must be >= 1, got {self.batch_size}.")
+        _check(self.epochs >= 1, f"finetune.epochs must be >= 1, got {self.epochs}.")
+        _check(self.lr > 0 and self.scale_lr >= 0, "finetune.lr must be > 0 and finetune.scale_lr >= 0.")
+        _check(self.lora_r >= 1 and self.lora_alpha > 0, "finetune.lora_r must be >= 1 and lora_alpha > 0.")
+        _check(self.balance_gamma >= 0, f"finetune.balance_gamma must be >= 0, got {self.balance_gamma}.")
+        _check(0 <= self.lora_dropout < 1, f"finetune.lora_dropout must be 0..1, got {self.lora_dropout}.")
+        _check(
+            not (self.expert_lora and self.lora_dropout > 0),
+            "peft cannot apply LoRA dropout to the stacked expert tensors: set finetune.lora_dropout to 0, "
+            "or finetune.expert_lora to false (routed experts then stay frozen).",
+        )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation of a (converted) model; perplexity windows follow the WikiText-2 recipe."""
+
+    text: str = "shared:wikitext2"  # perplexity text (non-overlapping windows of the joined documents)
+    n_windows: int = 16  # a CPU-sized prefix; all of WikiText-2 test is 148 x 2048 tokens
+    seq_len: int = 512  # 2048 in the papers; 512 keeps a CPU run to about a minute
+    batch_size: int = 1
+    reference: str = "auto"  # dense model for KL and agreement: auto = the source model, none = skip
+    tasks: tuple[str, ...] = ()  # lm-eval tasks from the local task files, e.g. arc_easy_local
+    limit: int = 100  # lm-eval: first `limit` documents per task
+
+    def __post_init__(self):
+        _check(self.n_windows >= 1, f"eval.n_windows must be >= 1, got {self.n_windows}.")
+        _check(self.seq_len >= 2, f"eval.seq_len must be >= 2, got {self.seq_len}.")
+        _check(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}.")
+        _check(self.limit >= 1, f"eval.limit must be >= 1, got {self.limit}.")
+        _check(bool(str(self.reference).strip()), "eval.reference is empty: give a model spec, auto or none.")
+        object.__setattr__(self, "tasks", tuple(self.tasks or ()))
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    """Root config of `python -m moe_core eval`: model.spec may be a converted folder."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out: str = "outputs/eval"
+
+
+_NESTED.update({"FinetuneConfig": FinetuneConfig, "EvalConfig": EvalConfig})

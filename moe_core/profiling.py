@@ -125,7 +125,9 @@ class _LayerStats:
     def add(self, h: torch.Tensor) -> None:  # h (T, I)
         h = h.reshape(-1, h.shape[-1]).float()
         a = h.abs()
-        self.counts += torch.bincount(a.topk(self.k_act, dim=-1).indices.reshape(-1), minlength=h.shape[1]).cpu()
+        self.counts += torch.bincount(
+            a.topk(self.k_act, dim=-1).indices.reshape(-1), minlength=h.shape[1]
+        ).cpu()
         self.abs_sum += a.sum(0).cpu()
         self.tokens += h.shape[0]
         if self.edges is None:  # symmetric range from the first micro-batch's 99.9th |h| percentile
