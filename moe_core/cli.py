@@ -15,7 +15,7 @@ from .config import DataConfig, ModelConfig, ProfileRun, from_dict, load_config_
 
 
 def _progress(fraction: float, message: str) -> None:
-    print(f"\r[{fraction:6.1%}] {message}", end="\n" if fraction >= 1 else "", file=sys.stderr, flush=True)
+    print(f"[{fraction:6.1%}] {message}", file=sys.stderr, flush=True)
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -229,6 +229,8 @@ def load_model(
         dense = _load_gguf(Path(spec), spec, torch_dtype)
     elif Path(spec).expanduser().exists():
         dense = _load_folder(Path(spec).expanduser(), spec, torch_dtype, trust_remote_code)
+    elif spec.startswith(("/", "./", "../", "~")):
+        raise ModelLoadError(f"Local path '{spec}' does not exist. Check the path, or use {DEFAULT_MODEL}.")
     else:
         dense = _load_folder(spec, spec, torch_dtype, trust_remote_code)
     dense.model.to(device=device, dtype=torch_dtype).eval()

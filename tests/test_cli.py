@@ -1,0 +1,60 @@
+import json
+import subprocess
+import sys
+
+from moe_core.cli import main
+from moe_core.profiling import ActivationProfile
+
+
+def test_profile_command_writes_profile_and_config(tmp_path, capsys):
+    out = tmp_path / "prof"
+    code = main(
+        [
+            "profile",
+            "--model",
+            "builtin:tiny-llama",
+            "--text",
+            "builtin:pydoc",
+            "--n-sequences",
+            "2",
+            "--seq-len",
+            "32",
+            "--k-act",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["layers"] == 2 and summary["tokens"] == 64 and summary["k_act"] == 4
+    profile = ActivationProfile.load(out)
+    assert profile.rates.shape == (2, 192)
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["data"]["text"] == "builtin:pydoc" and config["profile"]["k_act"] == 4
+
+
+def test_profile_command_reads_a_yaml_config_and_flags_override(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "model: {spec: builtin:tiny-qwen2}\ndata: {text: builtin:stdlib, n_sequences: 1, seq_len: 16}\n"
+    )
+    assert main(["profile", "--config", str(cfg), "--seq-len", "24", "--out", str(tmp_path / "p")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"] == 24
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
+    assert main(["profile", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: Local path") and "Traceback" not in err
+    cfg = tmp_path / "bad.json"
+    cfg.write_text(json.dumps({"data": {"seq_len": 1}}))
+    assert main(["profile", "--config", str(cfg)]) == 2
+    assert "seq_len" in capsys.readouterr().err
+
+
+def test_module_entry_point_help():
+    out = subprocess.run(
+        [sys.executable, "-m", "moe_core", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "profile" in out.stdout
