@@ -15,6 +15,7 @@ With every expert selected and unit gates the block equals the dense MLP it was 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -23,6 +24,27 @@ import torch.nn.functional as F
 from torch import nn
 
 GateMode = Literal["cmoe", "prob", "renorm"]
+
+# Up to this many (token, slot) pairs the experts run in a host loop (decode); above, grouped matmuls.
+# Measured on SmolLM2 sizes (CPU, 1 thread): the loop wins up to 3-4 pairs, grouped_mm from about 6.
+HOST_LOOP_MAX_PAIRS = 4
+
+
+@functools.cache
+def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.nn.functional.grouped_mm`` runs for this device type and dtype (probed once).
+
+    The CPU kernel exists from torch 2.9; CUDA needs SM80+ and, depending on the torch build, bf16.
+    """
+    if not hasattr(F, "grouped_mm"):
+        return False
+    try:
+        a = torch.ones(4, 8, device=device_type, dtype=dtype)  # (N, H)
+        b = torch.ones(2, 8, 8, device=device_type, dtype=dtype)  # (E, I, H)
+        offsets = torch.tensor([1, 4], dtype=torch.int32, device=device_type)
+        return bool(F.grouped_mm(a, b.transpose(1, 2), offs=offsets)[3, 0] == 8)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -154,7 +176,10 @@ class MoEMLP(nn.Module):
 
         Unselected slots (dynamic policy, fewer than K experts for a token) have idx -1 and gate 0.
         """
-        probs = torch.softmax(self.router(x) / self.temperature, dim=-1)  # (T, E) float32
+        scores = self.router(x)  # (T, E) float32
+        if self.temperature != 1.0:  # skipped at 1: a scalar op costs as much as the softmax on a decode step
+            scores = scores / self.temperature
+        probs = torch.softmax(scores, dim=-1)
         ranking = probs + self.selection_bias
         if self.policy.mode == "topk":
             idx = ranking.topk(self.policy.k, dim=-1).indices  # (T, K)
@@ -175,22 +200,36 @@ class MoEMLP(nn.Module):
         return idx.masked_fill(~keep, -1), p_sorted * keep
 
     def _gates(self, chosen, idx):  # chosen: (T, K) probabilities of the selected experts, 0 where unused
-        used = idx >= 0
         if self.gate_mode == "cmoe":
-            u = self.gate_scale.float()[idx.clamp(min=0)]
-            return (1.0 + chosen * u) * used
+            u = self.gate_scale.float()
+            if self.policy.mode == "topk":  # every slot is used: no mask, three kernels fewer per step
+                return 1.0 + chosen * u[idx]
+            return (1.0 + chosen * u[idx.clamp(min=0)]) * (idx >= 0)
         if self.gate_mode == "renorm":
             return chosen / chosen.sum(-1, keepdim=True).clamp(min=1e-20)
         return chosen
 
     # ------------------------------------------------------------------ forward
     def forward(self, x):
+        """x (..., H) -> (..., H), equal to ``forward_reference`` up to float rounding.
+
+        Without autograd the routed experts run as a host loop over views of the chosen experts when there
+        are few (token, slot) pairs on CPU (decode), else as grouped matmuls (prefill; CUDA); with autograd
+        (training) as the differentiable per-expert loop.
+        """
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (T, H)
         idx, gates, _ = self.route(x2)
         self._after_routing(idx)
         out = self.shared_expert(x2) if self.shared_expert is not None else torch.zeros_like(x2)
-        out = self._routed(x2, idx, gates, out)
+        if torch.is_grad_enabled():  # training and gradient checks: the differentiable loop
+            out = self._routed(x2, idx, gates, out)
+        elif idx.numel() <= HOST_LOOP_MAX_PAIRS and x2.device.type == "cpu":  # decode
+            self._routed_few(x2, idx, gates, out)
+        elif self._grouped_mm_ok(x2):  # prefill
+            self._routed_grouped(x2, idx, gates, out)
+        else:
+            out = self._routed(x2, idx, gates, out)
         return out.reshape(shape)
 
     def _routed(self, x2, idx, gates, out):
@@ -210,6 +249,46 @@ class MoEMLP(nn.Module):
             y = self._expert(e, x2[tokens]) * flat_gate[pairs].unsqueeze(-1)
             out = out.index_add(0, tokens, y)
         return out
+
+    def _routed_few(self, x2, idx, gates, out):
+        """Decode, in place: a host loop over the few (token, slot) pairs.
+
+        Each expert is a view of the stacked weights (no copy: only the chosen experts' bytes are read) and
+        the gate rides on ``add_``'s alpha (no separate multiply). CPU only: reading idx on the host is free
+        there, a device sync on CUDA.
+        """
+        for t, (experts, weights) in enumerate(zip(idx.tolist(), gates.tolist(), strict=True)):
+            for e, g in zip(experts, weights, strict=True):
+                if e >= 0:
+                    out[t : t + 1].add_(self._expert(e, x2[t : t + 1]), alpha=g)
+
+    def _grouped_mm_ok(self, x2) -> bool:
+        """torch's grouped matmul runs here: kernel present for the device/dtype, rows 16-byte aligned."""
+        size = x2.element_size()
+        aligned = (self.hidden_size * size) % 16 == 0 and (self.down_proj.shape[-1] * size) % 16 == 0
+        return aligned and grouped_mm_available(x2.device.type, x2.dtype)
+
+    def _routed_grouped(self, x2, idx, gates, out):
+        """Prefill, in place: sort (token, slot) pairs by expert, two grouped matmuls over the stacked weights
+        (transformers 5's ``grouped_mm`` experts), then index_add_ the rows back to their tokens.
+
+        Gates scale the (N, I) hidden before down_proj: fewer multiplies than scaling the (N, H) output when I < H.
+        """
+        flat_e = idx.reshape(-1)  # (T*K,)
+        order = flat_e.argsort(stable=True)  # unused slots (-1) first
+        counts = torch.bincount(flat_e + 1, minlength=self.n_experts + 1)  # (E + 1,) bin 0 = unused
+        if self.policy.mode != "topk":  # top-k has no unused slots: skip the host sync
+            order = order[int(counts[0]) :]
+        offsets = counts[1:].cumsum(0).to(torch.int32)  # (E,) end of each expert's rows
+        tokens = order // idx.shape[1]  # (N,)
+        xs = x2.index_select(0, tokens)  # (N, H)
+        h = F.grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offsets)  # (N, 2I)
+        gate, up = h.chunk(2, dim=-1)
+        g = gates.reshape(-1)[order].unsqueeze(-1).to(x2.dtype)  # (N, 1)
+        y = F.grouped_mm(self.act_fn(gate) * up * g, self.down_proj.transpose(1, 2), offs=offsets)  # (N, H)
+        if self.expert_bias is not None:
+            y = y + self.expert_bias[flat_e[order]] * g
+        out.index_add_(0, tokens, y)
 
     def _expert(self, e: int, x):  # (n, H) -> (n, H)
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)

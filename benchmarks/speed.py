@@ -1,0 +1,319 @@
+"""Speed of the default model, dense against CMoE-converted: prefill and decode tokens/s, ideal and achieved.
+
+    python benchmarks/speed.py                        # S1A1E8 and S3A3E8, 5 interleaved repeats
+    python benchmarks/speed.py --configs S1A1E8 --repeats 3 --breakdown --threads 1
+
+Models: the dense model and one CMoE conversion per --configs entry (calibrated on --calib-sequences x
+--calib-len tokens of --calib-text: speed depends on sizes and k, not on which neurons), all in this process.
+Prefill: model(input_ids) on --prefill-batch x --prefill-len tokens of real text (full logits, as scoring
+does), seconds per call. Decode: greedy batch-1 generation with a KV cache after a --prompt-len prompt;
+each of the --decode-tokens steps (one forward of the new token + argmax) is timed and a repeat's tokens/s is
+1 / its median step, which resists other processes' bursts on a shared CPU. Each repeat runs every model
+once, in a rotated order; speed-ups are medians over repeats of the paired ratio MoE / dense.
+
+Ideal speed-up = FLOPs per token of dense / MoE over the WHOLE model (moe_core.evaluate.param_report):
+2 x (attention projections + FFN active weights incl. routers + LM head + norms) + 4 x L x heads x head_dim
+x mean context (QK^T and AV). ``ideal_speedup`` leaves the context term out; the prefill and decode ideals
+include it at the benchmark's mean context (prefill_len / 2; prompt_len + decode_tokens / 2). Achieved =
+measured speed-up / the ideal of the same phase.
+
+--breakdown adds a per-component table of one decode step (forward hooks; medians over steps).
+Prints tables, then a JSON last line {"S1A1E8": {"ideal_speedup": ..., "prefill_speedup": ...,
+"decode_speedup": ..., ...}, ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh clone without installing
+
+import torch  # noqa: E402
+
+from moe_core.config import CMoEConfig  # noqa: E402
+from moe_core.data import load_documents, sample_sequences  # noqa: E402
+from moe_core.evaluate import param_report  # noqa: E402
+from moe_core.methods import convert  # noqa: E402
+from moe_core.model_io import DEFAULT_MODEL, load_model  # noqa: E402
+from moe_core.moe import MoEMLP  # noqa: E402
+
+
+def log(message: str) -> None:
+    print(
+        f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.1f}] {message}", file=sys.stderr, flush=True
+    )
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and the FLOP ideal
+
+
+def build_models(dense, configs: list[str], calib) -> dict:
+    """{"dense": DenseModel, config: converted DenseModel, ...}; each conversion is CMoE on calib (N, T)."""
+    models = {"dense": dense}
+    for experts in configs:
+        start = time.perf_counter()
+        models[experts] = convert(dense, calib, CMoEConfig(experts=experts))
+        log(f"{experts}: converted in {time.perf_counter() - start:.0f} s")
+    return models
+
+
+def ideal_speedups(models: dict, prefill_len: int, decode_context: float) -> dict:
+    """Per config: dense FLOPs per token over MoE FLOPs per token, context-free and at each phase's context."""
+    contexts = {"ideal_speedup": 0, "ideal_prefill": prefill_len, "ideal_decode": round(2 * decode_context)}
+    flops = {
+        name: {key: param_report(m, seq_len)["flops_per_token"] for key, seq_len in contexts.items()}
+        for name, m in models.items()
+    }
+    return {
+        name: {key: flops["dense"][key] / value for key, value in per_ctx.items()} | {"flops": per_ctx}
+        for name, per_ctx in flops.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Timers
+
+
+@torch.inference_mode()
+def prefill_seconds(model, ids) -> float:
+    """Seconds of one full forward over ids (B, T)."""
+    device = ids.device
+    sync(device)
+    start = time.perf_counter()
+    model(ids)
+    sync(device)
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def decode_steps(model, prompt, n_new: int, on_step=None) -> list[float]:
+    """Greedy decode with a KV cache after prompt (1, P): seconds of each new token's step (forward + argmax)."""
+    out = model(prompt, use_cache=True, logits_to_keep=1)
+    token, cache, times = out.logits[:, -1:].argmax(-1), out.cache, []  # (1, 1)
+    for _ in range(n_new):
+        sync(prompt.device)
+        start = time.perf_counter()
+        out = model(token, cache=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        sync(prompt.device)
+        times.append(time.perf_counter() - start)
+        if on_step is not None:
+            on_step(times[-1])
+    return times
+
+
+def measure(models: dict, prefill_ids, prompt, n_new: int, repeats: int) -> dict:
+    """{name: {"prefill": [tokens/s per repeat], "decode": [...]}}, every repeat running every model once."""
+    names = list(models)
+    for m in models.values():  # warm-up: first-call allocations and kernel selection
+        prefill_seconds(m.model, prefill_ids[:1, :64])
+        decode_steps(m.model, prompt, 4)
+    result = {name: {"prefill": [], "decode": []} for name in names}
+    for r in range(repeats):
+        order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no model always runs first
+        for name in order:
+            result[name]["prefill"].append(
+                prefill_ids.numel() / prefill_seconds(models[name].model, prefill_ids)
+            )
+        for name in order:
+            steps = decode_steps(models[name].model, prompt, n_new)
+            result[name]["decode"].append(1.0 / statistics.median(steps))
+        log(
+            f"repeat {r + 1}/{repeats}: "
+            + ", ".join(f"{n} {result[n]['decode'][-1]:.1f} tok/s" for n in names)
+        )
+    return result
+
+
+def paired_speedup(moe: list[float], dense: list[float]) -> float:
+    """Median over repeats of MoE / dense measured in the same repeat (shared drifts in load cancel)."""
+    return statistics.median(m / d for m, d in zip(moe, dense, strict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode-step breakdown
+
+
+class StepClock:
+    """Seconds per component within the current decode step, from forward hooks and wrapped route()."""
+
+    def __init__(self):
+        self.step: dict[str, float] = {}
+        self.steps: list[dict[str, float]] = []
+        self._starts: dict[int, float] = {}
+        self._undo: list = []
+
+    def watch(self, module, key: str) -> None:
+        def pre(mod, _args):
+            self._starts[id(mod)] = time.perf_counter()
+
+        def post(mod, _args, _out):
+            self.step[key] = self.step.get(key, 0.0) + time.perf_counter() - self._starts[id(mod)]
+
+        self._undo += [
+            module.register_forward_pre_hook(pre).remove,
+            module.register_forward_hook(post).remove,
+        ]
+
+    def watch_route(self, block: MoEMLP) -> None:
+        route = block.route
+
+        def timed_route(x):
+            start = time.perf_counter()
+            out = route(x)
+            self.step["router"] = self.step.get("router", 0.0) + time.perf_counter() - start
+            return out
+
+        block.route = timed_route  # instance attribute shadows the method until close()
+        self._undo.append(lambda: delattr(block, "route"))
+
+    def end_step(self, seconds: float) -> None:
+        self.steps.append(self.step | {"step": seconds})
+        self.step = {}
+
+    def close(self) -> None:
+        for undo in self._undo:
+            undo()
+
+
+def breakdown(dense_model, prompt, n_new: int) -> dict[str, float]:
+    """Median ms per decode step of attention, router, shared and routed experts (or dense FFN), LM head, other."""
+    model, clock = dense_model.model, StepClock()
+    for layer in dense_model.adapter.layers(model):
+        clock.watch(layer.self_attn, "attention")
+        clock.watch(layer.mlp, "ffn")
+        if isinstance(layer.mlp, MoEMLP):
+            clock.watch_route(layer.mlp)
+            if layer.mlp.shared_expert is not None:
+                clock.watch(layer.mlp.shared_expert, "shared")
+    clock.watch(model.get_output_embeddings(), "lm_head")
+    try:
+        decode_steps(model, prompt, n_new, on_step=clock.end_step)
+    finally:
+        clock.close()
+    rows = []
+    for s in clock.steps:
+        ffn, router, shared = s.get("ffn", 0.0), s.get("router", 0.0), s.get("shared", 0.0)
+        rows.append(
+            {
+                "attention": s["attention"],
+                "router": router,
+                "shared": shared,
+                "routed": ffn - router - shared,  # dense: the whole FFN
+                "lm_head": s["lm_head"],
+                "other": s["step"] - s["attention"] - ffn - s["lm_head"],
+                "step": s["step"],
+            }
+        )
+    return {key: 1e3 * statistics.median(r[key] for r in rows) for key in rows[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def speed_table(speeds: dict, ideals: dict, summary: dict) -> str:
+    lines = [
+        "| model | prefill tok/s | decode tok/s | ideal (no ctx / prefill / decode) | prefill speed-up | "
+        "decode speed-up | achieved prefill | achieved decode |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in speeds.items():
+        pre, dec = statistics.median(s["prefill"]), statistics.median(s["decode"])
+        i = ideals[name]
+        ideal = f"{i['ideal_speedup']:.2f} / {i['ideal_prefill']:.2f} / {i['ideal_decode']:.2f}"
+        if name == "dense":
+            lines.append(f"| dense | {pre:.0f} | {dec:.1f} | 1.00 | 1.00 | 1.00 | - | - |")
+            continue
+        r = summary[name]
+        lines.append(
+            f"| {name} | {pre:.0f} | {dec:.1f} | {ideal} | {r['prefill_speedup']:.2f} | {r['decode_speedup']:.2f} "
+            f"| {r['prefill_achieved']:.0%} | {r['decode_achieved']:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+def breakdown_table(parts: dict[str, dict[str, float]]) -> str:
+    keys = ["attention", "router", "shared", "routed", "lm_head", "other", "step"]
+    lines = ["| model (ms / decode step) | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, p in parts.items():
+        lines.append(f"| {name} | " + " | ".join(f"{p[k]:.2f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def summarise(speeds: dict, ideals: dict) -> dict:
+    out = {}
+    for name in speeds:
+        if name == "dense":
+            continue
+        pre = paired_speedup(speeds[name]["prefill"], speeds["dense"]["prefill"])
+        dec = paired_speedup(speeds[name]["decode"], speeds["dense"]["decode"])
+        i = ideals[name]
+        out[name] = {
+            "ideal_speedup": round(i["ideal_speedup"], 3),
+            "prefill_speedup": round(pre, 3),
+            "decode_speedup": round(dec, 3),
+            "ideal_prefill_speedup": round(i["ideal_prefill"], 3),
+            "ideal_decode_speedup": round(i["ideal_decode"], 3),
+            "prefill_achieved": round(pre / i["ideal_prefill"], 3),
+            "decode_achieved": round(dec / i["ideal_decode"], 3),
+        }
+    return out
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--configs", nargs="+", default=["S1A1E8", "S3A3E8"], help="CMoE SxAyEz shapes")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--prefill-batch", type=int, default=4)
+    p.add_argument("--prefill-len", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--calib-text", default="builtin:pydoc")
+    p.add_argument("--calib-sequences", type=int, default=4)
+    p.add_argument("--calib-len", type=int, default=256)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", help="float32 on CPU, bfloat16 on CUDA unless told")
+    p.add_argument("--breakdown", action="store_true", help="also time the parts of a decode step")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dense = load_model(args.model, device=args.device, dtype=args.dtype)
+    docs = load_documents(args.calib_text)
+    calib = sample_sequences(docs, dense.tokenizer, args.calib_sequences, args.calib_len, seed=0)
+    text = sample_sequences(docs, dense.tokenizer, args.prefill_batch + 1, args.prefill_len, seed=1)
+    prefill_ids = text[1:].to(dense.device)  # (B, T)
+    prompt = text[:1, : args.prompt_len].to(dense.device)  # (1, P)
+    models = build_models(dense, args.configs, calib.to(dense.device))
+    ideals = ideal_speedups(models, args.prefill_len, args.prompt_len + args.decode_tokens / 2)
+    log(f"measuring: {torch.get_num_threads()} threads, {dense.summary().dtype}, device {args.device}")
+    speeds = measure(models, prefill_ids, prompt, args.decode_tokens, args.repeats)
+    summary = summarise(speeds, ideals)
+    print(speed_table(speeds, ideals, summary))
+    if args.breakdown:
+        print()
+        print(breakdown_table({n: breakdown(m, prompt, args.decode_tokens) for n, m in models.items()}))
+    log("done")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
