@@ -132,8 +132,217 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def _load_for_eval(model_cfg: ModelConfig):
+    """(model, the dense spec it was converted from or None): a converted folder, else any model spec."""
+    from pathlib import Path
+
+    from .checkpoint import is_converted, load_converted
+    from .model_io import load_model
+
+    if is_converted(Path(model_cfg.spec).expanduser()):
+        moe = load_converted(Path(model_cfg.spec).expanduser(), device=model_cfg.device)
+        return moe, moe.run_config.get("model", {}).get("spec")
+    kwargs = {"device": model_cfg.device, "dtype": model_cfg.dtype}
+    return load_model(model_cfg.spec, trust_remote_code=model_cfg.trust_remote_code, **kwargs), None
+
+
+def _eval_config(args):
+    """EvalRun from the config file and flags (--text / --seq-len / --windows set the perplexity windows)."""
+    from .config import EvalRun
+
+    tree = _overrides(args)
+    data = tree.pop("data", {})
+    flags = {
+        "text": data.get("text"),
+        "seq_len": data.get("seq_len"),
+        "n_windows": args.windows or data.get("n_sequences"),
+        "batch_size": args.batch_size,
+        "reference": args.reference,
+        "tasks": [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None,
+        "limit": args.limit,
+    }
+    tree["eval"] = {k: v for k, v in flags.items() if v is not None}
+    base = load_config_file(args.config) if args.config else {}
+    return from_dict(EvalRun, _merge(base, tree))
+
+
+def cmd_eval(args) -> int:
+    from .data import eval_windows, load_documents
+    from .evaluate import evaluate
+    from .model_io import load_model
+
+    cfg = _eval_config(args)
+    moe, source = _load_for_eval(cfg.model)
+    ref_spec = {"auto": source, "none": None}.get(cfg.eval.reference, cfg.eval.reference)
+    ref = load_model(ref_spec, device=cfg.model.device, dtype=cfg.model.dtype) if ref_spec else None
+    docs = load_documents(cfg.eval.text)
+    windows = eval_windows(docs, moe.tokenizer, cfg.eval.seq_len, cfg.eval.n_windows, source=cfg.eval.text)
+    report = evaluate(
+        ref,
+        moe,
+        windows,
+        text=cfg.eval.text,
+        batch_size=cfg.eval.batch_size,
+        tasks=list(cfg.eval.tasks),
+        limit=cfg.eval.limit,
+        progress=_progress,
+    )
+    path = report.save(cfg.out)
+    (path.parent / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    print(json.dumps({**report.summary(), "out": str(path)}))
+    return 0
+
+
+def _eval_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reference", help="dense model for KL: auto (the source model), none, or a spec")
+    p.add_argument("--windows", type=int, help="number of perplexity windows (non-overlapping)")
+    p.add_argument("--batch-size", type=int, help="windows per forward pass")
+    p.add_argument("--tasks", help="comma-separated local lm-eval tasks, e.g. arc_easy_local")
+    p.add_argument("--limit", type=int, help="lm-eval: first N documents per task")
+
+
+def cmd_convert(args) -> int:
+    """Convert a dense model (method from the config) and save it with its run config and metrics."""
+    from .checkpoint import save_converted
+    from .config import ConvertRun
+    from .evaluate import param_report
+    from .methods import convert
+
+    cmoe = {"experts": args.experts, "variant": args.variant, "k_act": args.k_act}
+    ladimo = {"n_experts": args.n_experts, "top_k": args.top_k, "steps": args.steps}
+    extra = {"method": args.method, "cmoe": {k: v for k, v in cmoe.items() if v is not None}}
+    extra["ladimo"] = {k: v for k, v in ladimo.items() if v is not None}
+    cfg = _run_config(ConvertRun, args, {k: v for k, v in extra.items() if v})
+    dense, ids = load_calibration(cfg.model, cfg.data)
+    start = time.perf_counter()
+    moe = convert(dense, ids, cfg.section(), method=cfg.method, progress=_progress)
+    seconds = round(time.perf_counter() - start, 2)
+    params = param_report(moe, cfg.data.seq_len)
+    metrics = {"convert_seconds": seconds, "calibration_tokens": ids.numel(), **params}
+    metrics["conversion"] = moe.conversion.as_dict()
+    out = save_converted(moe, cfg.out, to_dict(cfg), metrics)
+    summary = {"method": cfg.method, "seconds": seconds, "out": str(out)}
+    keys = ("ffn_params", "ffn_active_params", "active_ffn_share", "total_params", "active_params")
+    print(json.dumps(summary | {k: params[k] for k in keys}))
+    return 0
+
+
+def _convert_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", help="conversion method (cmoe, ladimo)")
+    p.add_argument("--experts", help="CMoE SxAyEz: x shared + y active routed of z experts, e.g. S2A2E8")
+    p.add_argument("--variant", choices=["paper", "code"], help="CMoE variant (see moe_core/methods/cmoe.py)")
+    p.add_argument("--k-act", type=int, help="CMoE K_a: neurons marked active per token when profiling")
+    _ladimo_flags(p)
+
+
+def _ladimo_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n-experts", type=int, help="LaDiMo: experts per FFN (equal slices)")
+    p.add_argument("--top-k", type=int, help="LaDiMo: experts per token after conversion (uniform policy)")
+    p.add_argument("--steps", type=int, help="LaDiMo: distillation steps per layer")
+
+
+def cmd_sweep(args) -> int:
+    """Per-layer accuracy / throughput curves (LaDiMo's adaptive router); with a target, pick and apply a plan."""
+    from .config import SweepRun
+    from .sweep import held_out_windows, sweep
+
+    ladimo = {"n_experts": args.n_experts, "top_k": args.top_k, "steps": args.steps}
+    flags = {"n_windows": args.windows, "max_ppl_increase": args.max_ppl_increase}
+    flags["min_active_reduction"] = args.min_active_reduction
+    extra = {"sweep": {k: v for k, v in flags.items() if v is not None}}
+    extra["ladimo"] = {k: v for k, v in ladimo.items() if v is not None}
+    cfg = _run_config(SweepRun, args, {k: v for k, v in extra.items() if v})
+    dense, moe = _sweep_models(cfg)
+    result = sweep(dense, moe, held_out_windows(dense.tokenizer, cfg.sweep), cfg.sweep, progress=_progress)
+    out = result.save(cfg.out)
+    (out / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    for i in result.sensitivity_order:
+        p = result.point(i, moe.mlp(i).policy.label())
+        print(f"layer {i:3d} {p.policy:7s} KL {p.kl:.5f} dNLL {p.dnll:+.5f} x{p.throughput_ratio:.3f}")
+    summary = {"out": str(out), "seconds": result.seconds, "dense_ppl": result.dense_ppl}
+    if cfg.sweep.max_ppl_increase is not None or cfg.sweep.min_active_reduction is not None:
+        summary["plan"] = _apply_target(result, dense, moe, cfg, out)
+    print(json.dumps(summary))
+    return 0
+
+
+def _sweep_models(cfg):
+    """(dense, converted): a converted folder and its source model, or a dense spec converted with ladimo."""
+    from .methods import convert
+    from .model_io import load_model
+
+    moe, source = _load_for_eval(cfg.model)
+    if source is None:
+        dense, ids = load_calibration(cfg.model, cfg.data)
+        return dense, convert(dense, ids, cfg.ladimo, method="ladimo", progress=_progress)
+    return load_model(source, device=cfg.model.device, dtype=cfg.model.dtype), moe
+
+
+def _apply_target(result, dense, moe, cfg, out) -> dict:
+    """Pick the plan for the config's target, write plan.json and the planned model (out/model)."""
+    from .checkpoint import save_converted
+    from .evaluate import param_report
+    from .sweep import apply_plan, pick_plan
+
+    plan = pick_plan(result, cfg.sweep.max_ppl_increase, cfg.sweep.min_active_reduction)
+    plan.save(out / "plan.json")
+    planned = apply_plan(moe, plan, dense)
+    params = param_report(planned, cfg.sweep.seq_len)
+    save_converted(planned, out / "model", to_dict(cfg), {"plan": plan.to_dict(), **params})
+    return {"labels": plan.labels, "predicted": plan.predicted, "model": str(out / "model")}
+
+
+def _sweep_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--windows", type=int, help="held-out windows scored per (layer, policy)")
+    p.add_argument("--max-ppl-increase", type=float, help="plan: perplexity increase at most (0.05: 5%%)")
+    p.add_argument("--min-active-reduction", type=float, help="plan: share fewer active FFN params (0.2)")
+    _ladimo_flags(p)
+
+
+def cmd_export(args) -> int:
+    """Export a converted folder as portable Qwen2-MoE, exact remote-code, or llama.cpp-compatible."""
+    from .checkpoint import load_converted, read_json
+    from .export import ExportConfig, export_model
+
+    if not args.model:
+        raise ValueError("export needs --model: a folder written by `python -m moe_core convert`.")
+    moe = load_converted(args.model)
+    run_config, metrics = read_json(args.model, "run_config.json"), read_json(args.model, "metrics.json")
+    data = from_dict(DataConfig, _merge(run_config.get("data", {}), _overrides(args).get("data", {})))
+    ids = _calibration_ids(moe, data)
+    fmt = args.format or "portable"
+    cfg = ExportConfig(format=fmt, fit_router=not args.no_fit, zip=bool(args.zip))
+    result = export_model(
+        moe, args.out or f"outputs/export-{fmt}", cfg, calib_ids=ids, calib_text=data.text,
+        run_config=run_config, source_metrics=metrics, progress=_progress,
+    )  # fmt: skip
+    f = result.fidelity
+    keys = ("max_abs_logit_diff", "kl", "top1_agreement", "ppl_internal", "ppl_export", "identical")
+    summary = {"format": fmt, "out": str(result.folder), "zip": str(result.zip_path or "")}
+    print(json.dumps(summary | {k: f.get(k) for k in keys}))
+    return 0
+
+
+def _calibration_ids(moe, data: DataConfig):
+    """The calibration tokens of the conversion's run config (or the flags): for router fitting and the hash."""
+    from .data import load_documents, parse_text_source, sample_sequences
+
+    docs = load_documents(parse_text_source(data.text), model=moe, seed=data.seed)
+    return sample_sequences(docs, moe.tokenizer, data.n_sequences, data.seq_len, data.seed)
+
+
+def _export_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=["portable", "exact", "llamacpp"], help="default: portable")
+    p.add_argument("--zip", action="store_true", help="also write <out>.zip")
+    p.add_argument("--no-fit", action="store_true", help="portable: naive router, no calibration fit")
+
+
 COMMANDS = {
     "prepare": (cmd_prepare, "cache the default model (de-quantise the GGUF once)", None),
+    "export": (cmd_export, "converted folder -> portable / exact / llama.cpp + card", _export_flags),
+    "eval": (cmd_eval, "perplexity, KL and agreement vs dense, parameters, expert load", _eval_flags),
+    "convert": (cmd_convert, "dense -> MoE (CMoE); saves a folder load_converted reloads", _convert_flags),
+    "sweep": (cmd_sweep, "per-layer accuracy / throughput curves (LaDiMo); picks a plan", _sweep_flags),
     "profile": (
         cmd_profile,
         "per-layer neuron activation rates and hidden-state histograms",

@@ -95,9 +95,7 @@ class CMoEConfig:
     def __post_init__(self):
         parse_experts(self.experts)
         _check(self.k_act >= 1, f"cmoe.k_act must be >= 1, got {self.k_act}.")
-        _check(
-            self.variant in ("paper", "code"), f"cmoe.variant must be 'paper' or 'code', got '{self.variant}'."
-        )
+        _check(self.variant in ("paper", "code"), f"cmoe.variant is paper or code, not '{self.variant}'.")
         _check(1 <= self.kmeans_iters <= 100, f"cmoe.kmeans_iters must be 1..100, got {self.kmeans_iters}.")
         _check(self.batch_size >= 1, f"cmoe.batch_size must be >= 1, got {self.batch_size}.")
         if self.layers is not None:
@@ -112,6 +110,78 @@ class CMoEConfig:
     def shape(self) -> tuple[int, int, int]:
         """(n_shared, n_active, n_experts)."""
         return parse_experts(self.experts)
+
+
+@dataclass(frozen=True)
+class LaDiMoConfig:
+    """LaDiMo layer-wise distillation (arXiv 2408.04278); the paper gives none of these: see methods/ladimo.py."""
+
+    n_experts: int = 8  # E slices of each FFN (192 neurons each on SmolLM2-135M)
+    n_shared: int = 0  # slices kept always on as a shared expert (the paper names none)
+    top_k: int | None = None  # uniform policy after conversion; None: 3/4 of the routed experts (6 of 8)
+    threshold: float | None = None  # set it for a dynamic policy: experts until their summed p reaches it
+    partition: Literal["contiguous", "cmoe"] = "contiguous"  # the paper splits; cmoe = co-activation clusters
+    router_init: Literal["random", "representative"] = "random"  # random: near uniform, starts at dense
+    gate_mode: Literal["prob", "renorm"] = "prob"  # prob: one block serves every k (see methods/ladimo.py)
+    steps: int = 100  # Adam steps per layer (~15 s per SmolLM2 layer on a busy 2-core CPU)
+    batch_tokens: int = 512  # calibration tokens per step
+    lr: float = 1e-3  # experts (1e-4 barely moves them in 100 steps; 3e-3 hurts k = E)
+    router_lr: float = 1e-2
+    aux_weight: float = 0.01  # Switch Transformer's load-balancing weight
+    train_k_min: int = 1  # each token trains with a random k in [train_k_min, E]: one block for every policy
+    holdout: float = 0.1  # share of calibration tokens kept to report the relative MSE
+    k_act: int = 10  # CMoE ATopK neurons per token (cmoe partition, shared-neuron choice)
+    layers: tuple[int, ...] | None = None  # layers to convert; None = all
+    batch_size: int = 4  # calibration sequences per forward micro-batch
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(self.n_experts >= 2, f"ladimo.n_experts must be >= 2, got {self.n_experts}.")
+        _check(
+            0 <= self.n_shared < self.n_experts,
+            f"ladimo.n_shared must be 0..n_experts-1 = 0..{self.n_experts - 1}, got {self.n_shared}.",
+        )
+        n_routed = self.n_experts - self.n_shared
+        if self.top_k is None:
+            object.__setattr__(self, "top_k", max(1, round(0.75 * n_routed)))
+        _check(
+            1 <= self.top_k <= n_routed,
+            f"ladimo.top_k must be 1..{n_routed} (routed experts), got {self.top_k}.",
+        )
+        _check(
+            self.threshold is None or 0 < self.threshold <= 1,
+            f"ladimo.threshold must be null (top-k) or in (0, 1], got {self.threshold}.",
+        )
+        _check(
+            self.partition in ("contiguous", "cmoe"),
+            f"ladimo.partition is contiguous or cmoe, not '{self.partition}'.",
+        )
+        _check(
+            self.router_init in ("random", "representative"),
+            f"ladimo.router_init is random or representative, not '{self.router_init}'.",
+        )
+        _check(
+            self.gate_mode in ("prob", "renorm"),
+            f"ladimo.gate_mode is prob or renorm, not '{self.gate_mode}'.",
+        )
+        _check(
+            self.steps >= 1 and self.batch_tokens >= 1, "ladimo.steps and ladimo.batch_tokens must be >= 1."
+        )
+        _check(self.lr > 0 and self.router_lr > 0, "ladimo.lr and ladimo.router_lr must be > 0.")
+        _check(self.aux_weight >= 0, f"ladimo.aux_weight must be >= 0, got {self.aux_weight}.")
+        _check(
+            1 <= self.train_k_min <= n_routed,
+            f"ladimo.train_k_min must be 1..{n_routed}, got {self.train_k_min}.",
+        )
+        _check(0 < self.holdout < 1, f"ladimo.holdout must be in (0, 1), got {self.holdout}.")
+        _check(self.k_act >= 1 and self.batch_size >= 1, "ladimo.k_act and ladimo.batch_size must be >= 1.")
+        if self.layers is not None:
+            layers = tuple(self.layers)
+            _check(
+                len(layers) > 0 and all(isinstance(i, int) and i >= 0 for i in layers),
+                f"ladimo.layers must be null (all) or a non-empty list of layer indices >= 0, got {self.layers}.",
+            )
+            object.__setattr__(self, "layers", tuple(sorted(set(layers))))
 
 
 def from_dict(cls, data: dict | None):
@@ -160,7 +230,7 @@ class ProfileRun:
     out: str = "outputs/profile"
 
 
-ConvertMethod = Literal["cmoe"]  # a new method adds its name here and a section below
+ConvertMethod = Literal["cmoe", "ladimo"]  # a new method adds its name here and a section below
 
 
 @dataclass(frozen=True)
@@ -171,6 +241,7 @@ class ConvertRun:
     data: DataConfig = field(default_factory=DataConfig)
     method: ConvertMethod = "cmoe"
     cmoe: CMoEConfig = field(default_factory=CMoEConfig)
+    ladimo: LaDiMoConfig = field(default_factory=LaDiMoConfig)
     out: str = "outputs/convert"
 
     def __post_init__(self):
@@ -188,6 +259,7 @@ _NESTED = {
     "DataConfig": DataConfig,
     "ProfileConfig": ProfileConfig,
     "CMoEConfig": CMoEConfig,
+    "LaDiMoConfig": LaDiMoConfig,
 }
 
 
@@ -256,3 +328,70 @@ class EvalRun:
 
 
 _NESTED.update({"FinetuneConfig": FinetuneConfig, "EvalConfig": EvalConfig})
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Per-layer accuracy-vs-throughput sweep and plan picker (moe_core/sweep.py, LaDiMo's adaptive router)."""
+
+    text: str = "shared:wikitext2"  # held-out text for KL and perplexity
+    skip_windows: int = 64  # skip the prefix that eval and benchmarks score: the plan is not tuned on it
+    n_windows: int = 2  # 2 x 256 held-out tokens: 30 layers x 12 policies stay within minutes on 2 cores
+    seq_len: int = 256
+    batch_size: int = 2  # windows per forward
+    topk: tuple[int, ...] | None = None  # top-k candidates; None = 1..E
+    thresholds: tuple[float, ...] = (0.5, 0.8, 0.9)  # dynamic-policy candidates (cumulative routing weight)
+    timing_tokens: int = 256  # prefill rows timed per block (and the model's prefill length)
+    repeats: int = 5  # interleaved timing repeats; medians are reported
+    cumulative_step: int = 1  # cumulative curve at k = 0, step, 2*step, ..., L converted layers
+    throughput_points: int = 3  # cumulative points whose whole-model throughput is measured
+    max_ppl_increase: float | None = None  # picker target, e.g. 0.05 = +5% perplexity ...
+    min_active_reduction: float | None = None  # ... or e.g. 0.25 = 25% fewer active FFN parameters
+
+    def __post_init__(self):
+        _check(
+            bool(str(self.text).strip()), "sweep.text is empty: give a text source, e.g. shared:wikitext2."
+        )
+        _check(self.skip_windows >= 0, f"sweep.skip_windows must be >= 0, got {self.skip_windows}.")
+        _check(
+            self.n_windows >= 1 and self.seq_len >= 2, "sweep.n_windows must be >= 1 and sweep.seq_len >= 2."
+        )
+        _check(self.batch_size >= 1 and self.repeats >= 1, "sweep.batch_size and sweep.repeats must be >= 1.")
+        _check(self.timing_tokens >= 1, f"sweep.timing_tokens must be >= 1, got {self.timing_tokens}.")
+        _check(self.cumulative_step >= 1, f"sweep.cumulative_step must be >= 1, got {self.cumulative_step}.")
+        _check(
+            self.throughput_points >= 0,
+            f"sweep.throughput_points must be >= 0, got {self.throughput_points}.",
+        )
+        thresholds = tuple(float(t) for t in self.thresholds or ())
+        _check(
+            all(0 < t <= 1 for t in thresholds),
+            f"sweep.thresholds must lie in (0, 1], got {self.thresholds}.",
+        )
+        object.__setattr__(self, "thresholds", thresholds)
+        if self.topk is not None:
+            topk = tuple(sorted(set(self.topk)))
+            _check(
+                len(topk) > 0 and topk[0] >= 1,
+                f"sweep.topk must be null (1..E) or k values >= 1, got {self.topk}.",
+            )
+            object.__setattr__(self, "topk", topk)
+        _check(
+            self.max_ppl_increase is None or self.min_active_reduction is None,
+            "Give at most one sweep target: max_ppl_increase or min_active_reduction.",
+        )
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """Root config of `python -m moe_core sweep`: model.spec is a converted folder, or a dense model that is
+    first converted with the ladimo section on the data section's calibration text."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    ladimo: LaDiMoConfig = field(default_factory=LaDiMoConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    out: str = "outputs/sweep"
+
+
+_NESTED.update({"SweepConfig": SweepConfig})

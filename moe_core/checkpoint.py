@@ -1,0 +1,150 @@
+"""Save and reload a converted model exactly (this project's own format; export.py adds portable ones).
+
+A checkpoint folder holds:
+
+- ``config.json``: the dense model's transformers config (the skeleton to rebuild);
+- ``model.safetensors``: the full state dict, MoE layers included; a tied LM head is stored once;
+- ``moe_layers.json``: ``{"format", "version", "dtype", "tied", "layers": {index: MoEMLP.spec()}}``;
+- the tokenizer files, ``run_config.json`` (the config that made it) and ``metrics.json``.
+
+It is written to a temporary sibling folder and renamed into place, so a crash never leaves half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+FORMAT = "moe-studio-converted"
+VERSION = 1
+MOE_LAYERS = "moe_layers.json"
+
+
+class NotAConvertedCheckpoint(ValueError):
+    """The folder is not a checkpoint written by save_converted."""
+
+
+def is_converted(folder: str | Path) -> bool:
+    path = Path(folder) / MOE_LAYERS
+    try:
+        return path.is_file() and json.loads(path.read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def _tied_aliases(model) -> dict[str, str]:
+    """{dropped name: kept name} for state-dict entries sharing storage (a tied LM head)."""
+    seen, aliases = {}, {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.numel() == 0:
+            continue
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+    return aliases
+
+
+def _moe_specs(dense) -> dict[str, dict]:
+    from .moe import MoEMLP
+
+    return {str(i): dense.mlp(i).spec() for i in range(dense.n_layers) if isinstance(dense.mlp(i), MoEMLP)}
+
+
+def save_converted(dense_moe, folder: str | Path, run_config: dict, metrics: dict | None = None) -> Path:
+    """Write a converted DenseModel to ``folder`` (replacing an earlier checkpoint there); returns the folder.
+
+    Refuses to overwrite a non-empty folder that is not a converted checkpoint.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder).expanduser()
+    if folder.exists() and any(folder.iterdir()) and not is_converted(folder):
+        raise ValueError(
+            f"'{folder}' exists and is not a converted checkpoint; choose an empty or new output folder."
+        )
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    aliases = _tied_aliases(dense_moe.model)
+    state = {k: v.detach().contiguous() for k, v in dense_moe.model.state_dict().items() if k not in aliases}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+    dense_moe.model.config.save_pretrained(tmp)
+    dense_moe.tokenizer.save_pretrained(tmp)
+    dtype = str(next(dense_moe.model.parameters()).dtype).removeprefix("torch.")
+    layers = {"format": FORMAT, "version": VERSION, "dtype": dtype, "tied": aliases}
+    layers |= {"source": dense_moe.spec, "layers": _moe_specs(dense_moe)}
+    _write_json(tmp / MOE_LAYERS, layers)
+    _write_json(tmp / "run_config.json", run_config)
+    _write_json(tmp / "metrics.json", metrics or {})
+    _swap_into_place(tmp, folder)
+    return folder
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str))
+
+
+def _swap_into_place(tmp: Path, folder: Path) -> None:
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_json(folder: str | Path, name: str) -> dict:
+    """One of a checkpoint's JSON files (run_config.json, metrics.json, moe_layers.json); {} if absent."""
+    path = Path(folder) / name
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+@torch.no_grad()
+def load_converted(folder: str | Path, device: str = "cpu"):
+    """Rebuild a converted DenseModel saved by save_converted: same modules, same weights, same logits.
+
+    The result also carries ``run_config`` and ``metrics`` (the folder's JSON files) as attributes.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .model_io import DenseModel, adapter_for_config
+    from .moe import MoEMLP
+
+    folder = Path(folder).expanduser()
+    if not is_converted(folder):
+        raise NotAConvertedCheckpoint(
+            f"'{folder}' is not a converted MoE Studio checkpoint (no valid {MOE_LAYERS}). Give a folder "
+            "written by `python -m moe_core convert`; load dense model folders with load_model."
+        )
+    meta = read_json(folder, MOE_LAYERS)
+    config = AutoConfig.from_pretrained(folder)
+    adapter = adapter_for_config(config)
+    dtype = getattr(torch, meta["dtype"])
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for i, spec in meta["layers"].items():
+        adapter.set_mlp(model, int(i), MoEMLP.from_spec(spec).to(dtype))
+    _load_state(model, load_file(str(folder / "model.safetensors")), meta["tied"])
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    dense = DenseModel(model.to(device).eval(), tokenizer, adapter, str(folder))
+    dense.run_config, dense.metrics = read_json(folder, "run_config.json"), read_json(folder, "metrics.json")
+    return dense
+
+
+def _load_state(model, state: dict, tied: dict[str, str]) -> None:
+    """load_state_dict that accepts exactly the tied names as missing, and re-ties them if needed."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if set(missing) != set(tied) or unexpected:
+        raise ValueError(
+            f"Checkpoint weights do not match the model: missing {sorted(set(missing) - set(tied))}, "
+            f"unexpected {sorted(unexpected)}. The folder may be from another version; convert again."
+        )
+    params = model.state_dict(keep_vars=True)
+    for name, source in tied.items():
+        if params[name].data_ptr() != params[source].data_ptr():
+            params[name].data.copy_(params[source].data)

@@ -1,0 +1,301 @@
+"""CMoE: carve each dense gated FFN into a shared expert and equal-size routed experts, training-free.
+
+Paper: Z. Pei et al., "CMoE: Converting Mixture-of-Experts from Dense to Accelerate LLM Inference" /
+"Analytical FFN-to-MoE Restructuring via Activation Pattern Analysis", arXiv 2502.04416 (v3, ACL 2026);
+released code: github.com/JarvisPei/CMoE. Per layer, on the calibration tokens:
+
+1. ATopK profiling (eqs. 13-15): h = act(W_gate x) * (W_up x) (T, I); each token marks its K_a largest |h_i|;
+   rate mu_i = share of tokens marking neuron i.
+2. Shared expert (eq. 16): the N_s*m highest-rate neurons, m = I // E.
+3. Routed experts (eqs. 17-21): the other neurons are split into N_r = E - N_s clusters of exactly m by
+   balanced assignment: centroids start at the N_r highest-rate remaining neurons, each centroid column of
+   the (n, N_r) distance matrix is repeated m times and the square (n, n) linear-assignment problem is
+   solved (scipy's linear_sum_assignment); centroids move to their members' mean; ``kmeans_iters`` rounds.
+4. Router (eqs. 7-8): the member closest to each centroid is the expert's representative neuron;
+   s = act(W_gate^R x) * (W_up^R x); p = softmax(s); top-N_k of p + b selects; g = 1 + p * u, u = 0 and b = 0.
+
+Variants (``CMoEConfig.variant``): ``paper`` profiles raw h and uses L2 distances with a raw router;
+``code`` (the released code) profiles h from L2-normalised x and unit-norm rows of W_gate / W_up (cosine),
+uses L1 distances, unit-norm router rows and |s|. Layers are carved in order; with ``sequential`` (the
+code's behaviour) each carved layer's output is the next layer's calibration input, else every layer is
+profiled on dense inputs.
+
+Remainder: when I is not divisible by E, no neuron is dropped (the released code drops them): the
+r = I mod E leftover neurons join the shared expert when N_s > 0 (they are the next-highest rates), and
+otherwise the first r routed experts (in order of their initial centroid's rate) take m + 1 neurons.
+
+Measured on builtin:smollm2-135m (30 layers, I = 1536), 2-core CPU, calibration 8 x 512 tokens:
+see MEASUREMENTS below (filled in by benchmarks run on this machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import CMoEConfig
+from ..layerwise import LayerInputs, capture_layer_inputs, mlp_inputs, run_layer
+from ..moe import MoEMLP, Router, RoutingPolicy
+from ..profiling import check_cancel
+
+
+@dataclass(frozen=True)
+class Carving:
+    """One layer's neuron partition. shared (S,), experts: N_r index tensors, representatives (N_r,), rates (I,)."""
+
+    shared: torch.Tensor
+    experts: list[torch.Tensor]
+    representatives: torch.Tensor
+    rates: torch.Tensor
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did, for the UI and metrics.json: one dict per carved layer."""
+
+    method: str
+    config: dict
+    layers: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, "config": self.config, "seconds": self.seconds, "layers": self.layers}
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 1-3: profiling and the partition
+
+
+def expert_sizes(n_neurons: int, n_shared: int, n_experts: int) -> tuple[int, list[int]]:
+    """(shared size, routed sizes): m = I // E each; the I mod E remainder goes to shared, else to the first experts."""
+    m, rest = divmod(n_neurons, n_experts)
+    if m < 1:
+        raise ValueError(
+            f"The FFN has {n_neurons} neurons, fewer than the {n_experts} experts asked for; use fewer experts."
+        )
+    n_routed = n_experts - n_shared
+    if n_shared > 0:
+        return n_shared * m + rest, [m] * n_routed
+    return 0, [m + 1] * rest + [m] * (n_routed - rest)
+
+
+@torch.no_grad()
+def atopk_markers(x, w_gate, w_up, act, k_act: int, normalise: bool) -> torch.Tensor:
+    """CMoE ATopK markers: x (T, H), w_gate/w_up (I, H) -> (T, I) float32 in {0, 1}.
+
+    normalise (the released code): h from L2-normalised x and unit-norm weight rows, i.e. cosines.
+    """
+    xf, wg, wu = x.float(), w_gate.float(), w_up.float()
+    if normalise:
+        xf, wg, wu = F.normalize(xf, dim=-1), F.normalize(wg, dim=-1), F.normalize(wu, dim=-1)
+    h = act(xf @ wg.T) * (xf @ wu.T)  # (T, I)
+    markers = torch.zeros_like(h)
+    return markers.scatter_(1, h.abs().topk(k_act, dim=-1).indices, 1.0)
+
+
+def distances(feats: torch.Tensor, centroids: torch.Tensor, metric: str) -> torch.Tensor:
+    """feats (n, T) binary, centroids (k, T) in [0, 1] -> (n, k) L1 or L2 distances, float64.
+
+    For a in {0,1} and c in [0,1], |a - c| = a + c - 2ac, so L1 and squared L2 are one matmul away.
+    """
+    f, c = feats.float(), centroids.float()
+    cross = (f @ c.T).double()  # (n, k)
+    ones = f.sum(1, keepdim=True).double()  # (n, 1) exact integer counts
+    if metric == "l1":
+        return ones + c.double().sum(1) - 2 * cross
+    return (ones + (c.double() ** 2).sum(1) - 2 * cross).clamp(min=0).sqrt()
+
+
+def balanced_assign(dist: np.ndarray, sizes: list[int]) -> np.ndarray:
+    """Minimum-cost assignment of n rows to k clusters holding exactly sizes[j] rows (sum = n).
+
+    dist (n, k). Column j is repeated sizes[j] times, making the square problem of CMoE eq. 20.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    owner = np.repeat(np.arange(len(sizes)), sizes)  # (n,) cluster of each repeated column
+    rows, cols = linear_sum_assignment(dist[:, owner])
+    assignment = np.empty(dist.shape[0], dtype=np.int64)
+    assignment[rows] = owner[cols]
+    return assignment
+
+
+def balanced_clusters(feats, init, sizes, iters: int, metric: str):
+    """Balanced k-means on feats (n, T) from centroids init (k, T) -> (assignment (n,) long, centroids (k, T))."""
+    centroids, assignment = init.float().clone(), None
+    counts = torch.tensor(sizes, dtype=torch.float32)[:, None]  # (k, 1); every cluster is non-empty
+    for _ in range(iters):
+        new = torch.from_numpy(balanced_assign(distances(feats, centroids, metric).numpy(), sizes))
+        if assignment is not None and torch.equal(new, assignment):
+            break
+        assignment = new
+        one_hot = F.one_hot(assignment, len(sizes)).T.float()  # (k, n)
+        centroids = one_hot @ feats / counts  # eq. 21: members' mean
+    return assignment, centroids
+
+
+def carve(markers: torch.Tensor, n_shared: int, n_experts: int, iters: int, metric: str) -> Carving:
+    """Partition the I neurons given ATopK markers (T, I): shared by rate, routed by balanced clustering."""
+    n_neurons = markers.shape[1]
+    rates = markers.mean(0)  # (I,)
+    order = torch.sort(rates, descending=True, stable=True).indices  # ties -> lower index first
+    shared_size, sizes = expert_sizes(n_neurons, n_shared, n_experts)
+    shared, rest = order[:shared_size], order[shared_size:]  # rest sorted by rate, highest first
+    feats = markers.T.contiguous()[rest]  # (n, T): one row per remaining neuron
+    assignment, centroids = balanced_clusters(feats, feats[: len(sizes)], sizes, iters, metric)
+    experts, reps = [], []
+    for j in range(len(sizes)):
+        members = (assignment == j).nonzero().squeeze(1)
+        closest = distances(feats[members], centroids[j : j + 1], metric).squeeze(1).argmin()
+        reps.append(rest[members[closest]])
+        experts.append(rest[members].sort().values)
+    return Carving(shared.sort().values, experts, torch.stack(reps), rates)
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 4: the block
+
+
+def cmoe_router(w_gate, w_up, representatives, act_name: str, variant: str) -> Router:
+    """CMoE's analytical router from the representative neurons' gate/up rows (code: unit rows, |s|)."""
+    from transformers.activations import ACT2FN
+
+    wg, wu = w_gate[representatives].float(), w_up[representatives].float()  # (N_r, H)
+    if variant == "code":
+        wg, wu = F.normalize(wg, dim=-1), F.normalize(wu, dim=-1)
+    router = Router(w_gate.shape[1], len(representatives), "cmoe", ACT2FN[act_name], variant == "code")
+    with torch.no_grad():
+        router.weight.copy_(wg)
+        router.up_weight.copy_(wu)
+    return router
+
+
+def carve_block(dense, layer_idx: int, x: torch.Tensor, cfg: CMoEConfig) -> tuple[MoEMLP, dict]:
+    """Carve one dense MLP given its calibration inputs x (T, H): (MoEMLP, per-layer report)."""
+    n_shared, n_active, n_experts = cfg.shape
+    mlp = dense.mlp(layer_idx)
+    w_gate, w_up, w_down = dense.adapter.weights(mlp)
+    if cfg.k_act > w_gate.shape[0]:
+        raise ValueError(f"cmoe.k_act={cfg.k_act} exceeds the FFN width {w_gate.shape[0]}; lower it.")
+    act = dense.adapter.act_fn(mlp)
+    markers = atopk_markers(x, w_gate, w_up, act, cfg.k_act, cfg.variant == "code")
+    cut = carve(markers, n_shared, n_experts, cfg.kmeans_iters, "l1" if cfg.variant == "code" else "l2")
+    act_name = dense.adapter.act_name(dense.model)
+    router = cmoe_router(w_gate, w_up, cut.representatives, act_name, cfg.variant)
+    policy = RoutingPolicy("topk", k=n_active)
+    block = MoEMLP.from_dense(w_gate, w_up, w_down, act_name, cut.shared, cut.experts, router, policy, "cmoe")
+    return block, _layer_report(layer_idx, cut, cfg.k_act)
+
+
+def _layer_report(layer_idx: int, cut: Carving, k_act: int) -> dict:
+    marks = cut.rates * k_act  # expected marks per token are k_act in all
+    return {
+        "layer": layer_idx,
+        "shared_size": int(cut.shared.numel()),
+        "expert_sizes": [int(e.numel()) for e in cut.experts],
+        "representatives": cut.representatives.tolist(),
+        "shared_mark_share": float(marks[cut.shared].sum() / k_act) if cut.shared.numel() else 0.0,
+        "max_rate": float(cut.rates.max()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def _target_layers(cfg: CMoEConfig, n_layers: int) -> list[int]:
+    if cfg.layers is None:
+        return list(range(n_layers))
+    bad = [i for i in cfg.layers if i >= n_layers]
+    if bad:
+        raise ValueError(f"cmoe.layers {bad} do not exist: the model has layers 0..{n_layers - 1}.")
+    return list(cfg.layers)
+
+
+class _StopAtMLP(Exception):
+    pass
+
+
+@torch.no_grad()
+def ffn_inputs(layer, mlp, inputs: LayerInputs) -> torch.Tensor:
+    """What ``mlp`` receives on every micro-batch, (N*T, H); the MLP and the rest of the layer never run."""
+    seen = []
+
+    def catch(module, args):
+        seen.append(args[0].reshape(-1, args[0].shape[-1]))
+        raise _StopAtMLP
+
+    handle = mlp.register_forward_pre_hook(catch)
+    try:
+        for h, kw in zip(inputs.hidden, inputs.kwargs, strict=True):
+            with contextlib.suppress(_StopAtMLP):
+                layer(h, **kw)
+    finally:
+        handle.remove()
+    return torch.cat(seen)
+
+
+def _carve_layer(moe, i: int, inputs: LayerInputs, cfg: CMoEConfig, last: bool) -> tuple[LayerInputs, dict]:
+    """Carve layer i in place; return the next layer's inputs (MoE outputs if sequential, else dense)."""
+    layer = moe.adapter.layers(moe.model)[i]
+    if cfg.sequential:
+        x, outputs = ffn_inputs(layer, moe.mlp(i), inputs), None  # skip the dense MLP: its output is unused
+    else:
+        xs, outputs = mlp_inputs(layer, moe.mlp(i), inputs)
+        x = torch.cat(xs)
+    start = time.perf_counter()
+    block, info = carve_block(moe, i, x, cfg)
+    moe.adapter.set_mlp(moe.model, i, block)
+    info["seconds"] = round(time.perf_counter() - start, 3)
+    if outputs is None and not last:
+        outputs = run_layer(layer, inputs)  # the next layer calibrates on this layer's MoE output
+    return outputs, info
+
+
+@torch.no_grad()
+def convert(
+    dense,
+    input_ids: torch.Tensor,
+    cfg: CMoEConfig | None = None,
+    progress: Callable[[float, str], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+):
+    """Carve a copy of ``dense`` into CMoE layers on calibration input_ids (N, T); ``dense`` is untouched.
+
+    Returns a DenseModel whose listed layers hold MoEMLP blocks; its ``conversion`` attribute is a
+    ConversionReport (per-layer sizes, representatives, carving seconds).
+    """
+    from ..model_io import DenseModel
+
+    cfg, start = cfg or CMoEConfig(), time.perf_counter()
+    moe = DenseModel(copy.deepcopy(dense.model), dense.tokenizer, dense.adapter, dense.spec)
+    targets = _target_layers(cfg, moe.n_layers)
+    report = ConversionReport("cmoe", _config_dict(cfg))
+    inputs, last = capture_layer_inputs(moe, input_ids, cfg.batch_size), targets[-1]
+    for i in range(last + 1):
+        check_cancel(cancel)
+        if i in targets:
+            inputs, info = _carve_layer(moe, i, inputs, cfg, i == last)
+            report.layers.append(info)
+        else:
+            inputs = run_layer(moe.adapter.layers(moe.model)[i], inputs)
+        if progress:
+            progress((i + 1) / (last + 1), f"CMoE {cfg.experts}: layer {i + 1}/{last + 1}")
+    report.seconds = round(time.perf_counter() - start, 2)
+    moe.conversion = report
+    return moe
+
+
+def _config_dict(cfg: CMoEConfig) -> dict:
+    from dataclasses import asdict
+
+    out = asdict(cfg)
+    out["layers"] = None if cfg.layers is None else list(cfg.layers)
+    return out
