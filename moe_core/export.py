@@ -1,0 +1,594 @@
+"""Export a converted model as a checkpoint other tools load, with a measured fidelity report.
+
+Formats (``ExportConfig.format``):
+
+- ``portable`` (default): ``Qwen2MoeForCausalLM``, a stock transformers class that vLLM also serves; no
+  remote code. Exact where the routing is representable, otherwise approximated (fitted linear router,
+  constants folded into the experts) and measured. See export_native.py and export_routing.py.
+- ``exact``: safetensors plus ``modeling_moe_studio.py`` named in config.json's ``auto_map``: the source
+  family's transformers class with MoE Studio's MoE blocks; loads with ``trust_remote_code=True``.
+- ``llamacpp``: Qwen2-MoE in the subset llama.cpp's ``qwen2moe`` graph runs (reference/ecosystem.md §A.6.3):
+  untied embeddings, raw-softmax weights (``norm_topk_prob=false``), dense layers as shared-only MoE layers;
+  refused with the reason where llama.cpp cannot run the source model (e.g. llama3 RoPE scaling).
+
+Every export is reloaded with ``AutoModelForCausalLM.from_pretrained`` in a clean Python process (no moe_core
+import) and compared with the internal model on fixed tokens: max |logit difference|, KL, top-1 agreement,
+perplexity, greedy generation. The numbers go into README.md (the model card) and metrics.json; the folder
+is written as ``<out>.partial`` and renamed when complete; :func:`make_zip` packs it for download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .export_native import ExportError, build_qwen2moe, head_dim_note, llamacpp_problems, native_problems
+from .moe import MoEMLP
+from .profiling import check_cancel
+
+__all__ = ["ExportConfig", "ExportError", "ExportResult", "export_model", "make_zip", "reload_logits"]
+
+FORMATS = ("portable", "exact", "llamacpp")
+MODELING_FILE = "modeling_moe_studio.py"
+TEMPLATE = Path(__file__).parent / "templates" / MODELING_FILE
+EXACT_TOL = 1e-4  # max |logit difference| that counts as identical (float32 summation order: ~1e-6)
+EVAL_TEXT = (
+    "The history of the city begins with a small settlement on the river, where traders met to exchange "
+    "grain, salt and cloth. Over the centuries the market grew into a town, and the town into a city with "
+    "bridges, schools and a library. Today its museums describe how ordinary people lived, worked and "
+    "argued about the future of their streets."
+)
+PAPERS = {
+    "cmoe": "Z. Pei et al., CMoE: Converting Mixture-of-Experts from Dense to Accelerate LLM Inference "
+    "(Analytical FFN-to-MoE Restructuring via Activation Pattern Analysis), arXiv 2502.04416, ACL 2026",
+    "dive": "Y. Feng et al., DIVE into MoE: Diversity-Enhanced Reconstruction of Large Language Models from "
+    "Dense into Mixture-of-Experts, arXiv 2506.09351, ACL 2025",
+    "ladimo": "S. Kim et al., LaDiMo: Layer-wise Distillation Inspired MoEfier, arXiv 2408.04278",
+}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    format: Literal["portable", "exact", "llamacpp"] = "portable"
+    fit_router: bool = True  # approximated layers: fit a linear router on calibration tokens (else naive)
+    fit_steps: int = 0  # extra Adam steps on the selection cross-entropy (measured no better: off)
+    verify: bool = True  # reload in a clean process and measure; the model card reports it
+    zip: bool = False  # also write <out>.zip
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"export format must be one of {', '.join(FORMATS)}, got '{self.format}'.")
+        if not 0 <= self.fit_steps <= 100_000:
+            raise ValueError(f"fit_steps must be 0..100000, got {self.fit_steps}.")
+
+
+@dataclass
+class ExportResult:
+    """Where the export went, what it is, and how close it is to the internal model."""
+
+    folder: Path
+    format: str
+    architecture: str
+    exact_by_construction: bool
+    notes: list[str] = field(default_factory=list)
+    fidelity: dict = field(default_factory=dict)
+    routing: dict = field(default_factory=dict)
+    zip_path: Path | None = None
+
+    def summary(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k not in ("folder", "zip_path")}
+        return {**out, "folder": str(self.folder), "zip": str(self.zip_path) if self.zip_path else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def export_model(
+    moe,
+    out: str | Path,
+    cfg: ExportConfig | None = None,
+    *,
+    calib_ids: torch.Tensor | None = None,
+    calib_text: str | None = None,
+    run_config: dict | None = None,
+    source_metrics: dict | None = None,
+    progress: Callable[[float, str], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> ExportResult:
+    """Write ``moe`` (a converted DenseModel) to ``out`` in ``cfg.format``, verified, with a model card.
+
+    calib_ids (N, T): tokens to fit approximated routers on (portable/llamacpp), and whose hash the card
+    records; calib_text: the calibration source's name; run_config / source_metrics: the conversion's
+    run config and metrics (defaults: ``moe.run_config`` / ``moe.metrics`` / ``moe.conversion`` if set).
+    """
+    cfg, start = cfg or ExportConfig(), time.perf_counter()
+    out = Path(out)
+    check_destination(out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        result = _write(moe, tmp, cfg, calib_ids, progress, cancel)
+        check_cancel(cancel)
+        if cfg.verify:
+            _progress(progress, 0.8, "Reloading the export in a clean process")
+            result.fidelity = verify(moe, [(tmp, cfg.format == "exact")])[0]
+        meta = _provenance(moe, cfg, calib_ids, calib_text, run_config, source_metrics)
+        meta["seconds"], meta["name"] = round(time.perf_counter() - start, 2), out.name
+        _write_reports(tmp, result, meta)
+        check_cancel(cancel)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result.folder = out
+    if cfg.zip:
+        result.zip_path = make_zip(out)
+    _progress(progress, 1.0, f"Exported to {out}")
+    return result
+
+
+def check_destination(out: Path) -> None:
+    """Refuse to overwrite anything but an earlier export (a source checkpoint, a home folder, ...)."""
+    if not out.exists():
+        return
+    metrics = out / "metrics.json"
+    earlier = metrics.is_file() and "fidelity" in json.loads(metrics.read_text() or "{}")
+    if out.is_file() or (any(out.iterdir()) and not earlier):
+        raise ExportError(
+            f"'{out}' exists and is not an earlier export; choose a new output folder or remove it first."
+        )
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished folder into place; an earlier export is moved aside first, then deleted."""
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)  # a reader never sees a half-written export
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _progress(progress, fraction: float, message: str) -> None:
+    if progress:
+        progress(fraction, message)
+
+
+def _write(moe, folder: Path, cfg: ExportConfig, calib_ids, progress, cancel) -> ExportResult:
+    if not any(isinstance(m, MoEMLP) for m in moe.model.modules()):
+        raise ExportError("The model has no MoE layers: convert it first (python -m moe_core convert).")
+    if cfg.format == "exact":
+        write_exact(moe, folder)
+        return ExportResult(folder, "exact", "MoEStudioForCausalLM", True, ["needs trust_remote_code=True"])
+    return write_native(moe, folder, cfg, calib_ids, progress, cancel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact: safetensors + remote-code modeling file
+
+
+def write_exact(moe, folder: Path) -> None:
+    """The internal model's own weights and a self-contained modeling file registered through auto_map."""
+    from safetensors.torch import save_file
+
+    model = moe.model
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # tied: safetensors refuses shared storage, the loader re-ties
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(exact_config(model), indent=2, default=str))
+    (folder / MODELING_FILE).write_text(modeling_source(model))
+    _save_tokenizer(moe, folder)
+
+
+def exact_config(model) -> dict:
+    """The source config with model_type moe_studio, auto_map and every MoE layer's spec."""
+    cfg = model.config.to_dict()
+    for key in ("architectures", "auto_map", "transformers_version", "model_type"):
+        cfg.pop(key, None)
+    layers = model.model.layers
+    cfg["moe_layers"] = {
+        str(i): layer.mlp.spec() for i, layer in enumerate(layers) if isinstance(layer.mlp, MoEMLP)
+    }
+    cfg["moe_studio_base"] = {"model_type": model.config.model_type, "class": type(model).__name__}
+    return {
+        "model_type": "moe_studio",  # not the family's: a loader without the modeling file must fail, not guess
+        "architectures": ["MoEStudioForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "modeling_moe_studio.MoEStudioConfig",
+            "AutoModelForCausalLM": "modeling_moe_studio.MoEStudioForCausalLM",
+        },
+        **cfg,
+    }
+
+
+def modeling_source(model) -> str:
+    """The template with its base classes set to the source family's config and CausalLM classes."""
+    text = TEMPLATE.read_text()
+    text = text.replace("LlamaConfig as BaseConfig", f"{type(model.config).__name__} as BaseConfig")
+    return text.replace("LlamaForCausalLM as BaseForCausalLM", f"{type(model).__name__} as BaseForCausalLM")
+
+
+def _save_tokenizer(moe, folder: Path) -> None:
+    if moe.tokenizer is not None:
+        moe.tokenizer.save_pretrained(str(folder))
+    gen = getattr(moe.model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(str(folder))
+
+
+# ---------------------------------------------------------------------------------------------
+# Portable and llama.cpp: Qwen2-MoE
+
+
+def write_native(moe, folder: Path, cfg: ExportConfig, calib_ids, progress, cancel) -> ExportResult:
+    """Qwen2-MoE weights (save_pretrained: legacy per-expert layout) plus legacy config keys."""
+    from .export_routing import plan_routing
+
+    llamacpp = cfg.format == "llamacpp"
+    problems = native_problems(moe.model) + (llamacpp_problems(moe.model) if llamacpp else [])
+    if problems:
+        target = "llama.cpp" if llamacpp else "the portable Qwen2-MoE format"
+        raise ExportError(
+            f"{moe.model.config.model_type} cannot be exported to {target}: {'; '.join(problems)}. "
+            "Use --format exact (safetensors + modeling file, trust_remote_code)."
+        )
+    plan = plan_routing(
+        moe, calib_ids, fit=cfg.fit_router, forced_norm=False if llamacpp else None,
+        steps=cfg.fit_steps, progress=_scaled(progress, 0.0, 0.6), cancel=cancel,
+    )  # fmt: skip
+    check_cancel(cancel)
+    _progress(progress, 0.65, "Writing Qwen2-MoE weights")
+    native = build_qwen2moe(
+        moe, plan.routing(), top_k=plan.top_k, norm_topk_prob=plan.norm_topk_prob, llamacpp=llamacpp
+    )
+    native.save_pretrained(str(folder))
+    add_legacy_keys(folder / "config.json")
+    _save_tokenizer(moe, folder)
+    notes = native_notes(moe.model, plan.notes, llamacpp)
+    routing = {
+        **plan.summary(),
+        "layers": {str(i): {"how": r.how, **r.stats} for i, r in plan.layers.items()},
+    }
+    return ExportResult(folder, cfg.format, "Qwen2MoeForCausalLM", plan.exact, notes, routing=routing)
+
+
+def native_notes(model, routing_notes: list[str], llamacpp: bool) -> list[str]:
+    """What the model card must say about a native export beyond the routing."""
+    notes = list(routing_notes) + [n for n in [head_dim_note(model)] if n]
+    if not llamacpp:
+        return notes
+    notes.append("llama.cpp compatibility follows reference/ecosystem.md §A.5; llama.cpp itself was not run")
+    dense = [i for i, layer in enumerate(model.model.layers) if not isinstance(layer.mlp, MoEMLP)]
+    if dense:
+        notes.append(
+            f"dense layers {dense} are MoE layers whose shared expert holds the whole FFN (exact); "
+            "every shared expert is zero-padded to that width, which costs compute"
+        )
+    return notes
+
+
+def _scaled(progress, lo: float, hi: float):
+    if progress is None:
+        return None
+    return lambda f, msg: progress(lo + (hi - lo) * f, msg)
+
+
+def add_legacy_keys(path: Path) -> None:
+    """transformers 5 writes only rope_parameters and dtype; 4.x, vLLM and converters read the old keys."""
+    cfg = json.loads(path.read_text())
+    rope = dict(cfg.get("rope_parameters") or {})
+    if "rope_theta" in rope:
+        cfg.setdefault("rope_theta", rope["rope_theta"])
+    if rope.get("rope_type", "default") != "default":
+        legacy = {k: v for k, v in rope.items() if k != "rope_theta"}
+        cfg.setdefault("rope_scaling", {**legacy, "type": rope["rope_type"]})
+    if "dtype" in cfg:
+        cfg.setdefault("torch_dtype", cfg["dtype"])
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification in a clean process
+
+_RELOAD_SCRIPT = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+jobs = json.load(open(sys.argv[1]))
+data = torch.load(jobs["tokens"])
+results = []
+for job in jobs["folders"]:
+    model = AutoModelForCausalLM.from_pretrained(job["folder"], trust_remote_code=job["remote"], dtype="auto")
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=data["ids"]).logits.float()
+        gen = model.generate(data["prompt"], max_new_tokens=data["new_tokens"], do_sample=False)
+    torch.save({"logits": logits, "generated": gen}, job["out"])
+    results.append({"class": type(model).__name__, "moe_core_imported": "moe_core" in sys.modules})
+print(json.dumps(results))
+"""
+
+
+def eval_tokens(tokenizer, text: str = EVAL_TEXT, max_tokens: int = 96) -> torch.Tensor:
+    """(1, T) fixed evaluation tokens of a short text."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :max_tokens]
+    if ids.shape[1] < 4:
+        raise ExportError("The evaluation text is too short for this tokenizer.")
+    return ids
+
+
+def reload_logits(folders: list[tuple[Path, bool]], ids, prompt, new_tokens: int = 12) -> list[dict]:
+    """Load each (folder, trust_remote_code) with AutoModelForCausalLM in one fresh Python process.
+
+    Returns per folder: logits (1, T, V) on ids, greedy generation from prompt, and the loaded class.
+    """
+    with tempfile.TemporaryDirectory(prefix="moe-export-check-") as work:
+        work = Path(work)
+        torch.save({"ids": ids, "prompt": prompt, "new_tokens": new_tokens}, work / "tokens.pt")
+        jobs = [
+            {"folder": str(Path(f).resolve()), "remote": r, "out": str(work / f"{n}.pt")}
+            for n, (f, r) in enumerate(folders)
+        ]
+        (work / "jobs.json").write_text(json.dumps({"tokens": str(work / "tokens.pt"), "folders": jobs}))
+        env = {**_clean_env(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        proc = subprocess.run(
+            [sys.executable, "-c", _RELOAD_SCRIPT, str(work / "jobs.json")],
+            cwd=work, env=env, capture_output=True, text=True, timeout=1800,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise ExportError(f"Reloading the export in a clean process failed:\n{proc.stderr[-3000:]}")
+        info = json.loads(proc.stdout.strip().splitlines()[-1])
+        return [{**torch.load(job["out"]), **meta} for job, meta in zip(jobs, info, strict=True)]
+
+
+def _clean_env() -> dict:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the child must not see moe_core
+
+
+@torch.no_grad()
+def verify(moe, folders: list[tuple[Path, bool]], text: str = EVAL_TEXT) -> list[dict]:
+    """Fidelity of each reloaded folder against the internal model ``moe`` on the fixed text."""
+    ids = eval_tokens(moe.tokenizer, text)
+    prompt = ids[:, :8]
+    device = moe.device
+    ref = moe.model(input_ids=ids.to(device)).logits.float().cpu()
+    ref_gen = moe.model.generate(prompt.to(device), max_new_tokens=12, do_sample=False).cpu()
+    results = []
+    for loaded in reload_logits(folders, ids, prompt):
+        metrics = compare(ref, loaded["logits"], ids)
+        metrics["generation_match"] = bool(torch.equal(ref_gen, loaded["generated"]))
+        metrics["generated_text"] = moe.tokenizer.decode(loaded["generated"][0, prompt.shape[1] :])
+        metrics["loaded_class"] = loaded["class"]
+        metrics["clean_process"] = not loaded["moe_core_imported"]
+        results.append(metrics)
+    return results
+
+
+def compare(ref_logits, logits, ids) -> dict:
+    """max |Δlogit|, KL(internal || export), top-1 agreement and both perplexities; logits (1, T, V)."""
+    ref_logp = F.log_softmax(ref_logits[0].float(), -1)  # (T, V)
+    logp = F.log_softmax(logits[0].float(), -1)
+    targets = ids[0, 1:]
+    nll = -logp[:-1].gather(1, targets[:, None]).mean()
+    ref_nll = -ref_logp[:-1].gather(1, targets[:, None]).mean()
+    max_diff = float((ref_logits - logits).abs().max())
+    return {
+        "max_abs_logit_diff": max_diff,
+        "kl": float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()),
+        "top1_agreement": float((ref_logp.argmax(-1) == logp.argmax(-1)).float().mean()),
+        "ppl_internal": math.exp(float(ref_nll)),
+        "ppl_export": math.exp(float(nll)),
+        "tokens": int(ids.shape[1]),
+        "identical": max_diff <= EXACT_TOL,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Provenance, model card, zip
+
+
+def _provenance(moe, cfg, calib_ids, calib_text, run_config, source_metrics) -> dict:
+    import safetensors
+    import transformers
+
+    from . import __version__
+
+    conversion = getattr(moe, "conversion", None)
+    run_config = run_config or getattr(moe, "run_config", None) or {}
+    method = run_config.get("method") or (conversion.method if conversion is not None else None)
+    calib = {"text": calib_text or (run_config.get("data") or {}).get("text")}
+    if calib_ids is not None:
+        calib["tokens"] = int(calib_ids.numel())
+        calib["sha256"] = hashlib.sha256(calib_ids.to(torch.int64).cpu().numpy().tobytes()).hexdigest()
+    return {
+        "source_model": (run_config.get("model") or {}).get("spec") or moe.spec,
+        "method": method,
+        "paper": PAPERS.get(method or ""),
+        "method_config": conversion.config if conversion is not None else run_config.get(method or "", None),
+        "run_config": {**run_config, "export": asdict(cfg)},
+        "calibration": calib,
+        "source_metrics": source_metrics or getattr(moe, "metrics", None) or {},
+        "versions": {
+            "moe_studio": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "safetensors": safetensors.__version__,
+            "python": platform.python_version(),
+        },
+    }
+
+
+def _write_reports(folder: Path, result: ExportResult, meta: dict) -> None:
+    metrics = {
+        "format": result.format,
+        "architecture": result.architecture,
+        "exact_by_construction": result.exact_by_construction,
+        "fidelity": result.fidelity,
+        "routing": result.routing,
+        "notes": result.notes,
+        **{
+            k: meta[k]
+            for k in ("source_model", "method", "paper", "calibration", "source_metrics", "versions")
+        },
+        "seconds": meta["seconds"],
+    }
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    (folder / "run_config.json").write_text(json.dumps(meta["run_config"], indent=2, default=str))
+    (folder / "README.md").write_text(model_card(result, meta))
+
+
+def model_card(result: ExportResult, meta: dict) -> str:
+    """README.md: how to load, what was done (method, paper, source), and the measured fidelity."""
+    remote = result.format == "exact"
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        f"tags: [mixture-of-experts, moe-studio, {meta['method'] or 'moe'}]",
+        "---",
+        f"# {meta['name']}: {meta['method'] or 'MoE'} conversion of {meta['source_model']}",
+        "",
+        f"Written by MoE Studio {meta['versions']['moe_studio']} as **{result.format}** "
+        f"(`{result.architecture}`).",
+        "",
+        *_load_section(remote),
+        *(_llamacpp_section() if result.format == "llamacpp" else []),
+        *_fidelity_section(result),
+        *_routing_section(result),
+        "## Provenance",
+        "",
+        f"- Source model: `{meta['source_model']}`",
+        f"- Method: {meta['method'] or 'unknown'}" + (f" ({meta['paper']})" if meta["paper"] else ""),
+        f"- Calibration text: `{meta['calibration'].get('text')}`, "
+        f"{meta['calibration'].get('tokens', 'unknown')} tokens, sha256 `{meta['calibration'].get('sha256', 'n/a')}`",
+        "- Library versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        "",
+        *_source_metrics_section(meta["source_metrics"]),
+        "## Run config",
+        "",
+        "```json",
+        json.dumps(meta["run_config"], indent=2, default=str),
+        "```",
+        "",
+        "`run_config.json` and `metrics.json` in this folder hold the same information as files.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _load_section(remote: bool) -> list[str]:
+    flag = ", trust_remote_code=True" if remote else ""
+    why = (
+        "This export **needs `trust_remote_code=True`**: `modeling_moe_studio.py` (self-contained, imports only "
+        "torch and transformers) defines the MoE blocks. Read it before running it."
+        if remote
+        else "A stock transformers architecture: no remote code. vLLM serves `Qwen2MoeForCausalLM` natively."
+    )
+    return [
+        "## Load",
+        "",
+        why,
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder"{flag})',
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+        "```",
+        "",
+    ]
+
+
+def _llamacpp_section() -> list[str]:
+    return [
+        "## llama.cpp",
+        "",
+        "Laid out for llama.cpp's `qwen2moe` graph: untied embeddings, raw softmax routing weights "
+        "(`norm_topk_prob=false`), every layer a MoE layer (dense layers held by the shared expert), a "
+        "nonzero shared-expert gate (1e-30). Convert with `python convert_hf_to_gguf.py <this folder> "
+        "--outtype f32` (or bf16; not f16, where the 1e-30 gate underflows to 0 and llama.cpp's "
+        "silu(x)/x sigmoid gives NaN). llama.cpp itself was not run on this export.",
+        "",
+    ]
+
+
+def _fidelity_section(result: ExportResult) -> list[str]:
+    f = result.fidelity
+    if not f:
+        return ["## Fidelity", "", "Not verified (verification was switched off).", ""]
+    verdict = "identical to" if f["identical"] else "an approximation of"
+    rows = [
+        ("max abs logit difference", f"{f['max_abs_logit_diff']:.3g}"),
+        ("KL(internal || export), nats/token", f"{f['kl']:.3g}"),
+        ("top-1 agreement", f"{f['top1_agreement']:.4f}"),
+        ("perplexity, internal model", f"{f['ppl_internal']:.3f}"),
+        ("perplexity, this export", f"{f['ppl_export']:.3f}"),
+        ("greedy generation identical", str(f["generation_match"])),
+    ]
+    return [
+        "## Fidelity (measured)",
+        "",
+        f"Reloaded with `AutoModelForCausalLM.from_pretrained` in a clean process (loaded class "
+        f"`{f['loaded_class']}`) and compared with MoE Studio's internal model on {f['tokens']} fixed tokens "
+        f"of a short English text: this export is **{verdict}** the internal model "
+        f"(identical means max |Δlogit| <= {EXACT_TOL:g}).",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[f"| {name} | {value} |" for name, value in rows],
+        "",
+    ]
+
+
+def _routing_section(result: ExportResult) -> list[str]:
+    if not result.routing:
+        return []
+    r = result.routing
+    lines = [
+        "## Routing in this format",
+        "",
+        f"top-k {r['top_k']}, norm_topk_prob {str(r['norm_topk_prob']).lower()}; MoE layers exact: "
+        f"{r['layers_exact']}, fitted: {r['layers_fitted']}, naive (unfitted): {r['layers_naive']}.",
+    ]
+    if "mean_selection_agreement" in r:
+        lines.append(
+            f"Approximated layers on the calibration tokens: mean selection agreement "
+            f"{r['mean_selection_agreement']:.3f}, mean relative output error {r['mean_relative_error']:.4f}."
+        )
+    return lines + [""] + [f"- {n}" for n in result.notes] + [""]
+
+
+def _source_metrics_section(metrics: dict) -> list[str]:
+    flat = {k: v for k, v in (metrics or {}).items() if isinstance(v, int | float | str)}
+    if not flat:
+        return []
+    return ["## Evaluation of the converted model", "", *[f"- {k}: {v}" for k, v in flat.items()], ""]
+
+
+def make_zip(folder: str | Path) -> Path:
+    """Zip an export folder to ``<folder>.zip`` (written to a temporary name, then renamed)."""
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise ExportError(f"'{folder}' is not an export folder (no config.json).")
+    tmp = folder.with_name(folder.name + ".zip.partial")
+    archive = shutil.make_archive(str(tmp), "zip", root_dir=folder.parent, base_dir=folder.name)
+    final = folder.with_name(folder.name + ".zip")
+    Path(archive).replace(final)
+    return final
