@@ -1,0 +1,355 @@
+"""LaDiMo: distil each dense FFN into an MoE block, one layer at a time; the routing policy is picked per layer.
+
+Paper: S. Kim, Y. Kim, K. Moon, M. Jang, "LaDiMo: Layer-wise Distillation Inspired MoEfier", arXiv 2408.04278
+(2024). Stated there: experts start as a split of the dense FFN's weights; each MoE block (router + experts) is
+trained on the inputs its FFN receives on a small text set (~100K tokens) to mimic that FFN (an MSE loss) plus
+an auxiliary loss; blocks are independent; a training-free "adaptive router" then sets a routing policy per
+layer from the routing-weight distribution and per-layer accuracy / throughput curves (``moe_core/sweep.py``).
+No code was released; every choice below is ours, with the reason and, where it was measured, the number.
+
+Stage 1, per layer l, teacher-forced (X are the *dense* model's FFN inputs, so layers are independent and only
+one layer's activations are alive at a time)::
+
+    X (T, H) = what FFN_l receives on the calibration text,   Y = FFN_l(X)
+    block    = E slices of FFN_l + linear router W_r (E, H);   p = softmax(W_r x);   gates g_e = p_e
+    loss     = mean ||block(X) - Y||^2 / mean(Y^2)  +  alpha * E * sum_e f_e P_e
+
+Choices:
+
+- Experts: E contiguous slices of the neurons (the paper "splits the weight matrices"); ``partition="cmoe"``
+  uses CMoE's co-activation clusters instead (moe_core/methods/cmoe.py). ``n_shared`` slices may be kept as an
+  always-on shared expert (the paper names none, so 0 by default).
+- Gates ``prob`` (g_e = p_e, not renormalised over the chosen experts): dropping an expert removes exactly its
+  own term, so one trained block serves every top-k and the dynamic rule (keep experts until the summed p
+  reaches tau: the dropped gate mass is below 1 - tau). With ``renorm`` a top-1 gate is the constant 1 and
+  the router gets no gradient. A linear router with prob gates is also Qwen2-MoE's (norm_topk_prob=False),
+  so the block exports to a stock MoE class without approximation.
+- Expert scale: each expert's down_proj is multiplied by E, so with a uniform router (p = 1/E) and every
+  expert on the block *is* the dense FFN; the random router starts near uniform (score std 0.1), so training
+  starts from the split weights (the paper's Fig. 2: split weights beat random ones).
+- Router: linear (export-friendly). ``router_init="representative"`` starts W_r at each expert's mean
+  gate_proj row (CMoE partition: its representative neuron's row), scaled to score std 1.
+- Training k: each token of a minibatch uses a random k in [train_k_min, E] experts (top-k of p), so the block
+  is trained for every policy the adaptive router may later choose, not for one k.
+- Loss scale: MSE divided by mean(Y^2) of the layer, so one alpha fits every layer (FFN output norms differ
+  by two orders of magnitude across SmolLM2's layers); also what the report prints (relative MSE).
+- Auxiliary loss: Switch Transformer's load balance E * sum_e f_e P_e (f_e: share of routed slots,
+  P_e: mean p), alpha = 0.01 as in Switch; it is 1 when balanced.
+- Optimiser: Adam, lr 1e-4 for the experts (they start from trained weights) and 1e-3 for the router,
+  cosine decay, minibatches of ``batch_tokens`` rows drawn from the layer's calibration tokens; 10% of the
+  tokens are held out to report the relative MSE before and after training.
+- Training forward: every expert runs on every token and unselected experts get gate 0 (a masked dense
+  FFN: three matmuls, no gathers); it equals MoEMLP.forward_reference for the same selection.
+
+Measured on builtin:smollm2-135m (30 layers, E = 8), 2 shared CPU cores: see MEASUREMENTS.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..config import LaDiMoConfig
+from ..layerwise import LayerInputs, capture_layer_inputs, run_layer
+from ..moe import MoEMLP, Router, RoutingPolicy
+from ..profiling import check_cancel
+from .cmoe import ConversionReport, atopk_markers, carve, expert_sizes
+
+MEASUREMENTS = "filled in by benchmarks/ladimo_quality.py runs; see the module docstring"
+THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)  # dynamic-policy thresholds profiled per layer (routing distribution)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1a: the split and the block
+
+
+def split_experts(x, w_gate, w_up, act, cfg: LaDiMoConfig):
+    """Neuron index sets of one FFN: (shared (S,), experts: E - n_shared tensors, representatives or None).
+
+    x (T, H) calibration inputs (used by the CMoE partition and to pick shared neurons by activation rate).
+    """
+    n_neurons = w_gate.shape[0]
+    shared_size, sizes = expert_sizes(n_neurons, cfg.n_shared, cfg.n_experts)
+    if cfg.partition == "cmoe":
+        markers = atopk_markers(x, w_gate, w_up, act, cfg.k_act, normalise=True)
+        cut = carve(markers, cfg.n_shared, cfg.n_experts, iters=1, metric="l1")
+        return cut.shared, cut.experts, cut.representatives
+    if shared_size == 0:
+        return torch.zeros(0, dtype=torch.long), list(torch.arange(n_neurons).split(sizes)), None
+    rates = atopk_markers(x, w_gate, w_up, act, cfg.k_act, normalise=True).mean(0)  # (I,)
+    order = torch.sort(rates, descending=True, stable=True).indices
+    shared, rest = order[:shared_size].sort().values, order[shared_size:].sort().values
+    return shared, list(rest.split(sizes)), None
+
+
+def init_router(x, w_gate, experts, representatives, how: str, generator) -> Router:
+    """Linear router (E, H): random near-uniform (score std 0.1) or from representative gate rows (std 1)."""
+    hidden, n_experts = w_gate.shape[1], len(experts)
+    if how == "random":
+        weight, target = torch.randn(n_experts, hidden, generator=generator), 0.1
+    elif representatives is not None:
+        weight, target = w_gate[representatives].float().clone(), 1.0
+    else:
+        weight, target = torch.stack([w_gate[ix].float().mean(0) for ix in experts]), 1.0
+    scores = x.float() @ weight.T  # (T, E)
+    weight *= target / scores.std().clamp(min=1e-12)
+    router = Router(hidden, n_experts, "linear")
+    with torch.no_grad():
+        router.weight.copy_(weight)
+    return router
+
+
+def build_block(dense, layer_idx: int, x, cfg: LaDiMoConfig, generator) -> MoEMLP:
+    """Split FFN ``layer_idx`` of ``dense`` into an MoEMLP (float32) whose all-experts, uniform-router output is
+    the dense FFN: routed down_proj scaled by E (see the module docstring). x (T, H) calibration inputs."""
+    mlp = dense.mlp(layer_idx)
+    w_gate, w_up, w_down = (w.float() for w in dense.adapter.weights(mlp))
+    act, act_name = dense.adapter.act_fn(mlp), dense.adapter.act_name(dense.model)
+    shared, experts, reps = split_experts(x, w_gate, w_up, act, cfg)
+    router = init_router(x, w_gate, experts, reps, cfg.router_init, generator)
+    block = MoEMLP.from_dense(
+        w_gate, w_up, w_down, act_name, shared, experts, router, _policy(cfg), cfg.gate_mode
+    )
+    with torch.no_grad():
+        block.down_proj.mul_(len(experts))
+    return block
+
+
+def _policy(cfg: LaDiMoConfig) -> RoutingPolicy:
+    if cfg.threshold is not None:
+        return RoutingPolicy("dynamic", threshold=cfg.threshold)
+    return RoutingPolicy("topk", k=cfg.top_k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1b: the training forward and losses
+
+
+def selection_mask(probs, k_T):
+    """probs (T, E), k_T (T,) experts per token -> (T, E) bool: each token's k_T highest p (ties: lower index)."""
+    order = probs.argsort(dim=-1, descending=True, stable=True)  # (T, E)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(probs.shape[1]).expand_as(order))
+    return ranks < k_T[:, None]
+
+
+def masked_forward(block: MoEMLP, x, k_T):
+    """Differentiable block output with k_T (T,) experts per token: (y (T, H), probs (T, E), mask (T, E)).
+
+    Every expert runs on every token and unselected ones get gate 0: three matmuls over the stacked weights.
+    """
+    n_tokens, hidden = x.shape
+    n_experts, width = block.n_experts, block.down_proj.shape[-1]
+    probs = torch.softmax(block.router(x) / block.temperature, dim=-1)  # (T, E) float32
+    mask = selection_mask(probs.detach(), k_T)
+    gates = probs * mask
+    if block.gate_mode == "renorm":
+        gates = gates / gates.sum(-1, keepdim=True).clamp(min=1e-20)
+    gate_up = (x @ block.gate_up_proj.reshape(-1, hidden).T).view(n_tokens, n_experts, 2 * width)
+    gate, up = gate_up.chunk(2, dim=-1)  # (T, E, W) each
+    h = block.act_fn(gate) * up * gates.unsqueeze(-1).to(x.dtype)  # (T, E, W)
+    down = block.down_proj.permute(1, 0, 2).reshape(hidden, -1)  # (H, E*W)
+    y = h.reshape(n_tokens, -1) @ down.T  # (T, H)
+    if block.shared_expert is not None:
+        y = y + block.shared_expert(x)
+    return y, probs, mask
+
+
+def balance_loss(probs, mask):
+    """Switch Transformer load balance E * sum_e f_e * P_e: 1 when balanced, E when one expert takes all.
+
+    probs (T, E); mask (T, E) the routed slots; f_e = share of slots routed to e, P_e = mean p_e.
+    """
+    f = mask.float().sum(0) / mask.float().sum().clamp(min=1.0)  # (E,)
+    return probs.shape[1] * (f * probs.mean(0)).sum()
+
+
+@torch.no_grad()
+def relative_mse(block: MoEMLP, x, y, k: int, chunk: int = 4096) -> float:
+    """mean ||block(x) - y||^2 / mean(y^2) with every token using its top-k experts (prob gates as trained)."""
+    err = 0.0
+    for xs, ys in zip(x.split(chunk), y.split(chunk), strict=True):
+        k_T = torch.full((xs.shape[0],), k, dtype=torch.long)
+        err += float((masked_forward(block, xs, k_T)[0] - ys).pow(2).sum())
+    return err / max(float(y.pow(2).sum()), 1e-30)
+
+
+def train_block(block: MoEMLP, x, y, cfg: LaDiMoConfig, generator, cancel=None) -> dict:
+    """Distil (router + experts) on x (T, H) -> y (T, H) with Adam; returns losses (first and last 10 steps)."""
+    experts = [p for n, p in block.named_parameters() if not n.startswith("router") and n != "gate_scale"]
+    opt = torch.optim.Adam(
+        [{"params": experts, "lr": cfg.lr}, {"params": list(block.router.parameters()), "lr": cfg.router_lr}]
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
+    scale, losses, aux_seen = y.pow(2).mean(), [], []
+    order = _minibatches(x.shape[0], cfg.batch_tokens, cfg.steps, generator)
+    block.train()
+    for step, rows in enumerate(order):
+        if step % 25 == 0:
+            check_cancel(cancel)
+        k_T = torch.randint(cfg.train_k_min, block.n_experts + 1, (len(rows),), generator=generator)
+        out, probs, mask = masked_forward(block, x[rows], k_T)
+        mse = (out - y[rows]).pow(2).mean() / scale
+        aux = balance_loss(probs, mask)
+        opt.zero_grad(set_to_none=True)
+        (mse + cfg.aux_weight * aux).backward()
+        opt.step()
+        sched.step()
+        losses.append(float(mse.detach()))
+        aux_seen.append(float(aux.detach()))
+    block.eval()
+    return {
+        "loss_first": _mean(losses[:10]),
+        "loss_last": _mean(losses[-10:]),
+        "aux_last": _mean(aux_seen[-10:]),
+    }
+
+
+def _minibatches(n_rows: int, batch: int, steps: int, generator) -> list[torch.Tensor]:
+    """``steps`` row-index batches: consecutive slices of seeded shuffles (every row once per epoch)."""
+    batch = min(batch, n_rows)
+    per_epoch = n_rows // batch
+    epochs = [torch.randperm(n_rows, generator=generator) for _ in range(-(-steps // per_epoch))]
+    return [epochs[s // per_epoch][(s % per_epoch) * batch :][:batch] for s in range(steps)]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2 input: the routing-weight distribution of a trained block
+
+
+@torch.no_grad()
+def routing_profile(block: MoEMLP, x, thresholds=THRESHOLDS) -> dict:
+    """Distribution of routing weights on x (T, H): mean sorted p (E,), mean experts needed per dynamic
+    threshold, and the share of tokens each expert wins (its top-1 share)."""
+    probs = torch.softmax(block.router(x) / block.temperature, dim=-1)  # (T, E)
+    sorted_p = probs.sort(dim=-1, descending=True).values
+    before = sorted_p.cumsum(-1) - sorted_p
+    return {
+        "mean_sorted_p": [round(float(v), 5) for v in sorted_p.mean(0)],
+        "mean_k_at_threshold": {f"{t:g}": float((before < t).sum(-1).float().mean()) for t in thresholds},
+        "top1_share": [
+            round(float(v), 4) for v in torch.bincount(probs.argmax(-1), minlength=probs.shape[1]) / len(x)
+        ],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# One layer and the pipeline
+
+
+@torch.no_grad()
+def ffn_io(layer, mlp, inputs: LayerInputs) -> tuple[torch.Tensor, torch.Tensor, LayerInputs]:
+    """Run a layer on every micro-batch and keep what its MLP saw and returned: (X (N*T, H), Y (N*T, H), outputs)."""
+    xs, ys = [], []
+
+    def keep(module, args, out):
+        xs.append(args[0].reshape(-1, args[0].shape[-1]).float())
+        ys.append(out.reshape(-1, out.shape[-1]).float())
+
+    handle = mlp.register_forward_hook(keep)
+    try:
+        outputs = run_layer(layer, inputs)
+    finally:
+        handle.remove()
+    return torch.cat(xs), torch.cat(ys), outputs
+
+
+def distill_layer(dense, layer_idx: int, x, y, cfg: LaDiMoConfig, cancel=None) -> tuple[MoEMLP, dict]:
+    """Build and train one MoE block from FFN ``layer_idx`` given its inputs x and outputs y (T, H)."""
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + layer_idx)
+    held = torch.randperm(x.shape[0], generator=generator)
+    n_val = max(1, int(cfg.holdout * x.shape[0]))
+    val, train = held[:n_val], held[n_val:]
+    block = build_block(dense, layer_idx, x[train], cfg, generator)
+    k = cfg.top_k if cfg.threshold is None else block.n_experts
+    before = {"val_mse_init": relative_mse(block, x[val], y[val], k)}
+    with torch.enable_grad():
+        losses = train_block(block, x[train], y[train], cfg, generator, cancel)
+    info = {
+        "layer": layer_idx,
+        "expert_sizes": block.expert_sizes,
+        "shared_size": block.shared_size,
+        **before,
+    }
+    info |= {
+        "val_mse": relative_mse(block, x[val], y[val], k),
+        "val_mse_all": relative_mse(block, x[val], y[val], block.n_experts),
+    }
+    info |= losses | {
+        "routing": routing_profile(block, x[val]),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    dtype = dense.adapter.weights(dense.mlp(layer_idx))[0].dtype
+    return block.to(dtype).eval(), info
+
+
+def _target_layers(cfg: LaDiMoConfig, n_layers: int) -> list[int]:
+    if cfg.layers is None:
+        return list(range(n_layers))
+    bad = [i for i in cfg.layers if i >= n_layers]
+    if bad:
+        raise ValueError(f"ladimo.layers {bad} do not exist: the model has layers 0..{n_layers - 1}.")
+    return list(cfg.layers)
+
+
+@torch.no_grad()
+def convert(
+    dense,
+    input_ids: torch.Tensor,
+    cfg: LaDiMoConfig | None = None,
+    progress: Callable[[float, str], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+):
+    """Distil a copy of ``dense`` into LaDiMo MoE layers on calibration input_ids (N, T); ``dense`` is untouched.
+
+    Layers are trained one at a time on the dense model's own FFN inputs (teacher forcing). Returns a
+    DenseModel with MoEMLP blocks (uniform policy from cfg; moe_core.sweep picks one per layer) and a
+    ``conversion`` report: per layer the relative MSE before / after, losses, routing profile, seconds.
+    """
+    from ..model_io import DenseModel
+
+    cfg, start = cfg or LaDiMoConfig(), time.perf_counter()
+    moe = DenseModel(copy.deepcopy(dense.model), dense.tokenizer, dense.adapter, dense.spec)
+    targets = _target_layers(cfg, moe.n_layers)
+    _check_shape(moe, cfg)
+    report = ConversionReport("ladimo", _config_dict(cfg))
+    inputs, last, layers = (
+        capture_layer_inputs(moe, input_ids, cfg.batch_size),
+        targets[-1],
+        moe.adapter.layers(moe.model),
+    )
+    for i in range(last + 1):
+        check_cancel(cancel)
+        if i in targets:
+            x, y, inputs = ffn_io(layers[i], moe.mlp(i), inputs)  # dense MLP still in place: teacher forcing
+            block, info = distill_layer(moe, i, x, y, cfg, cancel)
+            moe.adapter.set_mlp(moe.model, i, block)
+            report.layers.append(info)
+        else:
+            inputs = run_layer(layers[i], inputs)
+        if progress:
+            progress((i + 1) / (last + 1), f"LaDiMo: layer {i + 1}/{last + 1}")
+    report.seconds = round(time.perf_counter() - start, 2)
+    moe.conversion = report
+    return moe
+
+
+def _check_shape(moe, cfg: LaDiMoConfig) -> None:
+    """Refuse more experts than FFN neurons before any work is done."""
+    expert_sizes(moe.model.config.intermediate_size, cfg.n_shared, cfg.n_experts)
+
+
+def _config_dict(cfg: LaDiMoConfig) -> dict:
+    from dataclasses import asdict
+
+    out = asdict(cfg)
+    out["layers"] = None if cfg.layers is None else list(cfg.layers)
+    return out
