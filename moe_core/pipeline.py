@@ -1,0 +1,183 @@
+"""The pipeline steps as single calls on an already loaded model, for the app and notebooks.
+
+The CLI (``moe_core.cli``) loads models from specs and writes files; these take what is in memory, so the web
+app can run one step per click. Each is a short composition of the public functions of the other modules.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ConvertRun, DataConfig, from_dict, to_dict
+
+Progress = Callable[[float, str], None] | None
+Cancel = Callable[[], bool] | None
+
+
+def calibration(dense, data: DataConfig) -> tuple[torch.Tensor, dict]:
+    """Token ids (N, T) sampled from the data config's text, and a preview of that text (counts + head)."""
+    from .data import load_documents, sample_sequences, text_preview
+
+    docs = load_documents(data.text, model=dense, seed=data.seed)
+    ids = sample_sequences(docs, dense.tokenizer, data.n_sequences, data.seq_len, data.seed, source=data.text)
+    return ids, text_preview(docs, dense.tokenizer)
+
+
+@dataclass(frozen=True)
+class ConvertOutcome:
+    moe: object  # the converted DenseModel (``conversion`` report attached)
+    calib_ids: torch.Tensor  # (N, T)
+    run_config: dict
+    metrics: dict
+    folder: Path | None
+
+
+def convert_run(
+    dense,
+    cfg: ConvertRun,
+    active: tuple[int, ...] | None = None,
+    folder: str | Path | None = None,
+    progress: Progress = None,
+    cancel: Cancel = None,
+) -> ConvertOutcome:
+    """Convert ``dense`` (already loaded, untouched) as ``cfg`` says; ``active``: routed experts per layer
+    (top-k) set after conversion; ``folder``: where to save the checkpoint (save_converted), or None."""
+    from .checkpoint import save_converted
+    from .evaluate import param_report
+    from .methods import convert
+    from .moe import RoutingPolicy
+
+    ids, _ = calibration(dense, cfg.data)
+    start = time.perf_counter()
+    moe = convert(dense, ids, cfg.section(), method=cfg.method, progress=progress, cancel=cancel)
+    run = to_dict(cfg)
+    if active is not None:
+        blocks = {i: moe.mlp(i) for i in range(moe.n_layers) if hasattr(moe.mlp(i), "set_policy")}
+        for i, block in blocks.items():
+            block.set_policy(RoutingPolicy("topk", k=int(active[i])))
+        run["active_per_layer"] = [int(a) for a in active]
+    seconds = round(time.perf_counter() - start, 2)
+    metrics = {
+        "convert_seconds": seconds,
+        "calibration_tokens": ids.numel(),
+        **param_report(moe, cfg.data.seq_len),
+    }
+    metrics["conversion"] = moe.conversion.as_dict()
+    moe.run_config, moe.metrics = run, metrics
+    out = save_converted(moe, folder, run, metrics) if folder is not None else None
+    return ConvertOutcome(moe, ids, run, metrics, out)
+
+
+def _flag_values(cfg: ConvertRun) -> list[tuple[str, object]]:
+    """(flag, value) of the `python -m moe_core convert` flags that express this config."""
+    flags = [("--model", cfg.model.spec)]
+    if cfg.model.device != "cpu":
+        flags.append(("--device", cfg.model.device))
+    flags += [("--text", cfg.data.text), ("--n-sequences", cfg.data.n_sequences)]
+    flags += [("--seq-len", cfg.data.seq_len), ("--seed", cfg.data.seed), ("--method", cfg.method)]
+    if cfg.method == "cmoe":
+        flags += [
+            ("--experts", cfg.cmoe.experts),
+            ("--variant", cfg.cmoe.variant),
+            ("--k-act", cfg.cmoe.k_act),
+        ]
+    if cfg.method == "ladimo":
+        l = cfg.ladimo  # noqa: E741
+        flags += [("--n-experts", l.n_experts), ("--top-k", l.top_k), ("--steps", l.steps)]
+    return flags + [("--out", cfg.out)]
+
+
+def command_line(cfg: ConvertRun, config_file: str = "run_config.yaml") -> str:
+    """The `python -m moe_core convert` line that reproduces ``cfg``: flags alone where they express every
+    setting, else ``--config config_file`` (the YAML of :func:`config_yaml`) with the same flags on top."""
+    flags = _flag_values(cfg)
+    tree: dict = {"model": {"spec": cfg.model.spec, "device": cfg.model.device}, "method": cfg.method}
+    tree["data"] = to_dict(cfg.data)
+    tree["out"] = cfg.out
+    if cfg.method == "cmoe":
+        tree["cmoe"] = {"experts": cfg.cmoe.experts, "variant": cfg.cmoe.variant, "k_act": cfg.cmoe.k_act}
+    if cfg.method == "ladimo":
+        l = cfg.ladimo  # noqa: E741
+        tree["ladimo"] = {"n_experts": l.n_experts, "top_k": l.top_k, "steps": l.steps}
+    try:
+        complete = from_dict(ConvertRun, tree) == cfg
+    except ValueError:
+        complete = False
+    args = ["python", "-m", "moe_core", "convert"]
+    if cfg.model.trust_remote_code:
+        args.append("--trust-remote-code")
+    if not complete:
+        args += ["--config", config_file]
+    for flag, value in flags:
+        args += [flag, str(value)]
+    return shlex.join(args)
+
+
+def config_yaml(cfg: ConvertRun) -> str:
+    """The run config as YAML, loadable by ``load_config_file`` and ``--config``: model, data, the chosen
+    method's section and out (the other methods' sections are left at their defaults)."""
+    import yaml
+
+    full = to_dict(cfg)
+    data = {k: full[k] for k in ("model", "data", "method", cfg.method, "out")}
+    for section in data.values():
+        if isinstance(section, dict) and isinstance(section.get("layers"), tuple):
+            section["layers"] = list(section["layers"])
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def evaluate_pair(
+    dense,
+    moe,
+    text: str,
+    n_windows: int,
+    seq_len: int,
+    tasks: list[str] | None = None,
+    limit: int = 20,
+    progress: Progress = None,
+    cancel: Cancel = None,
+) -> dict:
+    """Dense vs converted on the same windows: EvalReport.summary() of the MoE (ppl, ppl_ref, KL, agreement,
+    params, lm-eval), the dense model's lm-eval scores, and measured prefill tokens/s of both."""
+    from .config import EvalConfig
+    from .data import eval_windows, load_documents
+    from .evaluate import evaluate, lm_eval_tasks, measure_throughput
+
+    cfg = EvalConfig(text=text, n_windows=int(n_windows), seq_len=int(seq_len), tasks=tuple(tasks or ()))
+    docs = load_documents(cfg.text)
+    windows = eval_windows(docs, moe.tokenizer, cfg.seq_len, cfg.n_windows, source=cfg.text)
+    report = evaluate(
+        dense,
+        moe,
+        windows,
+        text=cfg.text,
+        tasks=list(cfg.tasks),
+        limit=limit,
+        progress=progress,
+        cancel=cancel,
+    )
+    if progress:
+        progress(0.9, "Measuring prefill speed of both models")
+    speed_len = min(cfg.seq_len, 256)
+    return {
+        **report.summary(),
+        "flops_per_token": report.params.get("flops_per_token"),
+        "ref_active_params": report.ref_params.get("active_params"),
+        "ref_lm_eval": lm_eval_tasks(dense, list(cfg.tasks), limit) if cfg.tasks else {},
+        "tokens_per_s": measure_throughput(moe, speed_len)["tokens_per_s"],
+        "ref_tokens_per_s": measure_throughput(dense, speed_len)["tokens_per_s"],
+        "limit": limit,
+    }
+
+
+def sweep_model(dense, moe, cfg, progress: Progress = None, cancel: Cancel = None):
+    """LaDiMo's per-layer curves of ``moe`` on the held-out windows ``cfg`` (a SweepConfig) names."""
+    from .sweep import held_out_windows, sweep
+
+    return sweep(dense, moe, held_out_windows(dense.tokenizer, cfg), cfg, progress=progress, cancel=cancel)
