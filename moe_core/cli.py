@@ -212,6 +212,7 @@ def cmd_convert(args) -> int:
     ladimo = {"n_experts": args.n_experts, "top_k": args.top_k, "steps": args.steps}
     extra = {"method": args.method, "cmoe": {k: v for k, v in cmoe.items() if v is not None}}
     extra["ladimo"] = {k: v for k, v in ladimo.items() if v is not None}
+    extra["dive"] = _dive_overrides(args)
     cfg = _run_config(ConvertRun, args, {k: v for k, v in extra.items() if v})
     dense, ids = load_calibration(cfg.model, cfg.data)
     start = time.perf_counter()
@@ -227,12 +228,33 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _dive_overrides(args) -> dict:
+    """The dive section from its flags; --n-experts / --top-k serve it too when the method is dive."""
+    flags = {"domains": args.domains, "prune_ratio": args.prune_ratio, "shared_share": args.shared_share}
+    if args.method == "dive":
+        flags |= {"n_experts": args.n_experts, "top_k": args.top_k}
+    retrain = {"stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps}
+    out = {k: v for k, v in flags.items() if v is not None}
+    if args.domains is not None:
+        out["domains"] = [d.strip() for d in args.domains.split(",") if d.strip()]
+    retrain = {k: v for k, v in retrain.items() if v is not None}
+    return out | ({"retrain": retrain} if retrain else {})
+
+
 def _convert_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", help="conversion method (cmoe, ladimo)")
+    p.add_argument("--method", help="conversion method (cmoe, ladimo, dive)")
     p.add_argument("--experts", help="CMoE SxAyEz: x shared + y active routed of z experts, e.g. S2A2E8")
     p.add_argument("--variant", choices=["paper", "code"], help="CMoE variant (see moe_core/methods/cmoe.py)")
     p.add_argument("--k-act", type=int, help="CMoE K_a: neurons marked active per token when profiling")
     _ladimo_flags(p)
+    p.add_argument(
+        "--domains",
+        help="DIVE: comma-separated text sources, name=spec or spec; --n-experts, --top-k set DIVE's too",
+    )
+    p.add_argument("--prune-ratio", type=float, help="DIVE: channels each expert drops (default 1 - 0.5/k)")
+    p.add_argument("--shared-share", type=float, help="DIVE: share of channels in an always-on shared expert")
+    p.add_argument("--stage1-steps", type=int, help="DIVE: router-training steps (0 skips)")
+    p.add_argument("--stage2-steps", type=int, help="DIVE: LoRA expert-training steps (0 skips)")
 
 
 def _ladimo_flags(p: argparse.ArgumentParser) -> None:
@@ -341,7 +363,11 @@ COMMANDS = {
     "prepare": (cmd_prepare, "cache the default model (de-quantise the GGUF once)", None),
     "export": (cmd_export, "converted folder -> portable / exact / llama.cpp + card", _export_flags),
     "eval": (cmd_eval, "perplexity, KL and agreement vs dense, parameters, expert load", _eval_flags),
-    "convert": (cmd_convert, "dense -> MoE (CMoE); saves a folder load_converted reloads", _convert_flags),
+    "convert": (
+        cmd_convert,
+        "dense -> MoE (CMoE, LaDiMo, DIVE); saves a folder load_converted reloads",
+        _convert_flags,
+    ),
     "sweep": (cmd_sweep, "per-layer accuracy / throughput curves (LaDiMo); picks a plan", _sweep_flags),
     "profile": (
         cmd_profile,

@@ -184,6 +184,133 @@ class LaDiMoConfig:
             object.__setattr__(self, "layers", tuple(sorted(set(layers))))
 
 
+# DIVE domains: the six calibration corpora of the shared data folder (the paper mines 24 datasets).
+DIVE_DOMAINS = tuple(
+    (name, f"shared:calib-{name}") for name in ("arxiv", "books", "code", "math", "news", "wikipedia")
+)
+
+
+def _domain_name(spec: str) -> str:
+    """A short name for a text source: shared:calib-math -> math, file:/x/notes.txt -> notes."""
+    tail = re.split(r"[:/\\]", spec.split("#")[0].rstrip("/"))[-1]
+    return tail.removeprefix("calib-").split(".")[0] or spec
+
+
+def parse_domains(items) -> tuple[tuple[str, str], ...]:
+    """Domains as ((name, text source), ...) from a mapping, "name=spec" / "spec" strings or (name, spec) pairs."""
+    items = list(items.items()) if isinstance(items, dict) else list(items or ())
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            name, sep, spec = item.partition("=")
+            if not sep or ":" in name or "/" in name:  # no name given: "shared:calib-math", "a=b/c.txt" ...
+                name, spec = _domain_name(item), item
+        else:
+            _check(len(item) == 2, f"dive.domains entry {item!r} is not a (name, text source) pair.")
+            name, spec = item
+        name, spec = str(name).strip(), str(spec).strip()
+        _check(bool(name) and bool(spec), f"dive.domains entry {item!r} needs a name and a text source.")
+        out.append((name, spec))
+    names = [n for n, _ in out]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    _check(
+        not dupes, f"dive.domains names must be unique, repeated: {', '.join(dupes)}; name them name=spec."
+    )
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class DIVERetrainConfig:
+    """DIVE's two retraining stages (methods/dive.py, finetune.dive_retrain), sized for minutes on a 2-core CPU.
+
+    The paper trains stage 1 on 0.5B and stage 2 on 5B tokens at lr 1e-4; a few dozen CPU steps need more.
+    """
+
+    stage1_steps: int = (
+        8  # router only, every expert on, temperature softmax (paper 1,905 steps x 262k tokens)
+    )
+    stage2_steps: int = 16  # LoRA on experts + router + RMSNorms, top-k (paper 9,535 steps x 524k tokens)
+    batch_size: int = 2  # sequences per step
+    router_lr: float = 1e-2  # stage 1: the router starts random and has only these steps (paper 1e-4)
+    lr: float = 5e-4  # stage 2: LoRA, router and norms (paper 1e-4 over ~10k steps)
+    temperature: float | None = (
+        None  # stage 1 softmax temperature; None: 0.05 for top-1, 0.5 for top-2+ (code)
+    )
+    lora_r: int = 8  # paper code
+    lora_alpha: int = 16  # paper code
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(
+            self.stage1_steps >= 0 and self.stage2_steps >= 0,
+            "dive.retrain.stage1_steps and stage2_steps must be >= 0 (0 skips the stage).",
+        )
+        _check(self.batch_size >= 1, f"dive.retrain.batch_size must be >= 1, got {self.batch_size}.")
+        _check(self.router_lr > 0 and self.lr > 0, "dive.retrain.router_lr and dive.retrain.lr must be > 0.")
+        _check(
+            self.temperature is None or self.temperature > 0,
+            f"dive.retrain.temperature must be null (auto) or > 0, got {self.temperature}.",
+        )
+        _check(self.lora_r >= 1 and self.lora_alpha > 0, "dive.retrain.lora_r must be >= 1, lora_alpha > 0.")
+
+    def stage1_temperature(self, top_k: int) -> float:
+        return self.temperature if self.temperature is not None else (0.05 if top_k == 1 else 0.5)
+
+
+@dataclass(frozen=True)
+class DIVEConfig:
+    """DIVE (arXiv 2506.09351): domain affinity mining, FLAP-pruned experts, two-stage retraining."""
+
+    domains: tuple[tuple[str, str], ...] = DIVE_DOMAINS  # (name, text source); "name=spec" strings work too
+    n_experts: int = 4  # N groups = N experts (paper: 8 from 24 datasets; we have six domains)
+    top_k: int = 1  # experts per token (paper: DIVE 1/8 and 2/8)
+    prune_ratio: float | None = (
+        None  # channels each expert drops; None: 1 - 0.5 / top_k (half the FFN active)
+    )
+    shared_share: float = 0.0  # optional always-on shared expert: this share of channels (paper: none)
+    n_sequences: int = 16  # calibration windows per domain (paper 1024 x 256 per expert)
+    seq_len: int = 256  # paper (model.seqlen = 256)
+    eval_windows: int = 2  # held-out windows per domain for the mining perplexities
+    holdout: float = 0.2  # tail share of each domain's text kept out of calibration, for perplexity
+    max_chars: int = 400_000  # characters read per domain (tokenizing stays under a second)
+    linkage: Literal["average", "complete", "single"] = "average"  # on 1 - Pearson r (paper: unspecified)
+    batch_size: int = 4  # sequences per forward micro-batch
+    seed: int = 42  # paper code
+    retrain: DIVERetrainConfig = field(default_factory=DIVERetrainConfig)
+
+    def __post_init__(self):
+        domains = parse_domains(self.domains)
+        object.__setattr__(self, "domains", domains)
+        _check(self.n_experts >= 2, f"dive.n_experts must be >= 2, got {self.n_experts}.")
+        _check(
+            len(domains) >= self.n_experts,
+            f"DIVE builds one expert per group of domains: {len(domains)} domain(s) cannot make "
+            f"{self.n_experts} groups. Add domains (dive.domains) or lower dive.n_experts to {len(domains)}.",
+        )
+        _check(
+            1 <= self.top_k <= self.n_experts,
+            f"dive.top_k must be 1..n_experts={self.n_experts}, got {self.top_k}.",
+        )
+        if self.prune_ratio is None:
+            object.__setattr__(self, "prune_ratio", 1 - 0.5 / self.top_k)
+        _check(0 <= self.prune_ratio < 1, f"dive.prune_ratio must be in [0, 1), got {self.prune_ratio}.")
+        _check(0 <= self.shared_share < 1, f"dive.shared_share must be in [0, 1), got {self.shared_share}.")
+        _check(
+            self.shared_share + (1 - self.prune_ratio) <= 1 + 1e-9,
+            f"dive.shared_share ({self.shared_share}) plus each expert's kept share (1 - prune_ratio = "
+            f"{1 - self.prune_ratio:g}) exceed the FFN: lower one of them.",
+        )
+        _check(self.n_sequences >= 1 and self.seq_len >= 2, "dive.n_sequences must be >= 1, seq_len >= 2.")
+        _check(self.eval_windows >= 1, f"dive.eval_windows must be >= 1, got {self.eval_windows}.")
+        _check(0 < self.holdout < 1, f"dive.holdout must be in (0, 1), got {self.holdout}.")
+        _check(self.max_chars >= 1000, f"dive.max_chars must be >= 1000, got {self.max_chars}.")
+        _check(
+            self.linkage in ("average", "complete", "single"),
+            f"dive.linkage is average, complete or single, not '{self.linkage}'.",
+        )
+        _check(self.batch_size >= 1, f"dive.batch_size must be >= 1, got {self.batch_size}.")
+
+
 def from_dict(cls, data: dict | None):
     """Build a (possibly nested) frozen dataclass from a dict, refusing unknown keys by name."""
     data = dict(data or {})
@@ -230,7 +357,7 @@ class ProfileRun:
     out: str = "outputs/profile"
 
 
-ConvertMethod = Literal["cmoe", "ladimo"]  # a new method adds its name here and a section below
+ConvertMethod = Literal["cmoe", "ladimo", "dive"]  # a new method adds its name here and a section below
 
 
 @dataclass(frozen=True)
@@ -242,6 +369,7 @@ class ConvertRun:
     method: ConvertMethod = "cmoe"
     cmoe: CMoEConfig = field(default_factory=CMoEConfig)
     ladimo: LaDiMoConfig = field(default_factory=LaDiMoConfig)
+    dive: DIVEConfig = field(default_factory=DIVEConfig)
     out: str = "outputs/convert"
 
     def __post_init__(self):
@@ -260,6 +388,8 @@ _NESTED = {
     "ProfileConfig": ProfileConfig,
     "CMoEConfig": CMoEConfig,
     "LaDiMoConfig": LaDiMoConfig,
+    "DIVEConfig": DIVEConfig,
+    "DIVERetrainConfig": DIVERetrainConfig,
 }
 
 

@@ -1,4 +1,5 @@
-"""Light fine-tuning of a converted model: LoRA + CMoE's trainable gate scales + aux-loss-free balancing.
+"""Light fine-tuning of a converted model: LoRA + CMoE's trainable gate scales + aux-loss-free balancing;
+and DIVE's two retraining stages (:func:`dive_retrain`, at the end of this module).
 
 CMoE (arXiv 2502.04416, §4.3 eq. 9 and §5.1): LoRA (r 8, alpha 32) on attention q/k/v/o and every expert
 projection; the per-expert scale u of g = 1 + p * u trains with its own Adam learning rate (1e-3); the
@@ -20,14 +21,15 @@ Differences from the released code, on purpose:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
 
 import torch
 
-from .config import FinetuneConfig
-from .moe import MoEMLP
+from .config import DIVERetrainConfig, FinetuneConfig
+from .moe import MoEMLP, RoutingPolicy
 from .profiling import check_cancel
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -159,25 +161,31 @@ def _restore(model, blocks: dict[str, MoEMLP], saved: dict, values: bool) -> Non
 
 
 def _train(peft_model, blocks, batches, opt, cfg: FinetuneConfig, progress, cancel) -> dict:
-    """The loop: causal-LM loss, Adam step; MoEMLP moves b by the sign rule inside each forward."""
+    """The CMoE loop: MoEMLP moves b by the sign rule inside each forward."""
     for block in blocks.values():
         block.balance_gamma = cfg.balance_gamma
-    peft_model.train()
-    device, losses, start = next(peft_model.parameters()).device, [], time.perf_counter()
+    return _run_steps(peft_model, batches, opt, progress, cancel)
+
+
+def _run_steps(model, batches, opt, progress, cancel, label: str = "Fine-tuning") -> dict:
+    """Causal-LM loss (labels = input_ids), one optimiser step per (B, T) batch; losses and seconds."""
+    model.train()
+    device, losses, start = next(model.parameters()).device, [], time.perf_counter()
     for step, ids in enumerate(batches):
         check_cancel(cancel)
         ids = ids.to(device)
-        loss = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         if not math.isfinite(loss.item()):
-            raise ValueError(f"Fine-tuning loss became {float(loss)} at step {step + 1}: lower finetune.lr.")
+            raise ValueError(
+                f"{label} loss became {float(loss)} at step {step + 1}: lower the learning rate."
+            )
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if progress:
             progress(
-                (step + 1) / len(batches),
-                f"Fine-tuning step {step + 1}/{len(batches)}: loss {losses[-1]:.3f}",
+                (step + 1) / len(batches), f"{label} step {step + 1}/{len(batches)}: loss {losses[-1]:.3f}"
             )
     quarter = max(1, len(losses) // 4)  # single batches are noisy: compare the first and last quarters
     return {
@@ -249,3 +257,157 @@ def _summary(blocks: dict[str, MoEMLP], cfg: FinetuneConfig, input_ids, n_lora: 
         "u_abs_mean": sum(float(b.gate_scale.detach().abs().mean()) for b in blocks.values()) / k,
         "bias_abs_mean": sum(float(b.selection_bias.abs().mean()) for b in blocks.values()) / k,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# DIVE's two retraining stages (arXiv 2506.09351 §3.3; code: trainers/train_router.py, train_expert.py)
+
+
+def _cycled_batches(input_ids: torch.Tensor, steps: int, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """``steps`` (B, T) batches from seeded shuffles of input_ids (N, T), as many passes as it takes."""
+    g, rows = torch.Generator().manual_seed(seed), []
+    while len(rows) < steps * batch_size:
+        rows += torch.randperm(len(input_ids), generator=g).tolist()
+    return list(input_ids[torch.tensor(rows[: steps * batch_size], dtype=torch.long)].split(batch_size))
+
+
+def _router_params(blocks: dict[str, MoEMLP]) -> list[torch.nn.Parameter]:
+    return [p for b in blocks.values() for p in b.router.parameters()]
+
+
+def norm_params(model) -> list[torch.nn.Parameter]:
+    """Every normalisation layer's weights outside attention: input, post-attention and final RMSNorms.
+
+    Qwen3's q/k norms live in self_attn, which DIVE keeps frozen.
+    """
+    params = []
+    for name, module in model.named_modules():
+        if "norm" in type(module).__name__.lower() and ".self_attn." not in f".{name}.":
+            params += list(module.parameters(recurse=False))
+    return params
+
+
+@contextlib.contextmanager
+def _dive_stage(model, blocks: dict[str, MoEMLP], trained: list[torch.nn.Parameter]):
+    """Grad flags, train mode and routing settings come back afterwards; on cancel or error the trained
+    full parameters get their old values too (LoRA factors are dropped by the caller), so nothing changed."""
+    saved = _snapshot(model, blocks)
+    values = [p.detach().clone() for p in trained]
+    routing = {n: (b.policy, b.gate_mode, b.temperature) for n, b in blocks.items()}
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for p, v in zip(trained, values, strict=True):
+                p.copy_(v)
+        raise
+    finally:
+        for name, block in blocks.items():
+            block.policy, block.gate_mode, block.temperature = routing[name]
+        _restore(model, blocks, saved, values=False)
+        model.eval()
+
+
+def train_router(moe, input_ids: torch.Tensor, cfg: DIVERetrainConfig, progress=None, cancel=None) -> dict:
+    """DIVE stage 1 in place: only the routers (W_r, W_noise) train; every expert runs with softmax gates at
+    temperature t (0.05 for top-1, 0.5 for top-2: a sharp softmax that approximates the sparse model, which a
+    top-1 router could not learn from, its renormalised gate being the constant 1). Returns loop stats."""
+    model, blocks = moe.model, _blocks(moe.model)
+    routers = _router_params(blocks)
+    top_k = max(b.policy.k for b in blocks.values())
+    with _dive_stage(model, blocks, routers):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in routers:
+            p.requires_grad_(True)
+        for block in blocks.values():
+            block.policy = RoutingPolicy("topk", k=block.n_experts)
+            block.gate_mode, block.temperature = "prob", cfg.stage1_temperature(top_k)
+        opt = torch.optim.Adam(routers, lr=cfg.router_lr)  # HF Trainer's AdamW defaults, no weight decay
+        batches = _cycled_batches(input_ids, cfg.stage1_steps, cfg.batch_size, cfg.seed)
+        return _run_steps(model, batches, opt, progress, cancel, "DIVE stage 1 (router)")
+
+
+def _expert_lora(blocks: dict[str, MoEMLP], cfg: DIVERetrainConfig):
+    """LoRA on every block's stacked experts (and shared expert, if any); never attention.
+
+    target_modules must be a list: None makes peft fall back to its per-architecture default (q_proj, v_proj).
+    """
+    from peft import LoraConfig
+
+    shared = [
+        f"{n}.shared_expert.{p}"
+        for n, b in blocks.items()
+        if b.shared_expert is not None
+        for p in DENSE_FFN[:3]
+    ]
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=0.0,  # code 0.1; peft has no dropout for parameter-level LoRA (see FinetuneConfig)
+        bias="none",
+        target_modules=shared,
+        target_parameters=[f"{n}.{p}" for n in blocks for p in ("gate_up_proj", "down_proj")],
+    )
+
+
+def train_experts(
+    moe, input_ids: torch.Tensor, cfg: DIVERetrainConfig, steps: int | None = None, progress=None, cancel=None
+) -> dict:
+    """DIVE stage 2 in place: LoRA (r 8, alpha 16) on the experts, the routers and every RMSNorm trained fully,
+    attention and embeddings frozen; top-k routing with training noise. LoRA is merged at the end.
+
+    steps: defaults to cfg.stage2_steps (the FLAP baseline uses stage 1 + stage 2 steps here).
+    """
+    from peft import get_peft_model
+
+    model, blocks = moe.model, _blocks(moe.model)
+    full = _router_params(blocks) + norm_params(model)
+    batches = _cycled_batches(
+        input_ids, cfg.stage2_steps if steps is None else steps, cfg.batch_size, cfg.seed + 1
+    )
+    with _dive_stage(model, blocks, full):
+        with torch.random.fork_rng():  # seeded LoRA initialisation; the caller's RNG is left alone
+            torch.manual_seed(cfg.seed)
+            peft_model = get_peft_model(model, _expert_lora(blocks, cfg))
+        try:
+            _mask_expert_padding(peft_model, blocks)
+            for p in full:
+                p.requires_grad_(True)  # get_peft_model froze them
+            lora = [p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n]
+            opt = torch.optim.Adam([{"params": lora}, {"params": full}], lr=cfg.lr)
+            stats = _run_steps(peft_model, batches, opt, progress, cancel, "DIVE stage 2 (experts)")
+        except BaseException:
+            _unload_nested(model, merge=False)
+            peft_model.unload()
+            raise
+        _unload_nested(model, merge=True)
+        peft_model.merge_and_unload()
+        _zero_padding(blocks)
+    return stats | {"lora_params": sum(p.numel() for p in lora), "full_params": sum(p.numel() for p in full)}
+
+
+def dive_retrain(
+    moe, input_ids: torch.Tensor, cfg: DIVERetrainConfig | None = None, progress=None, cancel=None
+) -> dict:
+    """Both DIVE stages on input_ids (N, T), in place: {"stage1": stats, "stage2": stats} (a stage with 0 steps,
+    and stage 1 of one-expert blocks, which have no routing to learn, are skipped). On cancel (Cancelled) or
+    error the stage in progress is undone; a finished stage 1 stays."""
+    cfg = cfg or DIVERetrainConfig()
+    if input_ids.dim() != 2 or input_ids.shape[1] < 2:
+        raise ValueError(
+            f"Retraining needs input_ids of shape (N, T) with T >= 2, got {tuple(input_ids.shape)}."
+        )
+    blocks = _blocks(moe.model)
+    if not blocks:
+        raise ValueError("DIVE retraining needs a converted model (MoEMLP blocks); this one has none.")
+    routed = any(b.n_experts > 1 for b in blocks.values())
+    stage1 = cfg.stage1_steps if routed else 0
+    out, split = {}, stage1 / max(1, stage1 + cfg.stage2_steps)
+    if stage1:
+        part = None if progress is None else (lambda f, m: progress(split * f, m))
+        out["stage1"] = train_router(moe, input_ids, cfg, part, cancel)
+    if cfg.stage2_steps:
+        part = None if progress is None else (lambda f, m: progress(split + (1 - split) * f, m))
+        out["stage2"] = train_experts(moe, input_ids, cfg, progress=part, cancel=cancel)
+    return out

@@ -12,9 +12,9 @@ from collections.abc import Callable
 import torch
 
 from ..config import ConvertRun
-from . import cmoe, ladimo
+from . import cmoe, dive, ladimo
 
-METHODS: dict[str, Callable] = {"cmoe": cmoe.convert, "ladimo": ladimo.convert}
+METHODS: dict[str, Callable] = {"cmoe": cmoe.convert, "ladimo": ladimo.convert, "dive": dive.convert}
 
 
 def convert(

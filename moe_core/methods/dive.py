@@ -1,0 +1,485 @@
+"""DIVE: each expert is the dense FFN pruned (FLAP) on one cluster of calibration domains, then retrained.
+
+Paper: Y. Feng, B. Shen, N. Gu, J. Zhao, P. Fu, Z. Lin, W. Wang, "DIVE into MoE: Diversity-Enhanced
+Reconstruction of Large Language Models from Dense into Mixture-of-Experts", ACL 2025, arXiv 2506.09351;
+code: github.com/yuchenblah/DIVE (pruning, assembly, training; the mining script was never released).
+
+1. Domains: a named list of text sources. Each domain's text is split once: the head calibrates, the tail
+   (``holdout``) is kept out for perplexity (mining here, per-domain scores in the benchmark).
+2. FLAP statistics, per domain and layer, on the *dense* model's activations (the code propagates unpruned
+   outputs): running sum and sum of squares of the down_proj inputs X (T, I). Fluctuation score
+   S_j = var(X_j) * ||W_down[:, j]||^2 (the code's WIFV); a pruned FFN keeps the I - floor(p * I) best channels
+   (uniform ratio p per layer) and folds the removed channels' mean contribution into a down_proj bias,
+   b = W_down[:, removed] @ mean(X[:, removed]) (FLAP's bias compensation).
+3. Domain affinity mining: prune once per domain; perplexity of every pruned model on every domain's held-out
+   windows gives P (D, D), rows = calibration domain, columns = evaluation domain; normalised per evaluation
+   set, A_ij = min_i' P_i'j / P_ij (1 = the best calibration source for j); Pearson r between rows of A;
+   hierarchical clustering on 1 - r, cut into exactly N groups.
+4. Expert reconstruction: expert g = the FFN pruned on group g's text, with its bias, stacked into one
+   MoEMLP per layer; linear router with noise weights, both ~ N(0, 0.02) (NoisyTopkRouter); gates = softmax
+   over the k selected logits (``renorm``).
+5. Retraining (``moe_core.finetune.dive_retrain``): stage 1 the router only, every expert on, softmax at a
+   temperature; stage 2 LoRA on the experts plus the router and RMSNorms, attention frozen.
+
+Choices where the paper is silent, or where we differ on purpose:
+
+- Fewer groups than experts is refused, with the reason (DIVEConfig validation): a group comes from at least
+  one domain, and splitting one domain's text would give near-identical experts, the opposite of the method's
+  point (diversity). With D >= N the tree is cut at exactly N groups (``cut_tree``), never fewer.
+- Correlation orientation and linkage are unspecified: rows of A (two calibration domains are alike when
+  pruning on either serves every evaluation set alike), distance 1 - r, average linkage by default.
+- A group's statistics are the sums of its domains' statistics, each domain with ``n_sequences`` windows:
+  the paper splits one calibration budget evenly over a cluster's datasets, which weighs them the same way;
+  pooling sums means the per-domain pass of the mining step is the only calibration pass.
+- Mining prunes at the experts' ratio p (the code mines per model and ratio).
+- Optional shared expert (``shared_share``; the paper has none): the best channels on all domains pooled,
+  always on, without bias; routed experts are then pruned from the remaining channels, so no channel counts
+  twice, and each routed bias compensates every channel outside shared + kept. Gates sum to one, so the
+  routed biases add up to exactly one compensation.
+- ``flap_prune`` is the plain FLAP baseline (MLP only, uniform ratio, calibrated on all domains pooled);
+  its FFNs are one-expert MoEMLP blocks so that it saves, reloads and retrains like the MoE models.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from ..config import DIVEConfig
+from ..moe import MoEMLP, Router, RoutingPolicy
+from ..profiling import check_cancel
+
+Progress = Callable[[float, str], None] | None
+Cancel = Callable[[], bool] | None
+ROUTER_INIT_STD = 0.02  # code: nn.init.normal_(std=0.02) for topkroute_linear and noise_linear
+
+
+# ---------------------------------------------------------------------------------------------
+# Domains
+
+
+@dataclass(frozen=True)
+class DomainData:
+    """One domain's tokens: calibration windows (N, T) from the head of its text, held-out windows (W, T)."""
+
+    calib: torch.Tensor
+    heldout: torch.Tensor
+
+
+def split_text(docs: list[str], holdout: float) -> tuple[list[str], list[str]]:
+    """(head, tail) of the joined documents by characters: calibration never sees the scored text."""
+    text = "\n\n".join(d for d in docs if d)
+    cut = int(len(text) * (1 - holdout))
+    return [text[:cut]], [text[cut:]]
+
+
+def domain_data(
+    dense, cfg: DIVEConfig, progress: Progress = None, cancel: Cancel = None
+) -> dict[str, DomainData]:
+    """{domain name: DomainData} for every domain of cfg (seeded: same config, same tokens)."""
+    from ..data import eval_windows, load_documents, sample_sequences
+
+    out = {}
+    for d, (name, spec) in enumerate(cfg.domains):
+        check_cancel(cancel)
+        docs = load_documents(spec, model=dense, seed=cfg.seed, max_chars=cfg.max_chars)
+        head, tail = split_text(docs, cfg.holdout)
+        calib = sample_sequences(head, dense.tokenizer, cfg.n_sequences, cfg.seq_len, cfg.seed, source=spec)
+        heldout = eval_windows(
+            tail, dense.tokenizer, cfg.seq_len, cfg.eval_windows, source=f"{spec} (held out)"
+        )
+        out[name] = DomainData(calib, heldout)
+        if progress:
+            progress((d + 1) / len(cfg.domains), f"DIVE: read domain {name}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# FLAP: statistics, scores, channel choice and bias compensation
+
+
+@dataclass(frozen=True)
+class FlapStats:
+    """Running sums of every layer's down_proj inputs X (T, I): sum and sum of squares (L, I) float64."""
+
+    sum: torch.Tensor
+    sumsq: torch.Tensor
+    tokens: int
+
+    def __add__(self, other: FlapStats) -> FlapStats:
+        return FlapStats(self.sum + other.sum, self.sumsq + other.sumsq, self.tokens + other.tokens)
+
+    @property
+    def mean(self) -> torch.Tensor:  # (L, I)
+        return (self.sum / self.tokens).float()
+
+    @property
+    def var(self) -> torch.Tensor:  # (L, I), unbiased: the paper's 1 / (N - 1)
+        n = self.tokens
+        return ((self.sumsq - self.sum**2 / n) / max(n - 1, 1)).clamp(min=0).float()
+
+
+def pooled(stats: dict[str, FlapStats], names) -> FlapStats:
+    """The statistics of several domains' text together (sums add)."""
+    names = list(names)
+    total = stats[names[0]]
+    for name in names[1:]:
+        total = total + stats[name]
+    return total
+
+
+@torch.no_grad()
+def flap_stats(dense, input_ids: torch.Tensor, batch_size: int = 4, cancel: Cancel = None) -> FlapStats:
+    """FLAP statistics of input_ids (N, T) on the dense model: one forward of the decoder body per micro-batch.
+
+    The hooks read each down_proj's input, which is exactly X = act(W_gate x) * (W_up x); the LM head never runs.
+    """
+    n_layers = dense.n_layers
+    width = dense.mlp(0).down_proj.in_features
+    sums = torch.zeros(n_layers, width, dtype=torch.float64)
+    sumsq = torch.zeros(n_layers, width, dtype=torch.float64)
+
+    def hook(i):
+        def accumulate(module, args):
+            x = args[0].reshape(-1, width).double()  # float64: sums of squares over many tokens stay exact
+            sums[i] += x.sum(0).cpu()
+            sumsq[i] += (x * x).sum(0).cpu()
+
+        return accumulate
+
+    handles = [dense.mlp(i).down_proj.register_forward_pre_hook(hook(i)) for i in range(n_layers)]
+    try:
+        for chunk in input_ids.split(batch_size):
+            check_cancel(cancel)
+            dense.model.model(input_ids=chunk.to(dense.device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return FlapStats(sums, sumsq, input_ids.numel())
+
+
+def fluctuation_scores(var: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """FLAP's WIFV score per channel: var (I,) of the down_proj input times ||W_down[:, j]||^2; w_down (H, I)."""
+    return var.float() * w_down.float().pow(2).sum(0)
+
+
+def n_kept(width: int, ratio: float) -> int:
+    """Channels a pruned FFN keeps: I - floor(p * I) (the code's threshold at sort(S)[floor(p * I)])."""
+    return width - math.floor(ratio * width + 1e-9)  # 1e-9: 0.29 * 100 must floor to 29, not 28
+
+
+def keep_channels(scores: torch.Tensor, ratio: float, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Sorted indices of the best I - floor(p * I) channels of scores (I,), never one of ``exclude``.
+
+    Ties go to the lower index (stable sort), so the choice is deterministic.
+    """
+    scores = scores.clone()
+    if exclude is not None and exclude.numel():
+        scores[exclude] = -math.inf
+    n = n_kept(scores.numel(), ratio)
+    if n > scores.numel() - (0 if exclude is None else exclude.numel()):
+        raise ValueError(
+            f"Cannot keep {n} channels outside the {exclude.numel()} shared ones: lower the ratio."
+        )
+    return torch.sort(scores, descending=True, stable=True).indices[:n].sort().values
+
+
+def compensation_bias(w_down: torch.Tensor, mean: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """FLAP bias (H,): the removed channels' mean contribution, W_down[:, removed] @ mean(X[:, removed]).
+
+    w_down (H, I); mean (I,); kept: every channel that stays (routed expert and shared expert alike).
+    """
+    removed = torch.ones(w_down.shape[1], dtype=torch.bool, device=w_down.device)
+    removed[kept] = False
+    return (w_down[:, removed].float() @ mean.to(w_down.device)[removed].float()).to(w_down.dtype)
+
+
+def prune_ffn(w_down, layer_stats: tuple[torch.Tensor, torch.Tensor], ratio: float, shared=None):
+    """(kept indices, bias (H,)) of one FFN pruned at ratio p; layer_stats = (mean (I,), var (I,))."""
+    mean, var = layer_stats
+    kept = keep_channels(fluctuation_scores(var, w_down), ratio, shared)
+    every = kept if shared is None else torch.cat([kept, shared])
+    return kept, compensation_bias(w_down, mean, every)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks and models
+
+
+def noisy_router(hidden: int, n_experts: int, generator: torch.Generator) -> Router:
+    """DIVE's NoisyTopkRouter: W_r and W_noise (E, H), both ~ N(0, 0.02) from a seeded generator."""
+    router = Router(hidden, n_experts, "linear", noise=True)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(n_experts, hidden, generator=generator) * ROUTER_INIT_STD)
+        router.noise_weight.copy_(torch.randn(n_experts, hidden, generator=generator) * ROUTER_INIT_STD)
+    return router
+
+
+def pruned_block(dense, i: int, kept: list, biases: list, router: Router, top_k: int, shared=None) -> MoEMLP:
+    """Layer i's FFN as an MoEMLP whose experts are pruned copies (indices ``kept``) with their biases."""
+    w_gate, w_up, w_down = dense.adapter.weights(dense.mlp(i))
+    shared = torch.zeros(0, dtype=torch.long) if shared is None else shared
+    act_name = dense.adapter.act_name(dense.model)
+    policy = RoutingPolicy("topk", k=top_k)
+    return MoEMLP.from_dense(
+        w_gate, w_up, w_down, act_name, shared, kept, router, policy, "renorm", torch.stack(biases)
+    )
+
+
+def _copy(dense):
+    from ..model_io import DenseModel
+
+    return DenseModel(copy.deepcopy(dense.model), dense.tokenizer, dense.adapter, dense.spec)
+
+
+def _install_flap(target, dense, stats: FlapStats, ratio: float) -> None:
+    """Replace every FFN of ``target`` by dense's FFN pruned on ``stats``: a one-expert block (gate 1)."""
+    mean, var = stats.mean, stats.var
+    for i in range(dense.n_layers):
+        w_down = dense.adapter.weights(dense.mlp(i))[2]
+        kept, bias = prune_ffn(w_down, (mean[i], var[i]), ratio)
+        router = Router(w_down.shape[0], 1, "linear")  # zero weights; renorm over one expert gives gate 1
+        target.adapter.set_mlp(target.model, i, pruned_block(dense, i, [kept], [bias], router, 1))
+
+
+@torch.no_grad()
+def flap_prune(dense, stats: FlapStats, ratio: float):
+    """Plain FLAP (MLP only, uniform ratio per layer, bias compensation): a pruned copy of ``dense``.
+
+    stats: FlapStats of the calibration text (:func:`flap_stats`); ``dense`` is untouched.
+    """
+    if not 0 <= ratio < 1:
+        raise ValueError(f"The pruning ratio must be in [0, 1), got {ratio}.")
+    pruned = _copy(dense)
+    _install_flap(pruned, dense, stats, ratio)
+    pruned.conversion = None
+    return pruned
+
+
+# ---------------------------------------------------------------------------------------------
+# Domain affinity mining
+
+
+@dataclass
+class Affinity:
+    """The mining result, plain data for a heatmap: D domains, N groups.
+
+    ppl[i][j]: perplexity on domain j of the model pruned on domain i; normalised[i][j] = min_i' ppl[i'][j] /
+    ppl[i][j]; correlation: Pearson r between rows of normalised; order: the dendrogram's leaf order (draw rows
+    and columns in it); groups: domain names per expert, in that order.
+    """
+
+    names: list[str]
+    ppl: list[list[float]]
+    normalised: list[list[float]]
+    correlation: list[list[float]]
+    linkage: list[list[float]]
+    order: list[int]
+    groups: list[list[str]]
+    method: str = "average"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def cluster_domains(names: list[str], ppl: np.ndarray, n_groups: int, method: str = "average") -> Affinity:
+    """Normalise ppl (D, D) per evaluation set, correlate the rows, cluster on 1 - r into exactly n_groups."""
+    from scipy.cluster.hierarchy import cut_tree, leaves_list, linkage
+    from scipy.spatial.distance import squareform
+
+    if not 1 <= n_groups <= len(names):
+        raise ValueError(f"{len(names)} domains cannot form {n_groups} groups; use 1..{len(names)} groups.")
+    normalised = ppl.min(axis=0, keepdims=True) / ppl  # (D, D), 1 = best calibration source per column
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = np.corrcoef(normalised) if len(names) > 1 else np.ones((1, 1))
+    corr = np.nan_to_num(corr, nan=0.0)  # a constant row correlates with nothing
+    np.fill_diagonal(corr, 1.0)
+    dist = np.clip(1.0 - (corr + corr.T) / 2, 0.0, 2.0)
+    np.fill_diagonal(dist, 0.0)
+    if len(names) == 1:
+        tree, order, labels = np.zeros((0, 4)), np.array([0]), np.array([0])
+    else:
+        tree = linkage(squareform(dist, checks=False), method=method)
+        order, labels = leaves_list(tree), cut_tree(tree, n_clusters=n_groups).ravel()
+    groups: dict[int, list[str]] = {}
+    for leaf in order:  # groups and their members in dendrogram order: deterministic and plot-ready
+        groups.setdefault(int(labels[leaf]), []).append(names[leaf])
+    return Affinity(
+        list(names),
+        ppl.tolist(),
+        normalised.tolist(),
+        corr.tolist(),
+        tree.tolist(),
+        [int(i) for i in order],
+        list(groups.values()),
+        method,
+    )
+
+
+@torch.no_grad()
+def affinity_matrix(
+    dense,
+    stats: dict[str, FlapStats],
+    heldout: dict[str, torch.Tensor],
+    ratio: float,
+    batch_size: int = 4,
+    progress: Progress = None,
+    cancel: Cancel = None,
+) -> np.ndarray:
+    """P (D, D): perplexity on domain j's held-out windows of the FFNs pruned on domain i, in float64."""
+    from ..evaluate import perplexity
+
+    names, work = list(stats), _copy(dense)
+    ppl = np.zeros((len(names), len(names)))
+    for i, name in enumerate(names):
+        _install_flap(work, dense, stats[name], ratio)  # swaps the blocks: one model copy for every domain
+        for j, other in enumerate(names):
+            check_cancel(cancel)
+            ppl[i, j] = perplexity(work, heldout[other], batch_size)
+            if progress:
+                progress(
+                    (i * len(names) + j + 1) / len(names) ** 2,
+                    f"DIVE mining: pruned on {name}, ppl on {other}",
+                )
+    return ppl
+
+
+# ---------------------------------------------------------------------------------------------
+# Expert reconstruction
+
+
+@torch.no_grad()
+def assemble(dense, group_stats: list[FlapStats], cfg: DIVEConfig, all_stats: FlapStats | None = None):
+    """A copy of ``dense`` whose FFNs are MoEMLP blocks of one pruned expert per group (with its bias).
+
+    all_stats: every domain pooled, only needed for the optional shared expert. Returns (model, per-layer info).
+    """
+    moe, generator, layers = _copy(dense), torch.Generator().manual_seed(cfg.seed), []
+    means = [s.mean for s in group_stats]
+    variances = [s.var for s in group_stats]
+    for i in range(dense.n_layers):
+        w_down = dense.adapter.weights(dense.mlp(i))[2]
+        shared = _shared_channels(w_down, all_stats, i, cfg.shared_share) if cfg.shared_share else None
+        pruned = [
+            prune_ffn(w_down, (m[i], v[i]), cfg.prune_ratio, shared)
+            for m, v in zip(means, variances, strict=True)
+        ]
+        kept, biases = [k for k, _ in pruned], [b for _, b in pruned]
+        router = noisy_router(w_down.shape[0], len(kept), generator)
+        moe.adapter.set_mlp(moe.model, i, pruned_block(dense, i, kept, biases, router, cfg.top_k, shared))
+        layers.append(_layer_info(i, kept, biases, shared))
+    return moe, layers
+
+
+def _shared_channels(w_down, all_stats: FlapStats, i: int, share: float) -> torch.Tensor:
+    """The round(share * I) best channels of layer i on every domain pooled (the optional shared expert)."""
+    if all_stats is None:
+        raise ValueError("A shared expert needs the pooled statistics of every domain (all_stats).")
+    scores = fluctuation_scores(all_stats.var[i], w_down)
+    n = round(share * scores.numel())
+    return torch.sort(scores, descending=True, stable=True).indices[:n].sort().values
+
+
+def _layer_info(i: int, kept: list[torch.Tensor], biases: list[torch.Tensor], shared) -> dict:
+    """Sizes, how much the experts overlap (mean pairwise share of common channels), bias norms."""
+    sets = [set(k.tolist()) for k in kept]
+    pairs = [(a, b) for a in range(len(sets)) for b in range(a + 1, len(sets))]
+    overlap = [len(sets[a] & sets[b]) / len(sets[a]) for a, b in pairs]
+    return {
+        "layer": i,
+        "expert_sizes": [len(s) for s in sets],
+        "shared_size": 0 if shared is None else int(shared.numel()),
+        "mean_overlap": float(np.mean(overlap)) if overlap else 1.0,
+        "bias_norms": [round(float(b.float().norm()), 4) for b in biases],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+
+
+@dataclass
+class DIVEReport:
+    """What a DIVE conversion did: config, mining result (a heatmap's data), per-layer info, retraining."""
+
+    config: dict
+    affinity: dict
+    layers: list[dict] = field(default_factory=list)
+    retrain: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+    method: str = "dive"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _span(progress: Progress, lo: float, hi: float) -> Progress:
+    """A progress callback for one stage, mapped onto [lo, hi] of the whole conversion."""
+    if progress is None:
+        return None
+    return lambda fraction, message: progress(lo + (hi - lo) * fraction, message)
+
+
+def domain_stats(
+    dense, data: dict[str, DomainData], batch_size: int = 4, progress: Progress = None, cancel: Cancel = None
+) -> dict[str, FlapStats]:
+    """{domain: FlapStats of its calibration windows} on the dense model."""
+    out = {}
+    for d, (name, domain) in enumerate(data.items()):
+        out[name] = flap_stats(dense, domain.calib, batch_size, cancel)
+        if progress:
+            progress((d + 1) / len(data), f"DIVE: FLAP statistics of {name}")
+    return out
+
+
+def convert(
+    dense,
+    input_ids: torch.Tensor,
+    cfg: DIVEConfig | None = None,
+    progress: Progress = None,
+    cancel: Cancel = None,
+):
+    """DIVE conversion of a copy of ``dense`` (untouched): mining, pruned experts, then retraining.
+
+    input_ids (N, T): general text for the two retraining stages (the paper's SlimPajama); the domains'
+    own text comes from cfg.domains. Returns a DenseModel of MoEMLP blocks; ``conversion`` is a DIVEReport
+    (affinity matrix, cluster order and groups, per-layer overlap, retraining losses, seconds).
+    """
+    from ..finetune import dive_retrain
+
+    cfg, seconds, start = cfg or DIVEConfig(), {}, time.perf_counter()
+    retraining = cfg.retrain.stage1_steps + cfg.retrain.stage2_steps > 0
+    end = 0.75 if retraining else 1.0
+    data = domain_data(dense, cfg, _span(progress, 0.0, 0.05), cancel)
+    stats = domain_stats(dense, data, cfg.batch_size, _span(progress, 0.05, 0.3), cancel)
+    seconds["statistics"] = time.perf_counter() - start
+    heldout = {name: d.heldout for name, d in data.items()}
+    ppl = affinity_matrix(
+        dense, stats, heldout, cfg.prune_ratio, cfg.batch_size, _span(progress, 0.3, end - 0.05), cancel
+    )
+    affinity = cluster_domains(list(stats), ppl, cfg.n_experts, cfg.linkage)
+    seconds["mining"] = time.perf_counter() - start - seconds["statistics"]
+    check_cancel(cancel)
+    groups = [pooled(stats, g) for g in affinity.groups]
+    moe, layers = assemble(dense, groups, cfg, pooled(stats, stats) if cfg.shared_share else None)
+    report = DIVEReport(_config_dict(cfg), affinity.as_dict(), layers)
+    if retraining:
+        report.retrain = dive_retrain(moe, input_ids, cfg.retrain, _span(progress, end, 1.0), cancel)
+    seconds["total"] = time.perf_counter() - start
+    report.seconds = {k: round(v, 2) for k, v in seconds.items()}
+    moe.conversion = report
+    if progress:
+        progress(1.0, f"DIVE: {cfg.n_experts} experts, top-{cfg.top_k}, groups {affinity.groups}")
+    return moe
+
+
+def _config_dict(cfg: DIVEConfig) -> dict:
+    out = asdict(cfg)
+    out["domains"] = [list(d) for d in cfg.domains]
+    return out
