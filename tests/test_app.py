@@ -140,7 +140,7 @@ def _free_port() -> int:
 def server_url():
     import app
 
-    demo = app.build_app()
+    demo = app.build_app(TINY)
     port = _free_port()
     app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
@@ -161,8 +161,8 @@ def test_server_load_and_profile_over_the_api(server_url):
     assert "tokens profiled" in summary and preview.strip()
     assert layer["maximum"] == 1 and layer["value"] == 1  # a slider update arrives as a dict
     assert all(p is not None for p in (heat, rate, h))
-    rate0, _ = client.predict(0, api_name="/show_layer")
-    assert "Layer 0" in str(rate0)
+    rate0, _ = client.predict(0, 8, 0.25, api_name="/show_layer")
+    assert "Layer 0" in str(rate0) and "shared | routed" in str(rate0)
     with pytest.raises(Exception, match="no config.json|Could not"):
         Client(server_url, verbose=False).predict("/", "cpu", False, api_name="/load_model")
 
@@ -171,3 +171,19 @@ def test_server_load_and_profile_over_the_api(server_url):
 def test_default_model_summary(smollm2):
     html = model_tab.summary_html(smollm2.spec, smollm2.summary())
     assert ">30<" in html and ">576<" in html and ">1536<" in html
+
+
+def test_server_convert_export_and_separate_sessions(server_url):
+    from gradio_client import Client
+    from test_views import DATA, DESIGN, options
+
+    client = Client(server_url, verbose=False)
+    client.predict(TINY, "cpu", False, api_name="/load_model")
+    summary, log, _, download = client.predict(*DATA, *DESIGN, "cmoe", *options(), api_name="/convert")
+    assert "CMoE conversion" in summary and "layer 2/2" in log and download
+    _, card, zip_file = client.predict("exact", True, api_name="/export")
+    assert "trust_remote_code" in card and zip_file["value"].endswith("export-exact.zip")
+    other = Client(server_url, verbose=False)  # a second browser session: no model, no conversion
+    with pytest.raises(Exception, match="Convert a model"):
+        other.predict("exact", True, api_name="/export")
+    assert "cannot be converted" in client.predict(8, 0.25, "uniform", 7, "", api_name="/design_estimate")

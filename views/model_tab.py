@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import gradio as gr
 
 from moe_core.model_io import DEFAULT_MODEL, GATED_FAMILIES, ModelSummary, builtin_models
 from views import widgets
-from views.state import Session
+from views.state import Session, new_model
 
 SOURCE_INFO = (
     "A builtin, a local model folder, a local .gguf file, or a Hugging Face hub id (org/name, needs network)."
@@ -49,8 +49,9 @@ def summary_html(spec: str, s: ModelSummary) -> str:
     return widgets.card(title, tiles, bar)
 
 
+@widgets.guarded("Could not load the model", outputs=2)
 def load(spec: str, device: str, trust_remote_code: bool, session: Session, progress=gr.Progress()):
-    """Load a model into the session (dropping any profile of the previous one): (Session, summary html)."""
+    """Load a model into the session (dropping everything made from the previous one): (Session, summary)."""
     from moe_core.model_io import load_model
 
     spec = (spec or "").strip() or DEFAULT_MODEL
@@ -63,7 +64,7 @@ def load(spec: str, device: str, trust_remote_code: bool, session: Session, prog
         )
     except (ValueError, OSError) as exc:  # ModelLoadError is a ValueError with the fix in its message
         raise gr.Error(str(exc), title="Could not load the model", print_exception=False) from None
-    return replace(session, dense=dense, profile=None), summary_html(spec, dense.summary())
+    return new_model(session, dense), summary_html(spec, dense.summary())
 
 
 def _devices() -> list[str]:
@@ -72,13 +73,13 @@ def _devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def build(state: gr.State, demo: gr.Blocks) -> ModelTab:
+def build(state: gr.State, demo: gr.Blocks, default: str = DEFAULT_MODEL) -> ModelTab:
     """The Model tab; the default model loads when the page opens and whenever Load is pressed."""
     with gr.Tab("Model", id="model"):
         with gr.Row(equal_height=False):
             source = gr.Dropdown(
                 builtin_models(),
-                value=DEFAULT_MODEL,
+                value=default,
                 allow_custom_value=True,
                 label="Model source",
                 info=SOURCE_INFO,
@@ -100,5 +101,7 @@ def build(state: gr.State, demo: gr.Blocks) -> ModelTab:
         [source, device, trust, state],
         [state, summary],
         api_name="load_model",
+        concurrency_id="heavy",
+        concurrency_limit=1,
     )
     return ModelTab(source, summary, loaded)

@@ -37,8 +37,14 @@ def placeholder(message: str):
     return fig
 
 
-def rate_histogram(counts: np.ndarray, edges: np.ndarray, layer: int, uniform_rate: float):
-    """Bars of neuron counts over activation-rate bins: counts (B,), edges (B+1,); log y."""
+SHARED = "#d97706"  # amber: the shared/routed cut-off
+
+
+def rate_histogram(counts: np.ndarray, edges: np.ndarray, layer: int, uniform_rate: float, cutoff=None):
+    """Bars of neuron counts over activation-rate bins: counts (B,), edges (B+1,); log y.
+
+    cutoff: {"rate", "shared_size", "n_shared"} of the current design (design.shared_cutoff) or None.
+    """
     import plotly.graph_objects as go
 
     centers, widths = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
@@ -63,6 +69,18 @@ def rate_histogram(counts: np.ndarray, edges: np.ndarray, layer: int, uniform_ra
         ay=0,
         xanchor="left",
     )
+    if cutoff is not None:
+        fig.add_vline(x=cutoff["rate"], line_color=SHARED, line_width=2)
+        fig.add_annotation(
+            x=cutoff["rate"],
+            y=0.65,
+            yref="paper",
+            text=f"shared | routed: {cutoff['shared_size']} neurons to the right are shared (S={cutoff['n_shared']})",
+            font={"color": SHARED},
+            showarrow=False,
+            xanchor="right",
+            bgcolor="rgba(255,255,255,0.8)",
+        )
     fig.update_yaxes(type="log")
     title = f"Layer {layer}: activation rates of its {int(counts.sum())} FFN neurons"
     return _layout(
@@ -133,3 +151,89 @@ def h_histogram(counts: np.ndarray, edges: np.ndarray, layer: int):
     fig.update_yaxes(type="log")
     title = f"Layer {layer}: FFN hidden values h = act(gate·x)·(up·x)"
     return _layout(fig, title, "h (clipped to the central 99.9 %)", "count")
+
+
+DENSE_COLOR = "#9ca3af"  # grey: the dense reference
+
+
+def bars(
+    title: str, labels: list[str], values: list[float], y_title: str, dense_first: bool = True, fmt=".3g"
+):
+    """One bar per run (the first one grey when it is the dense reference), values printed on the bars."""
+    import plotly.graph_objects as go
+
+    colors = [DENSE_COLOR if dense_first and i == 0 else ACCENT for i in range(len(labels))]
+    fig = go.Figure(
+        go.Bar(
+            x=labels,
+            y=values,
+            marker_color=colors,
+            text=[f"{v:{fmt}}" for v in values],
+            textposition="outside",
+            cliponaxis=False,
+            hovertemplate="%{x}<br>%{y:.4g}<extra></extra>",
+        )
+    )
+    return _layout(fig, title, "", y_title, 300)
+
+
+def policy_curves(points: list[dict], layer: int, reference: str):
+    """One layer's candidates: KL (x, log) vs whole-model prefill throughput ratio (y), labelled by policy."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(
+        go.Scatter(
+            x=[max(p["kl"], 1e-6) for p in points],
+            y=[p["throughput_ratio"] for p in points],
+            mode="markers+text+lines",
+            text=[p["policy"] for p in points],
+            textposition="top center",
+            marker={"size": 9, "color": [MARKER if p["policy"] == reference else ACCENT for p in points]},
+            line={"color": "#c7d2fe"},
+            customdata=[[p["active_saving"], p["agreement"]] for p in points],
+            hovertemplate="%{text}<br>KL %{x:.2e} nats/token<br>throughput x%{y:.3f}"
+            "<br>active FFN saved %{customdata[0]:.1%}<br>top-1 agreement %{customdata[1]:.3f}<extra></extra>",
+        )
+    )
+    fig.update_xaxes(type="log")
+    title = f"Layer {layer}: quality vs speed per routing policy (red: the converted model's own)"
+    return _layout(
+        fig, title, "KL(dense || candidate), nats per token (log)", "whole-model throughput / dense"
+    )
+
+
+def pareto(cumulative: list[dict], dense_ppl: float, plan_point: dict | None = None):
+    """The cumulative curve (k least sensitive layers converted): active FFN saving vs perplexity increase."""
+    import plotly.graph_objects as go
+
+    x = [c.get("active_ffn_reduction", 0.0) for c in cumulative]
+    y = [c["ppl"] / dense_ppl - 1 for c in cumulative]  # measured perplexity, relative to dense
+    fig = go.Figure(
+        go.Scatter(
+            x=x,
+            y=y,
+            mode="lines+markers",
+            marker={"color": ACCENT},
+            text=[f"{len(c.get('layers', []))} layers" for c in cumulative],
+            hovertemplate="%{text}<br>active FFN saved %{x:.1%}<br>perplexity %{y:+.2%}<extra></extra>",
+            name="layers converted, least sensitive first",
+        )
+    )
+    if plan_point is not None:
+        fig.add_trace(
+            go.Scatter(
+                x=[plan_point["active_ffn_reduction"]],
+                y=[plan_point["ppl_increase"]],
+                mode="markers",
+                marker={"size": 14, "color": MARKER, "symbol": "star"},
+                name="picked plan (predicted)",
+                hovertemplate="plan<br>active FFN saved %{x:.1%}<br>perplexity %{y:+.2%}<extra></extra>",
+            )
+        )
+    fig.update_xaxes(tickformat=".0%")
+    fig.update_yaxes(tickformat="+.1%")
+    fig = _layout(
+        fig, "Pareto front: saving vs quality", "active FFN parameters saved", "perplexity increase"
+    )
+    fig.update_layout(showlegend=True, legend={"orientation": "h", "y": -0.25})
+    return fig

@@ -9,18 +9,16 @@ from dataclasses import dataclass, replace
 
 import gradio as gr
 
-from moe_core.config import DataConfig, ProfileConfig
-from views import plots, widgets
+from moe_core.config import ProfileConfig
+from views import data_tab, plots, widgets
+from views.data_tab import DataTab, data_config
 from views.state import Session
 
 NO_MODEL = "Load a model in the **Model** tab first."
 NO_PROFILE = "Run a profile to see this chart."
 NO_SUMMARY = widgets.empty("No profile yet: press <b>Profile</b>. A new model clears the old profile.")
-SOURCE_FORMS = (
-    "Also: shared:<name>, a local file (txt, jsonl, csv, parquet; file:<path>#field) or hub:<dataset>."
-)
-# Small enough to finish in seconds on the default model on a laptop CPU; the CLI defaults are larger.
-DEFAULTS = {"text": "builtin:pydoc", "n_sequences": 4, "seq_len": 256, "k_act": 10, "seed": 0}
+DEFAULTS = {**data_tab.DEFAULTS, "k_act": 10}
+DEFAULTS = {k: DEFAULTS[k] for k in ("text", "n_sequences", "seq_len", "k_act", "seed")}  # the CLI's order
 
 
 @dataclass(frozen=True)
@@ -28,18 +26,27 @@ class ProfileTab:
     state: gr.State
     inputs: tuple  # text, n_sequences, seq_len, k_act, seed
     outputs: list  # what `on_model_loaded` returns, in order
+    layer: gr.Slider
+    histograms: list  # rate plot, h plot
+    profiled: object  # the profile event's Dependency
 
     def follow(self, loaded) -> None:
         """Reset this tab whenever a model loads (the old profile belongs to the old model)."""
         loaded.then(on_model_loaded, [self.state, *self.inputs], self.outputs, api_visibility="private")
 
-
-def describe_source(spec: str) -> str:
-    """One line under the text picker: the description of a known source, else how specs are written."""
-    from moe_core.data import available_sources
-
-    known = dict(available_sources())
-    return known.get((spec or "").strip(), SOURCE_FORMS)
+    def use_design(self, n_experts, shared_ratio) -> None:
+        """Draw the Design tab's shared/routed cut-off on the rate histogram, and redraw when it changes."""
+        inputs = [self.state, self.layer, n_experts, shared_ratio]
+        self.layer.change(layer_figures, inputs, self.histograms, api_name="show_layer", **widgets.LIGHT)
+        self.profiled.then(layer_figures, inputs, self.histograms, api_visibility="private", **widgets.LIGHT)
+        gr.on(
+            [n_experts.change, shared_ratio.change],
+            layer_figures,
+            inputs,
+            self.histograms,
+            api_visibility="private",
+            **widgets.LIGHT,
+        )
 
 
 def status_text(session: Session) -> str:
@@ -49,7 +56,7 @@ def status_text(session: Session) -> str:
     cfg = d.model.config
     return (
         f"Model **{d.spec}**: {d.n_layers} layers x {cfg.intermediate_size} FFN neurons. "
-        "Choose calibration text and press **Profile**."
+        "Calibration text comes from the **Data** tab; press **Profile**."
     )
 
 
@@ -65,15 +72,27 @@ def command(session: Session, text: str, n_sequences, seq_len, k_act, seed) -> s
     )
 
 
-def layer_figures(session: Session, layer):
-    """(rate histogram, h histogram) of one layer, from the stored profile; nothing is recomputed."""
+def layer_figures(session: Session, layer, n_experts=None, shared_ratio=None):
+    """(rate histogram, h histogram) of one layer, from the stored profile; nothing is recomputed.
+
+    With a design (n_experts, shared_ratio) the rate histogram marks where its shared expert ends: CMoE keeps
+    the most often active neurons in the shared expert.
+    """
+    from moe_core.design import shared_cutoff
+
     p = session.profile
     if p is None:
         return plots.placeholder(NO_PROFILE), plots.placeholder(NO_PROFILE)
     layer = min(max(int(layer or 0), 0), p.n_layers - 1)
     uniform = p.k_act / p.rates.shape[1]
+    cutoff = None
+    if n_experts:
+        try:
+            cutoff = shared_cutoff(p, layer, int(n_experts), float(shared_ratio or 0))
+        except ValueError:
+            cutoff = None  # an invalid design is explained on the Design tab
     return (
-        plots.rate_histogram(*p.rate_histogram(layer, bins=50), layer, uniform),
+        plots.rate_histogram(*p.rate_histogram(layer, bins=50), layer, uniform, cutoff),
         plots.h_histogram(*p.h_histogram(layer), layer),
     )
 
@@ -97,16 +116,6 @@ def summary_html(session: Session, seconds: float, preview: dict) -> str:
     return widgets.card(f"Activation profile of <code>{html.escape(s['model'])}</code>", tiles, footer)
 
 
-def _calibration(session: Session, data: DataConfig):
-    """Token ids (N, T) sampled from the text source, and a preview of that text."""
-    from moe_core.data import load_documents, sample_sequences, text_preview
-
-    docs = load_documents(data.text, model=session.dense, seed=data.seed)
-    tok = session.dense.tokenizer
-    ids = sample_sequences(docs, tok, data.n_sequences, data.seq_len, data.seed, source=data.text)
-    return ids, {**text_preview(docs, tok), "seq_len": data.seq_len}
-
-
 def run(session: Session, text, n_sequences, seq_len, k_act, seed, layer, progress=gr.Progress()):
     """Profile the session's model: (Session, summary, preview text, layer slider, 3 figures)."""
     from moe_core.profiling import Cancelled, profile_model
@@ -116,10 +125,13 @@ def run(session: Session, text, n_sequences, seq_len, k_act, seed, layer, progre
     session.cancel.clear()
     start = time.perf_counter()
     try:
-        data = DataConfig((text or DEFAULTS["text"]).strip(), int(n_sequences), int(seq_len), int(seed))
+        from moe_core.pipeline import calibration
+
+        data = data_config(text, n_sequences, seq_len, seed)
         k_act = ProfileConfig(int(k_act)).k_act
         progress(0, desc=f"Reading {data.text}")
-        ids, preview = _calibration(session, data)
+        ids, preview = calibration(session.dense, data)
+        preview["seq_len"] = data.seq_len
         profile = profile_model(
             session.dense,
             ids,
@@ -153,32 +165,20 @@ def on_model_loaded(session: Session, *inputs):
     return status_text(session), ready, NO_SUMMARY, slider, empty, empty, empty, command(session, *inputs)
 
 
-def _inputs() -> tuple:
-    from moe_core.data import available_sources
-
-    text = gr.Dropdown(
-        [spec for spec, _ in available_sources()],
-        value=DEFAULTS["text"],
-        allow_custom_value=True,
-        label="Calibration text",
-        info=describe_source(DEFAULTS["text"]),
-    )
-    with gr.Row():
-        n = gr.Slider(1, 64, value=DEFAULTS["n_sequences"], step=1, label="Sequences")
-        t = gr.Slider(16, 2048, value=DEFAULTS["seq_len"], step=16, label="Tokens per sequence")
-    with gr.Row():
-        k = gr.Number(DEFAULTS["k_act"], precision=0, minimum=1, label="K_a (active neurons per token)")
-        seed = gr.Number(DEFAULTS["seed"], precision=0, label="Seed")
-    return text, n, t, k, seed
-
-
-def build(state: gr.State) -> ProfileTab:
-    """The Profile tab: inputs and a summary on top, per-layer charts below."""
+def build(state: gr.State, data: DataTab) -> ProfileTab:
+    """The Profile tab: K_a and a summary on top, per-layer charts below (text from the Data tab)."""
     with gr.Tab("Profile", id="profile"):
         status = gr.Markdown(NO_MODEL, elem_classes="moe-status")
         with gr.Row():
             with gr.Column(scale=2):
-                inputs = _inputs()
+                k = gr.Number(
+                    DEFAULTS["k_act"], precision=0, minimum=1, label="K_a (active neurons per token)"
+                )
+                gr.Markdown(
+                    "CMoE marks the K_a neurons with the largest |h| of each token as active; a neuron's "
+                    "activation rate is the share of tokens where it is marked.",
+                    elem_classes="moe-help",
+                )
                 with gr.Row():
                     profile_btn = gr.Button("Profile", variant="primary", interactive=False)
                     cancel_btn = gr.Button("Cancel", variant="stop")
@@ -200,24 +200,18 @@ def build(state: gr.State) -> ProfileTab:
             rate_plot = gr.Plot(plots.placeholder(NO_PROFILE), show_label=False)
             h_plot = gr.Plot(plots.placeholder(NO_PROFILE), show_label=False)
         heat_plot = gr.Plot(plots.placeholder(NO_PROFILE), show_label=False)
+    inputs = (data.text, data.n_sequences, data.seq_len, k, data.seed)
     figures = [heat_plot, rate_plot, h_plot]
-    profile_btn.click(
+    profiled = profile_btn.click(
         run,
         [state, *inputs, layer],
         [state, summary, preview, layer, *figures],
         api_name="profile",
         show_progress_on=summary,  # one progress bar, where the result will appear
+        **widgets.HEAVY,
     )
     # queue=False: a Cancel click must not wait behind the job it cancels.
     cancel_btn.click(cancel, state, None, queue=False, api_visibility="private")
-    layer.change(
-        layer_figures,
-        [state, layer],
-        [rate_plot, h_plot],
-        api_name="show_layer",
-        concurrency_limit=None,
-        show_progress="hidden",
-    )
     gr.on(
         [c.change for c in inputs],
         command,
@@ -227,13 +221,5 @@ def build(state: gr.State) -> ProfileTab:
         api_visibility="private",
         show_progress="hidden",
     )
-    # Only the hint changes, not the value, so this does not fire the change event again.
-    inputs[0].change(
-        lambda spec: gr.Dropdown(info=describe_source(spec)),
-        inputs[0],
-        inputs[0],
-        queue=False,
-        api_visibility="private",
-        show_progress="hidden",
-    )
-    return ProfileTab(state, inputs, [status, profile_btn, summary, layer, *figures, cmd])
+    outputs = [status, profile_btn, summary, layer, *figures, cmd]
+    return ProfileTab(state, inputs, outputs, layer, [rate_plot, h_plot], profiled)

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import torch
+
+    from moe_core.export import ExportResult
     from moe_core.model_io import DenseModel
     from moe_core.profiling import ActivationProfile
+    from moe_core.sweep import Plan, SweepResult
+
+OUTPUT_ROOT = Path(
+    os.environ.get("MOE_STUDIO_OUTPUTS", Path(__file__).resolve().parent.parent / "outputs" / "app")
+)
 
 
 class CancelFlag:
@@ -31,11 +43,47 @@ class CancelFlag:
         return CancelFlag()
 
 
+class Workspace:
+    """This session's own folder under the app's output folder (created on first use, removed with the
+    session): converted checkpoints, run configs and exports are written here and served from here only."""
+
+    def __init__(self, root: Path = OUTPUT_ROOT):
+        self._root, self._path, self._lock = Path(root), None, threading.Lock()
+
+    def path(self, *parts: str) -> Path:
+        with self._lock:
+            if self._path is None:
+                self._root.mkdir(parents=True, exist_ok=True)
+                self._path = Path(tempfile.mkdtemp(prefix="session-", dir=self._root))
+        return self._path.joinpath(*parts)
+
+    def cleanup(self) -> None:
+        if self._path is not None:
+            shutil.rmtree(self._path, ignore_errors=True)
+
+    def __deepcopy__(self, memo) -> Workspace:
+        return Workspace(self._root)
+
+
 @dataclass(frozen=True)
 class Session:
     """What one browser session has built so far; handlers return a new one (`dataclasses.replace`)."""
 
     dense: DenseModel | None = None
     profile: ActivationProfile | None = None
+    moe: DenseModel | None = None  # the converted model (MoE layers), after Convert or a routing plan
+    run_config: dict | None = None  # the ConvertRun (as a dict) that made `moe`, plus an applied plan
+    calib_ids: torch.Tensor | None = None  # (N, T) calibration tokens of the conversion
+    metrics: dict | None = None  # the conversion's metrics (params, seconds, per-layer report)
+    sweep: SweepResult | None = None
+    plan: Plan | None = None
+    evals: tuple[dict, ...] = ()  # every evaluation of this session, oldest first
+    export: ExportResult | None = None
     # Shared by every replaced copy, so that a Cancel click reaches the job that is running now.
     cancel: CancelFlag = field(default_factory=CancelFlag, compare=False, repr=False)
+    workspace: Workspace = field(default_factory=Workspace, compare=False, repr=False)
+
+
+def new_model(session: Session, dense) -> Session:
+    """A session with a freshly loaded model: everything derived from the previous one is dropped."""
+    return Session(dense=dense, evals=session.evals, cancel=session.cancel, workspace=session.workspace)

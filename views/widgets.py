@@ -23,3 +23,60 @@ def card(title_html: str, tiles: list[str], footer_html: str = "") -> str:
 
 def empty(message_html: str) -> str:
     return f'<div class="moe-empty">{message_html}</div>'
+
+
+# Heavy jobs (model loads, profiling, conversion, sweeps, evaluation, export) share one queue slot per
+# machine: a 2-core CPU has no room for two, and a GPU holds one model copy at a time.
+HEAVY = {"concurrency_id": "heavy", "concurrency_limit": 1}
+LIGHT = {"concurrency_limit": None, "show_progress": "hidden"}
+
+
+def guarded(title: str, outputs: int = 1):
+    """Wrap a handler so that every failure reaches the user as a message, never as a stack trace.
+
+    ValueError / OSError carry the library's what-and-how-to-fix text; Cancelled becomes a warning and leaves
+    every output as it was; anything else is logged on the server and reported in one line.
+    """
+    import functools
+    import logging
+
+    import gradio as gr
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def handler(*args, **kwargs):
+            from moe_core.profiling import Cancelled
+
+            try:
+                return fn(*args, **kwargs)
+            except gr.Error:
+                raise
+            except Cancelled:
+                gr.Warning(f"{title}: cancelled. Nothing was changed.")
+                return gr.skip() if outputs == 1 else (gr.skip(),) * outputs
+            except (ValueError, OSError, KeyError) as exc:
+                raise gr.Error(str(exc).strip("'\""), title=title, print_exception=False) from None
+            except Exception as exc:  # a bug: keep serving, say what happened, keep the trace in the log
+                logging.getLogger("moe_studio").exception("%s failed", title)
+                message = f"{type(exc).__name__}: {exc}. The app is still running; the details are in the server log."
+                raise gr.Error(message, title=title, print_exception=False) from None
+
+        return handler
+
+    return wrap
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """A small HTML table (cells escaped)."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="moe-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def millions(n: float) -> str:
+    return f"{n / 1e6:,.2f} M" if n >= 1e5 else f"{n / 1e3:,.1f} k"
+
+
+def problem(title: str, message: str) -> str:
+    """A card that explains why something cannot run (shown in place of a result)."""
+    return f'<div class="moe-problem"><b>{html.escape(title)}</b><br>{html.escape(message)}</div>'

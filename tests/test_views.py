@@ -1,0 +1,239 @@
+"""Tab handlers of the web app, called without a server on a tiny model: data, design, convert (CMoE and
+LaDiMo), routing policy, evaluate, compare and export, and the errors each one explains."""
+
+from __future__ import annotations
+
+import shlex
+import zipfile
+
+import gradio as gr
+import plotly.graph_objects as go
+import pytest
+
+from moe_core.cli import _run_config, build_parser
+from moe_core.config import ConvertRun, from_dict, load_config_file
+from views import (
+    compare_tab,
+    convert_tab,
+    data_tab,
+    design_tab,
+    evaluate_tab,
+    export_tab,
+    model_tab,
+    profile_tab,
+    routing_tab,
+)
+from views.state import Session, Workspace
+
+TINY = "builtin:tiny-llama"  # 2 layers, H=64, I=192
+DATA = ["builtin:pydoc", 2, 32, 0]
+DESIGN = [8, 0.25, "uniform", 2, ""]  # S2A2E8
+
+
+def options(**changes) -> list:
+    """Option values of the Convert tab's accordions, in build order, with defaults from ConvertRun."""
+    from moe_core.methods import METHODS
+
+    defaults = ConvertRun()
+    values = []
+    for m, name, _ in convert_tab._option_fields(list(METHODS)):
+        values.append(changes.get(f"{m}.{name}", getattr(getattr(defaults, m), name)))
+    return values
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory) -> Session:
+    session, _ = model_tab.load(
+        TINY, "cpu", False, Session(workspace=Workspace(tmp_path_factory.mktemp("out")))
+    )
+    return session
+
+
+@pytest.fixture(scope="module")
+def converted(loaded) -> tuple:
+    return convert_tab.convert(loaded, *DATA, *DESIGN, "cmoe", *options())
+
+
+def test_data_preview_counts_tokens(loaded):
+    card, text = data_tab.preview(loaded, *DATA)
+    assert "calibration tokens" in card and ">64<" in card and text.strip()
+
+
+def test_data_preview_needs_a_model_and_explains_bad_sources(loaded):
+    with pytest.raises(gr.Error, match="Load a model"):
+        data_tab.preview(Session(), *DATA)
+    with pytest.raises(gr.Error, match="Unknown shared text source"):
+        data_tab.preview(loaded, "shared:nope", 2, 32, 0)
+
+
+def test_upload_becomes_a_file_source(tmp_path):
+    assert data_tab.uploaded(str(tmp_path / "a.txt")).value == f"file:{tmp_path / 'a.txt'}"
+
+
+def test_design_estimate_matches_the_conversion(loaded, converted):
+    from moe_core.design import estimate
+
+    e = estimate(loaded.dense, 8, 2, 2, seq_len=32)
+    m = converted[0].metrics
+    assert (e.moe_params, e.moe_active_params, e.moe_flops_per_token) == (
+        m["total_params"],
+        m["active_params"],
+        m["flops_per_token"],
+    )
+    card = design_tab.show(loaded, *DESIGN)
+    assert "S2A2E8" in card and "active params per token" in card
+
+
+@pytest.mark.parametrize(
+    ("design", "match"),
+    [
+        ([8, 0.25, "uniform", 7, ""], "choose 1..6"),
+        ([400, 0.25, "uniform", 2, ""], "more than the 192 FFN neurons"),
+        ([8, 0.25, "per layer", 2, "2,x"], "whole numbers"),
+        ([8, 0.25, "per layer", 2, "2,2,2"], "one active count per layer"),
+        ([2, 0.9, "uniform", 1, ""], "nothing is routed"),
+    ],
+)
+def test_invalid_designs_are_explained_not_raised(loaded, design, match):
+    card = design_tab.show(loaded, *design)
+    assert "cannot be converted" in card and match in card
+
+
+def test_profile_histogram_marks_the_shared_cutoff(loaded):
+    session = profile_tab.run(loaded, *DATA[:3], 5, 0, 0)[0]
+    rate, _ = profile_tab.layer_figures(session, 0, 8, 0.25)
+    assert any("shared | routed" in a.text for a in rate.layout.annotations)
+    rate, _ = profile_tab.layer_figures(session, 0, 8, 0.0)  # no shared expert: no line
+    assert not any("shared | routed" in a.text for a in rate.layout.annotations)
+
+
+def test_convert_fills_the_session_and_writes_a_loadable_run_config(converted):
+    session, summary, log, config_path, _ = converted
+    assert session.moe is not None and session.metrics["moe_layers"] == 2
+    assert "CMoE conversion" in summary and "MoE layers" in summary
+    assert "layer 2/2" in log and "saved" in log
+    cfg = from_dict(ConvertRun, load_config_file(config_path))
+    assert cfg.method == "cmoe" and cfg.cmoe.experts == "S2A2E8" and cfg.data.seq_len == 32
+
+
+def test_command_line_reproduces_the_run_config(loaded, tmp_path):
+    yaml_text, line = convert_tab.preview(
+        loaded, *DATA, *DESIGN, "cmoe", *options(**{"cmoe.kmeans_iters": 3})
+    )
+    (tmp_path / "run_config.yaml").write_text(yaml_text)
+    argv = shlex.split(line.replace("run_config.yaml", str(tmp_path / "run_config.yaml")))
+    assert (
+        argv[:4] == ["python", "-m", "moe_core", "convert"] and "--config" in argv
+    )  # kmeans_iters has no flag
+    args = build_parser().parse_args(argv[3:])
+    extra = {
+        "method": args.method,
+        "cmoe": {"experts": args.experts, "variant": args.variant, "k_act": args.k_act},
+    }
+    cfg, _ = convert_tab.run_config(loaded, DATA, DESIGN, "cmoe", *options(**{"cmoe.kmeans_iters": 3}))
+    assert _run_config(ConvertRun, args, extra) == cfg
+    _, plain = convert_tab.preview(loaded, *DATA, *DESIGN, "cmoe", *options())
+    assert "--config" not in plain  # defaults: flags alone say it all
+
+
+def test_invalid_convert_inputs_are_explained(loaded):
+    yaml_text, _ = convert_tab.preview(loaded, *DATA, 8, 0.25, "uniform", 9, "", "cmoe", *options())
+    assert yaml_text.startswith("# Not a valid run yet") and "choose 1..6" in yaml_text
+    with pytest.raises(gr.Error, match="choose 1..6"):
+        convert_tab.convert(loaded, *DATA, 8, 0.25, "uniform", 9, "", "cmoe", *options())
+    with pytest.raises(gr.Error, match="Load a model"):
+        convert_tab.convert(Session(), *DATA, *DESIGN, "cmoe", *options())
+
+
+def test_ladimo_with_per_layer_active_experts(loaded):
+    opts = options(**{"ladimo.steps": 2})
+    session = convert_tab.convert(loaded, *DATA, 4, 0.0, "per layer", 2, "1,3", "ladimo", *opts)[0]
+    policies = [session.moe.mlp(i).policy.k for i in range(2)]
+    assert policies == [1, 3] and session.run_config["active_per_layer"] == [1, 3]
+
+
+def test_load_config_file_fills_the_inputs(loaded, tmp_path):
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(convert_tab.preview(loaded, *DATA, *DESIGN, "cmoe", *options())[0])
+    values = convert_tab.load_config(config_path, loaded, len(options()))
+    assert values[0] == TINY and values[1:5] == DATA and values[5:10] == [8, 0.25, "uniform", 2, ""]
+    assert values[10] == "cmoe"
+
+
+def test_load_config_file_rejects_a_bad_file(tmp_path, loaded):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: nope\n")
+    with pytest.raises(gr.Error, match="Unknown method 'nope'"):
+        convert_tab.load_config(str(bad), loaded, len(options()))
+
+
+def test_cancel_leaves_the_session_as_it_was(loaded):
+    def progress(fraction, desc=None):
+        loaded.cancel.set()
+
+    with pytest.warns(UserWarning, match="cancelled"):
+        out = convert_tab.convert(loaded, *DATA, *DESIGN, "cmoe", *options(), progress=progress)
+    assert len(out) == 5 and all(isinstance(o, type(gr.skip())) for o in out)
+    loaded.cancel.clear()
+
+
+def test_evaluate_adds_a_run_side_by_side(converted):
+    session = converted[0]
+    out = evaluate_tab.run(session, "builtin:pydoc", 2, 64, [], 5)
+    session, card, rows, lm_rows, *figs = out
+    assert len(session.evals) == 1 and "perplexity" in card
+    assert [r[0] for r in rows] == ["dense", "#1 cmoe S2A2E8"] and rows[1][5] > 0  # KL > 0
+    assert all(isinstance(f, go.Figure) for f in figs) and len(figs[0].data[0].x) == 2
+    again = evaluate_tab.run(session, "builtin:pydoc", 2, 64, [], 5)
+    assert [r[0] for r in again[2]] == ["dense", "#1 cmoe S2A2E8", "#2 cmoe S2A2E8"]
+
+
+def test_evaluate_needs_a_converted_model_and_known_tasks(loaded, converted):
+    with pytest.raises(gr.Error, match="Convert a model"):
+        evaluate_tab.run(loaded, "builtin:pydoc", 2, 64, [], 5)
+    with pytest.raises(gr.Error, match="Unknown lm-eval task|No local lm-eval task folder"):
+        evaluate_tab.run(converted[0], "builtin:pydoc", 2, 64, ["no_such_task"], 5)
+
+
+def test_compare_generates_with_both_models(converted):
+    dense_text, dense_card, moe_text, moe_card = compare_tab.run(converted[0], "Hello", 4)
+    assert "new tokens / s" in dense_card and "new tokens / s" in moe_card
+    assert isinstance(dense_text, str) and isinstance(moe_text, str)
+    with pytest.raises(gr.Error, match="prompt is empty"):
+        compare_tab.run(converted[0], "  ", 4)
+
+
+def test_routing_sweep_pick_and_apply(converted):
+    session, card, slider, curves, front = routing_tab.run(converted[0], "builtin:pydoc", 1, 64, 1)
+    assert session.sweep is not None and "layers swept" in card and isinstance(curves, go.Figure)
+    session, plan_card, rows, front = routing_tab.pick(session, "saving", 55)
+    assert len(rows) == 2 and "active FFN parameters saved" in plan_card and len(front.data) == 2
+    session, message = routing_tab.apply(session)
+    assert "Applied" in message and "plan" in session.run_config
+    with pytest.raises(gr.Error, match="No plan reaches"):
+        routing_tab.pick(session, "saving", 99)
+
+
+def test_export_builds_a_zip_and_a_model_card(converted):
+    session, result, card, download = export_tab.build_export(converted[0], "portable", True)
+    assert session.export.zip_path.is_file() and "export-portable.zip" in str(download.value)
+    assert "# export-portable" in card and "Qwen2MoeForCausalLM" in card and "vs the internal model" in result
+    names = zipfile.ZipFile(session.export.zip_path).namelist()
+    assert "export-portable/config.json" in names and "export-portable/README.md" in names
+
+
+def test_export_needs_a_converted_model(loaded):
+    with pytest.raises(gr.Error, match="Convert a model"):
+        export_tab.build_export(loaded, "exact", True)
+
+
+def test_unexpected_errors_become_messages():
+    from views import widgets
+
+    @widgets.guarded("Doing it")
+    def broken():
+        raise RuntimeError("boom")
+
+    with pytest.raises(gr.Error, match="RuntimeError: boom. The app is still running") as info:
+        broken()
+    assert "Traceback" not in str(info.value)

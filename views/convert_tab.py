@@ -1,0 +1,309 @@
+"""Convert tab: run a registered method on the Design tab's layout and the Data tab's text; show the run config
+as YAML and as the equivalent `python -m moe_core convert` line, downloadable and loadable from a file."""
+
+from __future__ import annotations
+
+import html
+import time
+from dataclasses import dataclass, replace
+
+import gradio as gr
+
+from moe_core.config import ConvertRun, from_dict
+from views import widgets
+from views.data_tab import DataTab, data_config
+from views.design_tab import Design, DesignTab, design
+from views.state import Session
+
+NO_MODEL = (
+    "Load a model in the **Model** tab first; the layout comes from **Design**, the text from **Data**."
+)
+EMPTY = widgets.empty(
+    "No converted model yet: press <b>Convert</b>. Then evaluate, tune routing or export it."
+)
+CONFIG_FILE = "run_config.yaml"
+TITLES = {"cmoe": "CMoE", "dive": "DIVE", "ladimo": "LaDiMo"}
+ABOUT = {
+    "cmoe": "CMoE (arXiv 2502.04416): carve neurons into experts by co-activation; no training, seconds per layer.",
+    "dive": "DIVE (arXiv 2506.09351): prune per domain, merge into experts, then retrain router and experts.",
+    "ladimo": "LaDiMo (arXiv 2408.04278): split each FFN, then distil experts and router layer by layer.",
+}
+# Method options shown in each accordion: (field, label, choices or type, one-line help). Fields of the
+# layout (experts, n_experts, n_shared, top_k) come from the Design tab and are not repeated here.
+OPTIONS = {
+    "cmoe": [
+        (
+            "variant",
+            "Variant",
+            ["code", "paper"],
+            "code: cosine profiling, L1 clusters, |s| router (lower ppl)",
+        ),
+        ("k_act", "K_a", int, "neurons per token marked active when grouping neurons"),
+        ("kmeans_iters", "Clustering rounds", int, "balanced-assignment + centroid rounds (the code does 1)"),
+    ],
+    "ladimo": [
+        ("steps", "Steps per layer", int, "Adam distillation steps per layer (~15 s per SmolLM2 layer)"),
+        ("lr", "Learning rate", float, "experts; the router uses 10x"),
+        (
+            "partition",
+            "Partition",
+            ["contiguous", "cmoe"],
+            "contiguous slices (paper) or co-activation clusters",
+        ),
+        ("router_init", "Router init", ["random", "representative"], "random starts near uniform routing"),
+    ],
+}
+
+
+@dataclass(frozen=True)
+class ConvertTab:
+    method: gr.Radio
+    options: list  # one component per (method, field) of OPTIONS, in order
+    summary: gr.HTML
+    converted: object  # the convert event's Dependency
+    preview_outputs: list  # YAML and command boxes
+
+
+def _option_fields(methods: list[str]) -> list[tuple[str, str, object]]:
+    """(method, field, type or choices) of every option component, in the order they are built."""
+    return [(m, f[0], f[2]) for m in methods for f in OPTIONS.get(m, [])]
+
+
+def run_config(
+    session: Session, data_values, design_values, method, *option_values
+) -> tuple[ConvertRun, Design]:
+    """The ConvertRun the inputs describe (validated), and the Design it took the layout from."""
+    from moe_core.methods import METHODS
+
+    d = design(session, *design_values)
+    sections = {m: {} for m in METHODS}
+    for (m, name, kind), value in zip(_option_fields(list(METHODS)), option_values, strict=True):
+        if value is None:
+            raise ValueError(f"{TITLES.get(m, m)} option '{name}' is empty: give a value.")
+        sections[m][name] = kind(value) if kind in (int, float) else value
+    sections["cmoe"]["experts"] = d.experts
+    sections["ladimo"] |= {"n_experts": d.n_experts, "n_shared": d.n_shared, "top_k": d.active}
+    model = {"spec": session.dense.spec if session.dense is not None else "builtin:smollm2-135m"}
+    if session.dense is not None:
+        model["device"] = session.dense.device.type
+    tree = {
+        "model": model,
+        "data": vars(data_config(*data_values)),
+        "method": method,
+        "out": "outputs/convert",
+    }
+    if method in sections and method in ConvertRun.__dataclass_fields__:
+        tree[method] = sections[method]  # the other methods keep their defaults
+    return from_dict(ConvertRun, tree), d
+
+
+def preview(session: Session, *values):
+    """(YAML, command line) of the current inputs, or the reason they do not make a valid run."""
+    from moe_core.pipeline import command_line, config_yaml
+
+    try:
+        cfg, d = run_config(session, values[:4], values[4:9], values[9], *values[10:])
+    except ValueError as exc:
+        return f"# Not a valid run yet:\n# {exc}", f"# {exc}"
+    note = "" if d.per_layer is None else "  # then per-layer A from the Design tab (the app applies it)"
+    return config_yaml(cfg), command_line(cfg, CONFIG_FILE) + note
+
+
+def summary_html(session: Session, seconds: float) -> str:
+    m, run = session.metrics, session.run_config
+    method = TITLES.get(run["method"], run["method"])
+    tiles = [
+        widgets.tile(f"{m['moe_layers']}", "MoE layers"),
+        widgets.tile(
+            widgets.millions(m["active_params"]),
+            f"active params per token (of {widgets.millions(m['total_params'])})",
+        ),
+        widgets.tile(f"{m['active_ffn_share']:.1%}", "of the FFN runs per token"),
+        widgets.tile(
+            f"{m['flops_per_token'] / 1e6:,.1f} MFLOP", f"per token ({m['flops_seq_len']}-token window)"
+        ),
+        widgets.tile(f"{m['calibration_tokens']:,}", "calibration tokens"),
+        widgets.tile(f"{seconds:.1f} s", "conversion time"),
+    ]
+    layout = run.get(run["method"], {})
+    shape = (
+        layout.get("experts")
+        or f"E{layout.get('n_experts')} S{layout.get('n_shared')} top-{layout.get('top_k')}"
+    )
+    per_layer = run.get("active_per_layer")
+    footer = (
+        f'<div class="moe-bar-label">Layout {html.escape(str(shape))}'
+        + (f", A per layer {html.escape(str(per_layer))}" if per_layer else "")
+        + ". Next: <b>Evaluate</b> against the dense model, tune <b>Routing policy</b>, or <b>Export</b>.</div>"
+    )
+    return widgets.card(
+        f"{method} conversion of <code>{html.escape(session.dense.spec)}</code>", tiles, footer
+    )
+
+
+def _log(lines: list[str], start: float):
+    def progress_to(progress):
+        def report(fraction: float, message: str) -> None:
+            lines.append(f"{time.perf_counter() - start:7.1f} s  [{fraction:6.1%}]  {message}")
+            progress(fraction, desc=message)
+
+        return report
+
+    return progress_to
+
+
+@widgets.guarded("Could not convert", outputs=5)
+def convert(session: Session, *values, progress=gr.Progress()):
+    """Convert the session's model: (Session, summary, log, yaml file, download path)."""
+    from moe_core.pipeline import config_yaml, convert_run
+
+    if session.dense is None:
+        raise gr.Error(NO_MODEL.replace("**", ""), print_exception=False)
+    cfg, d = run_config(session, values[:4], values[4:9], values[9], *values[10:])
+    session.cancel.clear()
+    start, lines = time.perf_counter(), []
+    lines.append(f"{0.0:7.1f} s  {cfg.method} on {cfg.model.spec}, text {cfg.data.text}")
+    out = convert_run(
+        session.dense,
+        cfg,
+        active=d.per_layer,
+        folder=session.workspace.path("converted"),
+        progress=_log(lines, start)(progress),
+        cancel=session.cancel,
+    )
+    seconds = time.perf_counter() - start
+    lines.append(f"{seconds:7.1f} s  saved {out.folder.name}/ ({out.metrics['moe_layers']} MoE layers)")
+    session = replace(
+        session, moe=out.moe, run_config=out.run_config, calib_ids=out.calib_ids, metrics=out.metrics,
+        sweep=None, plan=None, export=None,
+    )  # fmt: skip
+    path = session.workspace.path(CONFIG_FILE)
+    path.write_text(config_yaml(cfg))
+    return (
+        session,
+        summary_html(session, seconds),
+        "\n".join(lines),
+        str(path),
+        gr.DownloadButton(value=str(path), visible=True),
+    )
+
+
+def cancel(session: Session) -> None:
+    session.cancel.set()
+
+
+@widgets.guarded("Could not load the run config")
+def load_config(path, session: Session, n_options: int):
+    """A YAML/JSON run config -> updates for the model source, data, design, method and option inputs."""
+    from moe_core.config import load_config_file
+    from moe_core.methods import METHODS
+
+    cfg = from_dict(ConvertRun, load_config_file(path))
+    section = cfg.section()
+    n_experts = getattr(section, "n_experts", None) or section.shape[2]
+    n_shared = getattr(section, "n_shared", None)
+    n_shared = section.shape[0] if n_shared is None else n_shared
+    active = getattr(section, "top_k", None) or section.shape[1]
+    options = [getattr(getattr(cfg, m), name) for m, name, _ in _option_fields(list(METHODS))]
+    if session.dense is None or session.dense.spec != cfg.model.spec:
+        gr.Info(f"The config names the model {cfg.model.spec}: press Load in the Model tab to use it.")
+    d = cfg.data
+    design_values = [n_experts, n_shared / n_experts, "uniform", active, ""]
+    return [
+        cfg.model.spec,
+        d.text,
+        d.n_sequences,
+        d.seq_len,
+        d.seed,
+        *design_values,
+        cfg.method,
+        *options[:n_options],
+    ]
+
+
+def build(state: gr.State, data: DataTab, design_tab: DesignTab, source: gr.Dropdown) -> ConvertTab:
+    from moe_core.methods import METHODS
+
+    methods = list(METHODS)
+    defaults = ConvertRun()
+    with gr.Tab("Convert", id="convert"):
+        gr.Markdown(NO_MODEL, elem_classes="moe-status")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2):
+                method = gr.Radio(
+                    [(TITLES.get(m, m), m) for m in methods],
+                    value="cmoe",
+                    label="Method",
+                    info="Expert layout from the Design tab, calibration text from the Data tab.",
+                )
+                options = []
+                for m in methods:
+                    with gr.Accordion(f"{TITLES.get(m, m)} options", open=m == "cmoe") as acc:
+                        gr.Markdown(ABOUT.get(m, ""), elem_classes="moe-help")
+                        for name, label, kind, help_text in OPTIONS.get(m, []):
+                            value = getattr(getattr(defaults, m), name)
+                            if isinstance(kind, list):
+                                options.append(gr.Radio(kind, value=value, label=label, info=help_text))
+                            else:
+                                options.append(
+                                    gr.Number(
+                                        value,
+                                        label=label,
+                                        info=help_text,
+                                        precision=0 if kind is int else None,
+                                    )
+                                )
+                    method.change(
+                        lambda v, m=m: gr.Accordion(open=v == m),
+                        method,
+                        acc,
+                        queue=False,
+                        api_visibility="private",
+                    )
+                with gr.Row():
+                    button = gr.Button("Convert", variant="primary")
+                    stop = gr.Button("Cancel", variant="stop")
+                upload = gr.UploadButton("Load config file", file_types=[".yaml", ".yml", ".json"], size="sm")
+            with gr.Column(scale=3):
+                summary = gr.HTML(EMPTY)
+                log = gr.Textbox(label="Log", lines=6, max_lines=12, interactive=False, autoscroll=True)
+                yaml_box = gr.Code(
+                    language="yaml", label="Run config (YAML)", lines=10, max_lines=18, interactive=False
+                )
+                cmd = gr.Code(
+                    language="shell",
+                    label="The same run from the command line",
+                    lines=2,
+                    wrap_lines=True,
+                    show_line_numbers=False,
+                    interactive=False,
+                )
+                config_file = gr.Textbox(visible=False)
+                download = gr.DownloadButton("Download run config", visible=False, size="sm")
+    inputs = [state, *data.inputs, *design_tab.inputs, method, *options]
+    converted = button.click(
+        convert,
+        inputs,
+        [state, summary, log, config_file, download],
+        api_name="convert",
+        show_progress_on=summary,
+        **widgets.HEAVY,
+    )
+    stop.click(cancel, state, None, queue=False, api_visibility="private")
+    gr.on(
+        [c.change for c in inputs[1:]],
+        preview,
+        inputs,
+        [yaml_box, cmd],
+        api_name="convert_preview",
+        **widgets.LIGHT,
+    )
+    targets = [source, *data.inputs, *design_tab.inputs, method, *options]
+    upload.upload(
+        lambda path, session: load_config(path, session, len(options)),
+        [upload, state],
+        targets,
+        api_name="load_run_config",
+        **widgets.LIGHT,
+    )
+    return ConvertTab(method, options, summary, converted, [yaml_box, cmd])

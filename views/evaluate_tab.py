@@ -1,0 +1,185 @@
+"""Evaluate tab: the converted model against its dense source on the same text; every run of the session
+side by side (perplexity, KL, agreement, lm-eval tasks, measured speed, active parameters)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import gradio as gr
+
+from views import plots, widgets
+from views.state import Session
+
+NO_MOE = (
+    "Convert a model in the **Convert** tab first; evaluation compares it with the dense model it came from."
+)
+EMPTY = widgets.empty("No evaluation yet: convert a model, then press <b>Evaluate</b>.")
+NO_RUNS = "Evaluate a converted model to see this chart."
+COLUMNS = ["run", "model", "text", "tokens", "perplexity", "KL (nats/token)", "top-1 agreement",
+           "active params", "FLOPs / token", "prefill tokens/s", "speed vs dense"]  # fmt: skip
+
+
+def _default_text() -> str:
+    from moe_core.data import available_sources
+
+    specs = [s for s, _ in available_sources()]
+    return "shared:wikitext2" if "shared:wikitext2" in specs else "builtin:pydoc"
+
+
+def _tasks() -> list[str]:
+    from moe_core.evaluate import available_tasks
+
+    try:
+        return available_tasks()
+    except (ValueError, OSError):
+        return []
+
+
+def _label(session: Session) -> str:
+    run = session.run_config or {}
+    method = run.get("method", "moe")
+    section = run.get(method, {})
+    layout = section.get("experts") or f"E{section.get('n_experts', '?')}k{section.get('top_k', '?')}"
+    plan = " +plan" if "plan" in run else ""
+    return f"#{len(session.evals) + 1} {method} {layout}{plan}"
+
+
+def runs_table(evals: tuple[dict, ...]) -> list[list]:
+    """Rows for the runs table: the dense reference of the first run, then every run of the session."""
+    rows = []
+    for i, r in enumerate(evals):
+        tokens = r["n_windows"] * r["seq_len"]
+        if i == 0:
+            rows.append(["dense", r["reference"], r["text"], tokens, round(r["ppl_ref"], 3), 0.0, 1.0,
+                         r["ref_active_params"], "", round(r["ref_tokens_per_s"]), 1.0])  # fmt: skip
+        rows.append([
+            r["label"], r["model"].rsplit("/", 1)[-1], r["text"], tokens, round(r["ppl"], 3), round(r["kl"], 5),
+            round(r["agreement"], 4), r["active_params"], r.get("flops_per_token"), round(r["tokens_per_s"]),
+            round(r["tokens_per_s"] / r["ref_tokens_per_s"], 3),
+        ])  # fmt: skip
+    return rows
+
+
+def lm_eval_rows(evals: tuple[dict, ...]) -> list[list]:
+    rows = []
+    for r in evals:
+        for task, metrics in r.get("lm_eval", {}).items():
+            for name, value in metrics.items():
+                ref = r.get("ref_lm_eval", {}).get(task, {}).get(name)
+                rows.append(
+                    [
+                        r["label"],
+                        task,
+                        name,
+                        round(value, 4),
+                        None if ref is None else round(ref, 4),
+                        r["limit"],
+                    ]
+                )
+    return rows
+
+
+def charts(evals: tuple[dict, ...]):
+    """(perplexity, tokens/s, active params) bar charts: dense first, then each run."""
+    if not evals:
+        empty = plots.placeholder(NO_RUNS)
+        return empty, empty, empty
+    labels = ["dense"] + [r["label"] for r in evals]
+    first = evals[0]
+    ppl = [first["ppl_ref"]] + [r["ppl"] for r in evals]
+    speed = [first["ref_tokens_per_s"]] + [r["tokens_per_s"] for r in evals]
+    active = [first["ref_active_params"] / 1e6] + [r["active_params"] / 1e6 for r in evals]
+    return (
+        plots.bars("Perplexity (lower is better)", labels, ppl, "perplexity"),
+        plots.bars("Measured prefill speed", labels, speed, "tokens / s", fmt=",.0f"),
+        plots.bars("Active parameters per token", labels, active, "millions"),
+    )
+
+
+def card(r: dict) -> str:
+    tiles = [
+        widgets.tile(f"{r['ppl']:.3f}", f"perplexity (dense {r['ppl_ref']:.3f})"),
+        widgets.tile(f"{r['ppl'] / r['ppl_ref'] - 1:+.1%}", "perplexity change"),
+        widgets.tile(f"{r['kl']:.4f}", "KL(dense || MoE), nats/token"),
+        widgets.tile(f"{r['agreement']:.1%}", "top-1 agreement with dense"),
+        widgets.tile(f"{r['tokens_per_s']:,.0f}", f"tokens/s prefill (dense {r['ref_tokens_per_s']:,.0f})"),
+        widgets.tile(f"{r.get('flops_ratio', 0):.1%}", "FLOPs per token vs dense"),
+    ]
+    footer = (
+        f'<div class="moe-bar-label">{r["n_windows"]} windows x {r["seq_len"]} tokens of <code>{r["text"]}</code>; '
+        f"speed measured now, in this process, on this machine ({r['seconds']:.1f} s scoring).</div>"
+    )
+    return widgets.card(f"Run {r['label']}", tiles, footer)
+
+
+def _outputs(session: Session, latest: str):
+    return (session, latest, runs_table(session.evals), lm_eval_rows(session.evals), *charts(session.evals))
+
+
+@widgets.guarded("Could not evaluate", outputs=7)
+def run(session: Session, text, n_windows, seq_len, tasks, limit, progress=gr.Progress()):
+    """Score the converted model against the dense one: (Session, card, runs, lm-eval rows, 3 charts)."""
+    from moe_core.pipeline import evaluate_pair
+
+    if session.moe is None:
+        raise gr.Error(NO_MOE.replace("**", ""), print_exception=False)
+    session.cancel.clear()
+    result = evaluate_pair(
+        session.dense, session.moe, (text or _default_text()).strip(), int(n_windows), int(seq_len),
+        tasks=list(tasks or []), limit=int(limit or 20), progress=lambda f, m: progress(f, desc=m),
+        cancel=session.cancel,
+    )  # fmt: skip
+    result["label"] = _label(session)
+    session = replace(session, evals=(*session.evals, result))
+    return _outputs(session, card(result))
+
+
+def cancel(session: Session) -> None:
+    session.cancel.set()
+
+
+def build(state: gr.State):
+    from moe_core.data import available_sources
+
+    tasks = _tasks()
+    with gr.Tab("Evaluate", id="evaluate"):
+        gr.Markdown(NO_MOE, elem_classes="moe-status")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2):
+                text = gr.Dropdown(
+                    [s for s, _ in available_sources()], value=_default_text(), allow_custom_value=True,
+                    label="Perplexity text", info="Consecutive non-overlapping windows (the WikiText-2 recipe).",
+                )  # fmt: skip
+                with gr.Row():
+                    n = gr.Slider(1, 64, value=4, step=1, label="Windows")
+                    t = gr.Slider(32, 2048, value=256, step=32, label="Tokens per window")
+                task_box = gr.CheckboxGroup(
+                    tasks,
+                    label="lm-eval tasks (local task files)",
+                    info="Scored for both models; minutes each on a CPU." if tasks else
+                    "No local task folder found (set MOE_STUDIO_DATA to the shared data folder).",
+                )  # fmt: skip
+                limit = gr.Number(20, precision=0, minimum=1, label="lm-eval: documents per task")
+                with gr.Row():
+                    button = gr.Button("Evaluate", variant="primary")
+                    stop = gr.Button("Cancel", variant="stop")
+            with gr.Column(scale=3):
+                latest = gr.HTML(EMPTY)
+        runs = gr.Dataframe(headers=COLUMNS, label="Runs of this session (first row: the dense model)",
+                            interactive=False, wrap=True)  # fmt: skip
+        lm_rows = gr.Dataframe(
+            headers=["run", "task", "metric", "MoE", "dense", "documents"], label="lm-eval", interactive=False
+        )
+        with gr.Row():
+            ppl_plot = gr.Plot(plots.placeholder(NO_RUNS), show_label=False)
+            speed_plot = gr.Plot(plots.placeholder(NO_RUNS), show_label=False)
+            params_plot = gr.Plot(plots.placeholder(NO_RUNS), show_label=False)
+    button.click(
+        run,
+        [state, text, n, t, task_box, limit],
+        [state, latest, runs, lm_rows, ppl_plot, speed_plot, params_plot],
+        api_name="evaluate",
+        show_progress_on=latest,
+        **widgets.HEAVY,
+    )
+    stop.click(cancel, state, None, queue=False, api_visibility="private")

@@ -1,0 +1,95 @@
+"""Export tab: write the converted model in a format other tools load, zip it, and preview its model card."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import replace
+
+import gradio as gr
+
+from views import widgets
+from views.state import Session
+
+NO_MOE = "Convert a model in the **Convert** tab first (and optionally apply a routing plan)."
+EMPTY = widgets.empty("No export yet: pick a format and press <b>Build export</b>.")
+FORMATS = [
+    ("portable: Qwen2-MoE, stock transformers and vLLM, no remote code", "portable"),
+    ("exact: identical logits, needs trust_remote_code", "exact"),
+    ("llama.cpp: Qwen2-MoE laid out for convert_hf_to_gguf", "llamacpp"),
+]
+
+
+def result_html(r) -> str:
+    f = r.fidelity or {}
+    tiles = [widgets.tile(r.format, f"format ({r.architecture})")]
+    if f:
+        tiles += [
+            widgets.tile("identical" if f["identical"] else "approximate", "vs the internal model"),
+            widgets.tile(f"{f['max_abs_logit_diff']:.2g}", "max |logit difference|"),
+            widgets.tile(f"{f['kl']:.2g}", "KL, nats/token"),
+            widgets.tile(f"{f['top1_agreement']:.1%}", "top-1 agreement"),
+        ]
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in r.notes)
+    footer = f'<div class="moe-bar-label">Reloaded with AutoModelForCausalLM in a clean process.<ul>{notes}</ul></div>'
+    return widgets.card(f"Export <code>{html.escape(r.folder.name)}</code>", tiles, footer)
+
+
+@widgets.guarded("Could not export", outputs=4)
+def build_export(session: Session, fmt: str, fit_router: bool, progress=gr.Progress()):
+    """Export the session's converted model: (Session, result card, model card markdown, zip path)."""
+    from moe_core.export import ExportConfig, export_model
+
+    if session.moe is None:
+        raise gr.Error(NO_MOE.replace("**", ""), print_exception=False)
+    session.cancel.clear()
+    run = dict(session.run_config or {})
+    if session.plan is not None:
+        run["plan"] = session.plan.to_dict()
+    result = export_model(
+        session.moe, session.workspace.path(f"export-{fmt}"), ExportConfig(format=fmt, fit_router=bool(fit_router), zip=True),
+        calib_ids=session.calib_ids, calib_text=run.get("data", {}).get("text"), run_config=run,
+        source_metrics=session.metrics, progress=lambda f, m: progress(f, desc=m), cancel=session.cancel,
+    )  # fmt: skip
+    card = (result.folder / "README.md").read_text()
+    return (
+        replace(session, export=result),
+        result_html(result),
+        card,
+        gr.DownloadButton(value=str(result.zip_path), visible=True),
+    )
+
+
+def cancel(session: Session) -> None:
+    session.cancel.set()
+
+
+def build(state: gr.State) -> None:
+    with gr.Tab("Export", id="export"):
+        gr.Markdown(NO_MOE, elem_classes="moe-status")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2):
+                fmt = gr.Radio(FORMATS, value="portable", label="Format")
+                fit = gr.Checkbox(
+                    True,
+                    label="Fit routers where the format approximates them",
+                    info="portable / llama.cpp: a linear router fitted on the calibration tokens (else naive).",
+                )
+                with gr.Row():
+                    button = gr.Button("Build export", variant="primary")
+                    stop = gr.Button("Cancel", variant="stop")
+                download = gr.DownloadButton("Download zip", visible=False, variant="secondary")
+            with gr.Column(scale=3):
+                result = gr.HTML(EMPTY)
+        with gr.Accordion("Model card (README.md of the export)", open=True):
+            card = gr.Markdown(
+                "The model card appears here after an export.", elem_classes="moe-card-preview"
+            )
+    button.click(
+        build_export,
+        [state, fmt, fit],
+        [state, result, card, download],
+        api_name="export",
+        show_progress_on=result,
+        **widgets.HEAVY,
+    )
+    stop.click(cancel, state, None, queue=False, api_visibility="private")
