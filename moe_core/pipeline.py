@@ -90,6 +90,11 @@ def _flag_values(cfg: ConvertRun) -> list[tuple[str, object]]:
     if cfg.method == "ladimo":
         l = cfg.ladimo  # noqa: E741
         flags += [("--n-experts", l.n_experts), ("--top-k", l.top_k), ("--steps", l.steps)]
+    if cfg.method == "dive":
+        d = cfg.dive
+        flags += [("--domains", ",".join(f"{n}={s}" for n, s in d.domains)), ("--n-experts", d.n_experts)]
+        flags += [("--top-k", d.top_k), ("--prune-ratio", d.prune_ratio), ("--shared-share", d.shared_share)]
+        flags += [("--stage1-steps", d.retrain.stage1_steps), ("--stage2-steps", d.retrain.stage2_steps)]
     return flags + [("--out", cfg.out)]
 
 
@@ -105,6 +110,14 @@ def command_line(cfg: ConvertRun, config_file: str = "run_config.yaml") -> str:
     if cfg.method == "ladimo":
         l = cfg.ladimo  # noqa: E741
         tree["ladimo"] = {"n_experts": l.n_experts, "top_k": l.top_k, "steps": l.steps}
+    if cfg.method == "dive":
+        d = cfg.dive
+        tree["dive"] = {"domains": d.domains, "n_experts": d.n_experts, "top_k": d.top_k}
+        tree["dive"] |= {"prune_ratio": d.prune_ratio, "shared_share": d.shared_share}
+        tree["dive"]["retrain"] = {
+            "stage1_steps": d.retrain.stage1_steps,
+            "stage2_steps": d.retrain.stage2_steps,
+        }
     try:
         complete = from_dict(ConvertRun, tree) == cfg
     except ValueError:
@@ -126,10 +139,16 @@ def config_yaml(cfg: ConvertRun) -> str:
 
     full = to_dict(cfg)
     data = {k: full[k] for k in ("model", "data", "method", cfg.method, "out")}
-    for section in data.values():
-        if isinstance(section, dict) and isinstance(section.get("layers"), tuple):
-            section["layers"] = list(section["layers"])
-    return yaml.safe_dump(data, sort_keys=False)
+    return yaml.safe_dump(_plain(data), sort_keys=False)
+
+
+def _plain(value):
+    """Tuples -> lists, recursively (safe_dump writes tuples as Python objects)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def evaluate_pair(

@@ -36,8 +36,9 @@ def options(**changes) -> list:
 
     defaults = ConvertRun()
     values = []
-    for m, name, _ in convert_tab._option_fields(list(METHODS)):
-        values.append(changes.get(f"{m}.{name}", getattr(getattr(defaults, m), name)))
+    for m, name, kind in convert_tab._option_fields(list(METHODS)):
+        default = convert_tab._to_input(kind, convert_tab._option_value(getattr(defaults, m), name))
+        values.append(changes.get(f"{m}.{name}", None if kind == "optional" else default))
     return values
 
 
@@ -237,3 +238,22 @@ def test_unexpected_errors_become_messages():
     with pytest.raises(gr.Error, match="RuntimeError: boom. The app is still running") as info:
         broken()
     assert "Traceback" not in str(info.value)
+
+
+def test_dive_accordion_makes_a_valid_run_and_command_line(loaded, tmp_path):
+    from moe_core.methods import METHODS
+
+    opts = options(**{"dive.n_sequences": 2, "dive.retrain.stage1_steps": 0, "dive.retrain.stage2_steps": 1})
+    design = [2, 0.0, "uniform", 1, ""]
+    cfg, _ = convert_tab.run_config(loaded, DATA, design, "dive", *opts)
+    assert (cfg.dive.n_experts, cfg.dive.top_k, cfg.dive.n_sequences) == (2, 1, 2)
+    assert cfg.dive.retrain.stage2_steps == 1 and cfg.dive.prune_ratio == 0.5  # empty: 1 - 0.5 / A
+    yaml_text, line = convert_tab.preview(loaded, *DATA, *design, "dive", *opts)
+    (tmp_path / "run_config.yaml").write_text(yaml_text)
+    argv = shlex.split(line.replace("run_config.yaml", str(tmp_path / "run_config.yaml")))
+    args = build_parser().parse_args(argv[3:])
+    assert _run_config(ConvertRun, args, {"method": "dive"}) == cfg
+    values = convert_tab.load_config(str(tmp_path / "run_config.yaml"), loaded, len(opts))
+    fields = [(m, name) for m, name, _ in convert_tab._option_fields(list(METHODS))]
+    expected = [0.5 if f == ("dive", "prune_ratio") else v for f, v in zip(fields, opts, strict=True)]
+    assert values[10] == "dive" and values[11:] == expected  # the prune ratio comes back resolved

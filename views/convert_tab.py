@@ -25,7 +25,8 @@ CONFIG_FILE = "run_config.yaml"
 TITLES = {"cmoe": "CMoE", "dive": "DIVE", "ladimo": "LaDiMo"}
 ABOUT = {
     "cmoe": "CMoE (arXiv 2502.04416): carve neurons into experts by co-activation; no training, seconds per layer.",
-    "dive": "DIVE (arXiv 2506.09351): prune per domain, merge into experts, then retrain router and experts.",
+    "dive": "DIVE (arXiv 2506.09351): one FLAP-pruned expert per group of related domains, then two short "
+    "retraining stages. E and A come from the Design tab; the shared ratio is a share of channels.",
     "ladimo": "LaDiMo (arXiv 2408.04278): split each FFN, then distil experts and router layer by layer.",
 }
 # Method options shown in each accordion: (field, label, choices or type, one-line help). Fields of the
@@ -40,6 +41,18 @@ OPTIONS = {
         ),
         ("k_act", "K_a", int, "neurons per token marked active when grouping neurons"),
         ("kmeans_iters", "Clustering rounds", int, "balanced-assignment + centroid rounds (the code does 1)"),
+    ],
+    "dive": [
+        (
+            "domains",
+            "Domains",
+            "domains",
+            "name=text source, comma-separated; one expert per group of domains",
+        ),
+        ("prune_ratio", "Prune ratio", "optional", "channels each expert drops; empty: 1 - 0.5 / A"),
+        ("n_sequences", "Sequences per domain", int, "calibration windows per domain"),
+        ("retrain.stage1_steps", "Stage 1 steps", int, "router only, every expert on (0 skips)"),
+        ("retrain.stage2_steps", "Stage 2 steps", int, "LoRA on experts + router + norms (0 skips)"),
     ],
     "ladimo": [
         ("steps", "Steps per layer", int, "Adam distillation steps per layer (~15 s per SmolLM2 layer)"),
@@ -69,6 +82,27 @@ def _option_fields(methods: list[str]) -> list[tuple[str, str, object]]:
     return [(m, f[0], f[2]) for m in methods for f in OPTIONS.get(m, [])]
 
 
+def _to_config(kind, value):
+    """An input's value as its config field wants it."""
+    if kind == "domains":
+        return [part.strip() for part in str(value or "").split(",") if part.strip()]
+    if kind == "optional":
+        return None if value in (None, "") else float(value)
+    return kind(value) if kind in (int, float) else value
+
+
+def _to_input(kind, value):
+    if kind == "domains":
+        return ", ".join(f"{name}={spec}" for name, spec in value)
+    return value
+
+
+def _option_value(section, name: str):
+    for part in name.split("."):
+        section = getattr(section, part)
+    return section
+
+
 def run_config(
     session: Session, data_values, design_values, method, *option_values
 ) -> tuple[ConvertRun, Design]:
@@ -78,11 +112,21 @@ def run_config(
     d = design(session, *design_values)
     sections = {m: {} for m in METHODS}
     for (m, name, kind), value in zip(_option_fields(list(METHODS)), option_values, strict=True):
-        if value is None:
+        if value is None and kind != "optional":
             raise ValueError(f"{TITLES.get(m, m)} option '{name}' is empty: give a value.")
-        sections[m][name] = kind(value) if kind in (int, float) else value
+        node = sections[m]
+        *parents, leaf = name.split(".")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = _to_config(kind, value)
     sections["cmoe"]["experts"] = d.experts
     sections["ladimo"] |= {"n_experts": d.n_experts, "n_shared": d.n_shared, "top_k": d.active}
+    if "dive" in sections:  # DIVE's experts overlap (pruned copies): the shared ratio is a share of channels
+        sections["dive"] |= {
+            "n_experts": d.n_experts,
+            "top_k": d.active,
+            "shared_share": float(design_values[1]),
+        }
     model = {"spec": session.dense.spec if session.dense is not None else "builtin:smollm2-135m"}
     if session.dense is not None:
         model["device"] = session.dense.device.type
@@ -202,13 +246,17 @@ def load_config(path, session: Session, n_options: int):
     section = cfg.section()
     n_experts = getattr(section, "n_experts", None) or section.shape[2]
     n_shared = getattr(section, "n_shared", None)
-    n_shared = section.shape[0] if n_shared is None else n_shared
+    n_shared = section.shape[0] if n_shared is None and hasattr(section, "shape") else (n_shared or 0)
     active = getattr(section, "top_k", None) or section.shape[1]
-    options = [getattr(getattr(cfg, m), name) for m, name, _ in _option_fields(list(METHODS))]
+    ratio = getattr(section, "shared_share", None)
+    ratio = n_shared / n_experts if ratio is None else ratio
+    options = [
+        _to_input(k, _option_value(getattr(cfg, m), name)) for m, name, k in _option_fields(list(METHODS))
+    ]
     if session.dense is None or session.dense.spec != cfg.model.spec:
         gr.Info(f"The config names the model {cfg.model.spec}: press Load in the Model tab to use it.")
     d = cfg.data
-    design_values = [n_experts, n_shared / n_experts, "uniform", active, ""]
+    design_values = [n_experts, ratio, "uniform", active, ""]
     return [
         cfg.model.spec,
         d.text,
@@ -241,8 +289,12 @@ def build(state: gr.State, data: DataTab, design_tab: DesignTab, source: gr.Drop
                     with gr.Accordion(f"{TITLES.get(m, m)} options", open=m == "cmoe") as acc:
                         gr.Markdown(ABOUT.get(m, ""), elem_classes="moe-help")
                         for name, label, kind, help_text in OPTIONS.get(m, []):
-                            value = getattr(getattr(defaults, m), name)
-                            if isinstance(kind, list):
+                            value = _to_input(kind, _option_value(getattr(defaults, m), name))
+                            if kind == "domains":
+                                options.append(gr.Textbox(value, label=label, info=help_text, lines=2))
+                            elif kind == "optional":
+                                options.append(gr.Number(None, label=label, info=help_text))
+                            elif isinstance(kind, list):
                                 options.append(gr.Radio(kind, value=value, label=label, info=help_text))
                             else:
                                 options.append(
