@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: help env prepare run test lint format clean
+.PHONY: help env browser prepare run test lint format clean
 
 help:
 	@echo "make run     install (first time), cache the default model, serve http://127.0.0.1:7860"
@@ -36,7 +36,14 @@ prepare: env
 run: prepare
 	$(PY) app.py
 
-test: env
+# The browser test drives Debian's chromium (Playwright cannot download its own browser here).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; } || \
+		echo "chromium could not be installed: tests/test_browser.py will skip"
+
+test: env browser
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest
