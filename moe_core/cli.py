@@ -213,14 +213,19 @@ def cmd_convert(args) -> int:
     extra = {"method": args.method, "cmoe": {k: v for k, v in cmoe.items() if v is not None}}
     extra["ladimo"] = {k: v for k, v in ladimo.items() if v is not None}
     extra["dive"] = _dive_overrides(args)
+    extra["finetune"] = {"enabled": True} if args.finetune else {}
     cfg = _run_config(ConvertRun, args, {k: v for k, v in extra.items() if v})
     dense, ids = load_calibration(cfg.model, cfg.data)
     start = time.perf_counter()
     moe = convert(dense, ids, cfg.section(), method=cfg.method, progress=_progress)
     seconds = round(time.perf_counter() - start, 2)
+    metrics = {"convert_seconds": seconds, "calibration_tokens": ids.numel()}
+    if cfg.finetune.enabled:
+        from .finetune import finetune, training_ids
+
+        metrics["finetune"] = finetune(moe, training_ids(dense, cfg.finetune), cfg.finetune, _progress)
     params = param_report(moe, cfg.data.seq_len)
-    metrics = {"convert_seconds": seconds, "calibration_tokens": ids.numel(), **params}
-    metrics["conversion"] = moe.conversion.as_dict()
+    metrics |= params | {"conversion": moe.conversion.as_dict()}
     out = save_converted(moe, cfg.out, to_dict(cfg), metrics)
     summary = {"method": cfg.method, "seconds": seconds, "out": str(out)}
     keys = ("ffn_params", "ffn_active_params", "active_ffn_share", "total_params", "active_params")
@@ -243,6 +248,9 @@ def _dive_overrides(args) -> dict:
 
 def _convert_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", help="conversion method (cmoe, ladimo, dive)")
+    p.add_argument(
+        "--finetune", action="store_true", help="light LoRA fine-tuning after conversion (finetune section)"
+    )
     p.add_argument("--experts", help="CMoE SxAyEz: x shared + y active routed of z experts, e.g. S2A2E8")
     p.add_argument("--variant", choices=["paper", "code"], help="CMoE variant (see moe_core/methods/cmoe.py)")
     p.add_argument("--k-act", type=int, help="CMoE K_a: neurons marked active per token when profiling")

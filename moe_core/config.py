@@ -361,43 +361,16 @@ ConvertMethod = Literal["cmoe", "ladimo", "dive"]  # a new method adds its name 
 
 
 @dataclass(frozen=True)
-class ConvertRun:
-    """Root config of `python -m moe_core convert`: the method named by `method` reads its own section."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    method: ConvertMethod = "cmoe"
-    cmoe: CMoEConfig = field(default_factory=CMoEConfig)
-    ladimo: LaDiMoConfig = field(default_factory=LaDiMoConfig)
-    dive: DIVEConfig = field(default_factory=DIVEConfig)
-    out: str = "outputs/convert"
-
-    def __post_init__(self):
-        methods = get_args(ConvertMethod)
-        _check(self.method in methods, f"Unknown method '{self.method}'. Methods: {', '.join(methods)}.")
-        _check(bool(str(self.out).strip()), "out is empty: give the folder to write the converted model to.")
-
-    def section(self):
-        """The config section of the chosen method (e.g. self.cmoe)."""
-        return getattr(self, self.method)
-
-
-_NESTED = {
-    "ModelConfig": ModelConfig,
-    "DataConfig": DataConfig,
-    "ProfileConfig": ProfileConfig,
-    "CMoEConfig": CMoEConfig,
-    "LaDiMoConfig": LaDiMoConfig,
-    "DIVEConfig": DIVEConfig,
-    "DIVERetrainConfig": DIVERetrainConfig,
-}
-
-
-@dataclass(frozen=True)
 class FinetuneConfig:
-    """Light LoRA fine-tuning after conversion (CMoE §5.1), sized for minutes on a 2-core CPU."""
+    """Light LoRA fine-tuning after conversion (CMoE §5.1), sized for minutes on a 2-core CPU.
 
-    text: str = "shared:calib-wikipedia"  # not WikiText-2: only its test split is here, PPL is measured on it
+    In a convert run config it runs after the conversion when ``enabled`` (``--finetune`` on the command line).
+    """
+
+    enabled: bool = False  # convert runs only: fine-tune the converted model before saving it
+    # auto: shared:calib-wikipedia when the shared data folder is present (not WikiText-2: only its test split
+    # is there, and perplexity is measured on it), else builtin:pydoc
+    text: str = "auto"
     n_sequences: int = 32  # paper 2048 x 2048 tokens; 32 x 256 is ~3 min for SmolLM2-135M on 2 cores
     seq_len: int = 256
     batch_size: int = 2  # the code's --sft-bsz
@@ -425,6 +398,41 @@ class FinetuneConfig:
             "peft cannot apply LoRA dropout to the stacked expert tensors: set finetune.lora_dropout to 0, "
             "or finetune.expert_lora to false (routed experts then stay frozen).",
         )
+
+
+@dataclass(frozen=True)
+class ConvertRun:
+    """Root config of `python -m moe_core convert`: the method named by `method` reads its own section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: ConvertMethod = "cmoe"
+    cmoe: CMoEConfig = field(default_factory=CMoEConfig)
+    ladimo: LaDiMoConfig = field(default_factory=LaDiMoConfig)
+    dive: DIVEConfig = field(default_factory=DIVEConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    out: str = "outputs/convert"
+
+    def __post_init__(self):
+        methods = get_args(ConvertMethod)
+        _check(self.method in methods, f"Unknown method '{self.method}'. Methods: {', '.join(methods)}.")
+        _check(bool(str(self.out).strip()), "out is empty: give the folder to write the converted model to.")
+
+    def section(self):
+        """The config section of the chosen method (e.g. self.cmoe)."""
+        return getattr(self, self.method)
+
+
+_NESTED = {
+    "ModelConfig": ModelConfig,
+    "DataConfig": DataConfig,
+    "ProfileConfig": ProfileConfig,
+    "CMoEConfig": CMoEConfig,
+    "LaDiMoConfig": LaDiMoConfig,
+    "DIVEConfig": DIVEConfig,
+    "DIVERetrainConfig": DIVERetrainConfig,
+    "FinetuneConfig": FinetuneConfig,
+}
 
 
 @dataclass(frozen=True)
@@ -457,7 +465,7 @@ class EvalRun:
     out: str = "outputs/eval"
 
 
-_NESTED.update({"FinetuneConfig": FinetuneConfig, "EvalConfig": EvalConfig})
+_NESTED.update({"EvalConfig": EvalConfig})
 
 
 @dataclass(frozen=True)

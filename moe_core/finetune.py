@@ -202,8 +202,18 @@ def training_ids(dense, cfg: FinetuneConfig | None = None) -> torch.Tensor:
     from .data import load_documents, sample_sequences
 
     cfg = cfg or FinetuneConfig()
-    docs = load_documents(cfg.text, model=dense, seed=cfg.seed)
-    return sample_sequences(docs, dense.tokenizer, cfg.n_sequences, cfg.seq_len, cfg.seed, source=cfg.text)
+    text = training_text(cfg)
+    docs = load_documents(text, model=dense, seed=cfg.seed)
+    return sample_sequences(docs, dense.tokenizer, cfg.n_sequences, cfg.seq_len, cfg.seed, source=text)
+
+
+def training_text(cfg: FinetuneConfig) -> str:
+    """cfg.text, with ``auto`` resolved: Wikipedia prose from the shared data when present, else Python's docs."""
+    from .data import shared_data_dir
+
+    if cfg.text != "auto":
+        return cfg.text
+    return "shared:calib-wikipedia" if shared_data_dir() is not None else "builtin:pydoc"
 
 
 def finetune(

@@ -166,3 +166,36 @@ def test_training_ids_follow_the_config():
     cfg = FinetuneConfig(text="builtin:pydoc", n_sequences=3, seq_len=20)
     ids = training_ids(dense, cfg)
     assert ids.shape == (3, 20) and torch.equal(ids, training_ids(dense, cfg))
+
+
+def test_auto_text_falls_back_to_a_builtin_without_the_shared_data(monkeypatch, tmp_path):
+    from moe_core.finetune import training_text
+
+    assert training_text(FinetuneConfig(text="builtin:stdlib")) == "builtin:stdlib"
+    monkeypatch.setenv("MOE_STUDIO_DATA", str(tmp_path / "absent"))
+    assert training_text(FinetuneConfig()) == "builtin:pydoc"
+    monkeypatch.setenv("MOE_STUDIO_DATA", str(tmp_path))
+    assert training_text(FinetuneConfig()) == "shared:calib-wikipedia"
+
+
+def test_cli_convert_fine_tunes_when_asked(tmp_path, capsys):
+    import json
+
+    from moe_core.checkpoint import load_converted
+    from moe_core.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "model: {spec: 'builtin:tiny-llama'}\ndata: {text: 'builtin:pydoc', n_sequences: 2, seq_len: 32}\n"
+        "finetune: {text: 'builtin:pydoc', n_sequences: 4, seq_len: 32, scale_lr: 0.1}\n"
+    )
+    out = tmp_path / "out"
+    assert (
+        main(["convert", "--config", str(config), "--experts", "S1A1E4", "--finetune", "--out", str(out)])
+        == 0
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["finetune"]["steps"] == 2 and metrics["finetune"]["loss_last"] > 0
+    assert json.loads((out / "run_config.json").read_text())["finetune"]["enabled"] is True
+    u = load_converted(out).mlp(0).gate_scale
+    assert u.abs().max() > 0  # the saved model is the tuned one: u starts at 0
