@@ -235,15 +235,14 @@ def cmd_convert(args) -> int:
 
 def _dive_overrides(args) -> dict:
     """The dive section from its flags; --n-experts / --top-k serve it too when the method is dive."""
-    flags = {"domains": args.domains, "prune_ratio": args.prune_ratio, "shared_share": args.shared_share}
+    flags = {"prune_ratio": args.prune_ratio, "shared_share": args.shared_share}
     if args.method == "dive":
         flags |= {"n_experts": args.n_experts, "top_k": args.top_k}
-    retrain = {"stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps}
-    out = {k: v for k, v in flags.items() if v is not None}
     if args.domains is not None:
-        out["domains"] = [d.strip() for d in args.domains.split(",") if d.strip()]
+        flags["domains"] = [d.strip() for d in args.domains.split(",") if d.strip()]
+    retrain = {"stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps}
     retrain = {k: v for k, v in retrain.items() if v is not None}
-    return out | ({"retrain": retrain} if retrain else {})
+    return {k: v for k, v in flags.items() if v is not None} | ({"retrain": retrain} if retrain else {})
 
 
 def _convert_flags(p: argparse.ArgumentParser) -> None:

@@ -364,15 +364,18 @@ def _expert_lora(blocks: dict[str, MoEMLP], cfg: DIVERetrainConfig):
 def train_experts(
     moe, input_ids: torch.Tensor, cfg: DIVERetrainConfig, steps: int | None = None, progress=None, cancel=None
 ) -> dict:
-    """DIVE stage 2 in place: LoRA (r 8, alpha 16) on the experts, the routers and every RMSNorm trained fully,
-    attention and embeddings frozen; top-k routing with training noise. LoRA is merged at the end.
+    """DIVE stage 2 in place: LoRA (r 8, alpha 16) on the experts, the routers (top-2 and up) and every RMSNorm
+    trained fully, attention and embeddings frozen; top-k routing with training noise. LoRA is merged at the end.
 
     steps: defaults to cfg.stage2_steps (the FLAP baseline uses stage 1 + stage 2 steps here).
     """
     from peft import get_peft_model
 
     model, blocks = moe.model, _blocks(moe.model)
-    full = _router_params(blocks) + norm_params(model)
+    # A top-1 router has no gradient here (its gate p / p is 1), only float rounding (~1e-7) that Adam's
+    # normalisation would turn into full-size random steps: only routers choosing k >= 2 train in stage 2.
+    routers = _router_params({n: b for n, b in blocks.items() if b.policy.k > 1})
+    full = routers + norm_params(model)
     batches = _cycled_batches(
         input_ids, cfg.stage2_steps if steps is None else steps, cfg.batch_size, cfg.seed + 1
     )

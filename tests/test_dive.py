@@ -274,6 +274,16 @@ def test_stage2_freezes_attention_and_embeddings_and_lowers_the_loss(dive_moe):
     assert sorted(before) == sorted(state(dive_moe.model))
 
 
+def test_stage2_leaves_top1_routers_alone(domains):
+    """A top-1 gate p / p is 1: only rounding reaches the router, which Adam would blow up into real steps."""
+    dense = tiny_model("llama")
+    moe = assemble(dense, group_stats(dense), small(domains, n_experts=3, top_k=1))[0]
+    before = state(moe.model)
+    train_experts(moe, ids(n=2), RETRAIN)
+    moved = changed(before, state(moe.model))
+    assert "model.layers.0.mlp.gate_up_proj" in moved and not any(".router." in k for k in moved)
+
+
 def test_norms_inside_attention_stay_frozen():
     qwen3 = tiny_model("qwen3").model
     names = {id(p): n for n, p in qwen3.named_parameters()}
