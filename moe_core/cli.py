@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+import warnings
 
 from .config import DataConfig, ModelConfig, ProfileRun, from_dict, load_config_file, to_dict
 
@@ -84,6 +86,7 @@ def load_calibration(model_cfg: ModelConfig, data_cfg: DataConfig, progress=_pro
         trust_remote_code=model_cfg.trust_remote_code,
         progress=progress,
     )
+    dense.check_seq_len(data_cfg.seq_len)
     docs = load_documents(parse_text_source(data_cfg.text), model=dense, seed=data_cfg.seed)
     ids = sample_sequences(docs, dense.tokenizer, data_cfg.n_sequences, data_cfg.seq_len, data_cfg.seed)
     return dense, ids
@@ -395,13 +398,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warn(message, category, *_args, **_kwargs) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command][0](args)
-    except KeyboardInterrupt:
-        print("\nInterrupted; nothing was written.", file=sys.stderr)
-        return 130
-    except (ValueError, OSError) as exc:  # library errors carry the what and the how-to-fix
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _warn  # one line, like the errors; restored on return
+        try:
+            return COMMANDS[args.command][0](args)
+        except KeyboardInterrupt:
+            print("\nInterrupted; nothing was written.", file=sys.stderr)
+            return 130
+        except (ValueError, OSError) as exc:  # library errors carry the what and the how-to-fix
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except Exception as exc:  # a bug: one line here, the trace only when asked for
+            if os.environ.get("MOE_STUDIO_DEBUG"):
+                raise
+            print(
+                f"error: {type(exc).__name__}: {exc} (an internal error; MOE_STUDIO_DEBUG=1 shows the trace)",
+                file=sys.stderr,
+            )
+            return 1

@@ -18,6 +18,9 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+MAX_CALIBRATION_TOKENS = 2**24  # 16.8 M tokens: far beyond any paper's recipe (CMoE: 8 x 2048)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     spec: str = "builtin:smollm2-135m"  # builtin:..., a local folder, a .gguf file or a hub id
@@ -47,6 +50,12 @@ class DataConfig:
             1 <= self.n_sequences <= 100_000, f"data.n_sequences must be 1..100000, got {self.n_sequences}."
         )
         _check(2 <= self.seq_len <= 131_072, f"data.seq_len must be 2..131072, got {self.seq_len}.")
+        tokens = self.n_sequences * self.seq_len
+        _check(
+            tokens <= MAX_CALIBRATION_TOKENS,
+            f"data: {self.n_sequences} x {self.seq_len} = {tokens:,} calibration tokens is more than the "
+            f"{MAX_CALIBRATION_TOKENS:,} a conversion can hold; lower n_sequences or seq_len.",
+        )
 
 
 @dataclass(frozen=True)
@@ -448,8 +457,8 @@ class EvalConfig:
     limit: int = 100  # lm-eval: first `limit` documents per task
 
     def __post_init__(self):
-        _check(self.n_windows >= 1, f"eval.n_windows must be >= 1, got {self.n_windows}.")
-        _check(self.seq_len >= 2, f"eval.seq_len must be >= 2, got {self.seq_len}.")
+        _check(1 <= self.n_windows <= 100_000, f"eval.n_windows must be 1..100000, got {self.n_windows}.")
+        _check(2 <= self.seq_len <= 131_072, f"eval.seq_len must be 2..131072, got {self.seq_len}.")
         _check(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}.")
         _check(self.limit >= 1, f"eval.limit must be >= 1, got {self.limit}.")
         _check(bool(str(self.reference).strip()), "eval.reference is empty: give a model spec, auto or none.")

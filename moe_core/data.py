@@ -67,6 +67,7 @@ OFFLINE_HINT = (
 # Neutral openings for builtin:model; sample i starts from prompt i % len (LLM-QAT-style data-free generation).
 MODEL_PROMPTS = ("The", "In", "A", "It", "When", "This", "We", "One")
 PREVIEW_TOKENIZE_CHARS = 200_000  # text_preview tokenizes at most this much and extrapolates
+MAX_FILE_MB = 512  # default size limit of a text file (and of an upload in the app); MOE_STUDIO_MAX_FILE_MB
 
 
 class TextSourceError(ValueError):
@@ -339,6 +340,28 @@ def _load_hub(source: TextSource, max_chars: int) -> list[str]:
 # Files
 
 
+def max_file_bytes() -> int:
+    """The largest text file (or upload) accepted: ``MOE_STUDIO_MAX_FILE_MB`` megabytes, default 512."""
+    value = os.environ.get("MOE_STUDIO_MAX_FILE_MB", str(MAX_FILE_MB))
+    try:
+        megabytes = float(value)
+    except ValueError:
+        raise TextSourceError(
+            f"MOE_STUDIO_MAX_FILE_MB must be a number of megabytes, got '{value}'."
+        ) from None
+    return int(megabytes * 2**20)
+
+
+def check_file_size(path: Path, label: str) -> None:
+    """Refuse a file over :func:`max_file_bytes`, saying how big it is and what the limit is."""
+    size, limit = path.stat().st_size, max_file_bytes()
+    if size > limit:
+        raise TextSourceError(
+            f"{label}: {path.name} is {size / 2**20:,.1f} MB, over the {limit / 2**20:,.1f} MB limit. Use a "
+            "smaller sample of the text (a few MB is plenty for calibration), or raise MOE_STUDIO_MAX_FILE_MB."
+        )
+
+
 def _file_format(path: Path, source: TextSource) -> str:
     suffixes = [s.lower() for s in path.suffixes[-2:]]
     suffix = suffixes[0] if suffixes[-1:] == [".gz"] and len(suffixes) == 2 else (suffixes or [""])[-1]
@@ -358,6 +381,7 @@ def _read_file(path: Path, source: TextSource, max_chars: int) -> list[str]:
         raise TextSourceError(f"Text source '{source.spec}': file not found: {path}. Check the path.")
     if path.stat().st_size == 0:
         raise TextSourceError(f"Text source '{source.spec}': the file {path} is empty. Use a file with text.")
+    check_file_size(path, f"Text source '{source.spec}'")
     if fmt != "parquet" and b"\x00" in _head_bytes(path):
         raise TextSourceError(_binary_message(source, path))
     try:

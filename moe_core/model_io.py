@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,6 +63,14 @@ class ModelLoadError(ValueError):
 
 class UnsupportedArchitecture(ModelLoadError):
     """The architecture has no gated MLP (or is already MoE); refused before weights load."""
+
+
+class ModelTooLarge(ModelLoadError):
+    """The model would not fit in the memory of the device; refused before weights load."""
+
+
+class RemoteCodeWarning(UserWarning):
+    """trust_remote_code is on and the model brings its own code: it runs with the user's rights."""
 
 
 def cache_dir() -> Path:
@@ -172,6 +181,15 @@ class DenseModel:
     def mlp(self, i: int) -> nn.Module:
         return self.adapter.mlp(self.model, i)
 
+    def check_seq_len(self, seq_len: int) -> None:
+        """ValueError when ``seq_len`` tokens exceed the positions the model was built for."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit and seq_len > limit:
+            raise ModelLoadError(
+                f"{seq_len} tokens per sequence is more than {self.spec} handles ({limit} positions): "
+                f"use at most {limit}."
+            )
+
     def summary(self) -> ModelSummary:
         cfg = self.model.config
         params = list(self.model.parameters())
@@ -190,6 +208,65 @@ class DenseModel:
             device=str(first.device),
             memory_mb=sum(p.numel() * p.element_size() for p in params) / 2**20,
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: estimated from the config (or a GGUF header) before any weight is read
+
+MEMORY_MARGIN = 1.2  # weights plus buffers, the KV cache of a short forward and the allocator's slack
+
+
+def available_memory(device: str = "cpu") -> int:
+    """Bytes a model may use on ``device``: free GPU memory, or the host's MemAvailable; capped by
+    ``MOE_STUDIO_MAX_MEMORY_MB`` when set (a budget for a shared machine, and for tests)."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:
+        free = _host_available()
+    cap = os.environ.get("MOE_STUDIO_MAX_MEMORY_MB")
+    return min(free, int(float(cap) * 2**20)) if cap else free
+
+
+def _host_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def count_parameters(config) -> int | None:
+    """Parameters of the model a transformers config describes, counted on the meta device (no memory);
+    None when the config cannot be built that way (e.g. a class that only its remote code defines)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # the load itself will then explain what is wrong
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_fits(n_params: int | None, dtype: torch.dtype, device: str, name: str) -> None:
+    """Raise ModelTooLarge, with the numbers, when ``n_params`` weights of ``dtype`` will not fit."""
+    if n_params is None:
+        return
+    need = n_params * torch.finfo(dtype).bits // 8 * MEMORY_MARGIN
+    free = available_memory(device)
+    if need > free:
+        raise ModelTooLarge(
+            f"'{name}' needs about {_size(need)} on {device} ({n_params / 1e6:,.2f} M parameters x "
+            f"{torch.finfo(dtype).bits // 8} bytes ({str(dtype).removeprefix('torch.')}) x {MEMORY_MARGIN} "
+            f"for buffers), but only {_size(free)} is available. Use a smaller model, a GPU with more "
+            "memory, or close other programs (MOE_STUDIO_MAX_MEMORY_MB sets this budget)."
+        )
+
+
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:,.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:,.1f} MB"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,23 +301,27 @@ def load_model(
     if spec.startswith("builtin:tiny-"):
         dense = tiny_model(spec.removeprefix("builtin:tiny-"))
     elif spec.startswith("builtin:"):
-        dense = _load_folder(_builtin_folder(spec, progress), spec, torch_dtype, trust_remote_code)
+        folder = _builtin_folder(spec, progress, device)
+        dense = _load_folder(folder, spec, torch_dtype, trust_remote_code, device)
     elif spec.lower().endswith(".gguf"):
-        dense = _load_gguf(Path(spec), spec, torch_dtype)
+        dense = _load_gguf(Path(spec), spec, torch_dtype, device)
     elif Path(spec).expanduser().exists():
-        dense = _load_folder(Path(spec).expanduser(), spec, torch_dtype, trust_remote_code)
+        dense = _load_folder(Path(spec).expanduser(), spec, torch_dtype, trust_remote_code, device)
     elif spec.startswith(("/", "./", "../", "~")):
         raise ModelLoadError(f"Local path '{spec}' does not exist. Check the path, or use {DEFAULT_MODEL}.")
     else:
-        dense = _load_folder(spec, spec, torch_dtype, trust_remote_code)
+        dense = _load_folder(spec, spec, torch_dtype, trust_remote_code, device)
     dense.model.to(device=device, dtype=torch_dtype).eval()
     if progress:
         progress(1.0, f"Loaded {spec}")
     return dense
 
 
-def load_config(ref: str | Path, trust_remote_code: bool = False):
-    """Read only the config of a local folder or hub id, with errors a user can act on."""
+def load_config(ref: str | Path, trust_remote_code: bool = False, local_only: bool | None = None):
+    """Read only the config of a local folder or hub id, with errors a user can act on.
+
+    local_only: read the hub id from the local cache only; None: when the hub cannot be reached.
+    """
     from transformers import AutoConfig
 
     path = Path(ref) if not isinstance(ref, str) or Path(ref).expanduser().exists() else None
@@ -249,58 +330,96 @@ def load_config(ref: str | Path, trust_remote_code: bool = False):
             f"'{ref}' is a folder but has no config.json, so it is not a transformers model folder. "
             "Point to the folder that holds config.json and the weights, or to a .gguf file."
         )
+    if local_only is None:  # offline, the hub client retries for ~25 s: look only in the local cache
+        local_only = path is None and not hub_reachable()
     try:
-        return AutoConfig.from_pretrained(str(ref), trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            str(ref), trust_remote_code=trust_remote_code, local_files_only=local_only
+        )
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise ModelLoadError(
-                f"'{ref}' needs custom code from its repository (trust_remote_code). It is off by "
-                "default for safety; enable it only for sources you trust."
+                f"'{ref}' needs custom code from its repository (trust_remote_code), which is off by "
+                "default because that code runs with your rights. Enable it only for sources you trust: "
+                "Model tab > Advanced > Trust remote code, or --trust-remote-code on the command line."
             ) from exc
         raise ModelLoadError(f"Could not read the config of '{ref}': {exc}") from exc
     except OSError as exc:
+        hub = "is not reachable (offline?) and has no cached copy" if local_only else "has no such repository"
         raise ModelLoadError(
-            f"Could not find a model at '{ref}': it is not a local folder or file, and the Hugging Face "
-            "hub is not reachable or has no such repository. Check the path or id, or use "
-            f"{DEFAULT_MODEL}."
+            f"Could not find a model at '{ref}': it is not a local folder or file, and the Hugging Face hub "
+            f"{hub}. Check the path or id, or use {DEFAULT_MODEL}."
         ) from exc
+    if trust_remote_code and getattr(config, "auto_map", None):
+        warnings.warn(
+            f"'{ref}' brings its own Python code ({', '.join(sorted(config.auto_map))}) and trust_remote_code "
+            "is on: that code runs with your rights. Do this only for sources you trust.",
+            RemoteCodeWarning,
+            stacklevel=2,
+        )
+    return config
 
 
-def _load_folder(ref, spec: str, dtype: torch.dtype, trust_remote_code: bool) -> DenseModel:
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Can the Hugging Face hub (HF_ENDPOINT) be reached? False at once under HF_HUB_OFFLINE or without DNS."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _load_folder(ref, spec: str, dtype: torch.dtype, trust_remote_code: bool, device: str) -> DenseModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = load_config(ref, trust_remote_code)
+    local_only = not Path(ref).expanduser().exists() and not hub_reachable()
+    config = load_config(ref, trust_remote_code, local_only)
     adapter = adapter_for_config(config)
+    check_fits(count_parameters(config), dtype, device, spec)
+    remote = {"trust_remote_code": trust_remote_code, "local_files_only": local_only}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(ref), dtype=dtype, trust_remote_code=trust_remote_code
-        )
-        tokenizer = AutoTokenizer.from_pretrained(str(ref), trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(str(ref), dtype=dtype, **remote)
+        tokenizer = AutoTokenizer.from_pretrained(str(ref), **remote)
     except Exception as exc:  # corrupt or partial weights surface as many exception types
         raise ModelLoadError(f"Could not load the weights or tokenizer of '{ref}': {exc}") from exc
     return DenseModel(model.eval(), tokenizer, adapter, spec)
 
 
 def _gguf_config(path: Path):
-    """Read the architecture from a GGUF header without de-quantising any tensor."""
+    """Read the architecture and the parameter count from a GGUF header without de-quantising any tensor."""
     try:
         from gguf import GGUFReader
 
         reader = GGUFReader(str(path))
         field = reader.fields["general.architecture"]
         arch = bytes(field.parts[field.data[0]]).decode()
+        n_params = sum(int(t.n_elements) for t in reader.tensors)
     except Exception as exc:
-        raise ModelLoadError(f"'{path}' is not a readable GGUF file: {exc}") from exc
-    return type("GGUFArch", (), {"model_type": {"qwen2": "qwen2", "phi3": "phi3"}.get(arch, arch)})()
+        raise ModelLoadError(
+            f"'{path}' is not a readable GGUF file ({type(exc).__name__}: {exc}). It may be truncated or not "
+            "a GGUF at all: download it again, or load a model folder instead."
+        ) from exc
+    model_type = {"qwen2": "qwen2", "phi3": "phi3"}.get(arch, arch)
+    return type("GGUFArch", (), {"model_type": model_type, "n_params": n_params})()
 
 
-def _load_gguf(path: Path, spec: str, dtype: torch.dtype) -> DenseModel:
+def _load_gguf(path: Path, spec: str, dtype: torch.dtype, device: str = "cpu") -> DenseModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = path.expanduser()
     if not path.is_file():
         raise ModelLoadError(f"GGUF file '{path}' does not exist.")
-    adapter = adapter_for_config(_gguf_config(path))
+    header = _gguf_config(path)
+    adapter = adapter_for_config(header)
+    check_fits(header.n_params, dtype, device, spec)  # de-quantised: every weight at full width
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -324,7 +443,7 @@ def smollm2_gguf_path() -> Path:
     return Path(found.submodule_search_locations[0]) / SMOLLM2_GGUF
 
 
-def _builtin_folder(spec: str, progress=None) -> Path:
+def _builtin_folder(spec: str, progress=None, device: str = "cpu") -> Path:
     """De-quantise a builtin GGUF once and cache it as safetensors; return the cached folder."""
     if spec != DEFAULT_MODEL:
         raise ModelLoadError(f"Unknown builtin model '{spec}'. Builtins: {', '.join(builtin_models())}.")
@@ -333,7 +452,7 @@ def _builtin_folder(spec: str, progress=None) -> Path:
         return folder
     if progress:
         progress(0.05, "De-quantising the GGUF once (about 20 s); later loads use the cache")
-    dense = _load_gguf(smollm2_gguf_path(), spec, torch.float32)
+    dense = _load_gguf(smollm2_gguf_path(), spec, torch.float32, device)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     dense.model.save_pretrained(tmp)

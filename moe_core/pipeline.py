@@ -24,6 +24,7 @@ def calibration(dense, data: DataConfig) -> tuple[torch.Tensor, dict]:
     """Token ids (N, T) sampled from the data config's text, and a preview of that text (counts + head)."""
     from .data import load_documents, sample_sequences, text_preview
 
+    dense.check_seq_len(data.seq_len)
     docs = load_documents(data.text, model=dense, seed=data.seed)
     ids = sample_sequences(docs, dense.tokenizer, data.n_sequences, data.seq_len, data.seed, source=data.text)
     return ids, text_preview(docs, dense.tokenizer)
@@ -169,6 +170,7 @@ def evaluate_pair(
     from .evaluate import evaluate, lm_eval_tasks, measure_throughput
 
     cfg = EvalConfig(text=text, n_windows=int(n_windows), seq_len=int(seq_len), tasks=tuple(tasks or ()))
+    moe.check_seq_len(cfg.seq_len)
     docs = load_documents(cfg.text)
     windows = eval_windows(docs, moe.tokenizer, cfg.seq_len, cfg.n_windows, source=cfg.text)
     report = evaluate(
