@@ -12,6 +12,7 @@ It is written to a temporary sibling folder and renamed into place, so a crash n
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -61,8 +62,6 @@ def save_converted(dense_moe, folder: str | Path, run_config: dict, metrics: dic
 
     Refuses to overwrite a non-empty folder that is not a converted checkpoint.
     """
-    from safetensors.torch import save_file
-
     folder = Path(folder).expanduser()
     if folder.exists() and any(folder.iterdir()) and not is_converted(folder):
         raise ValueError(
@@ -71,6 +70,24 @@ def save_converted(dense_moe, folder: str | Path, run_config: dict, metrics: dic
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _write_folder(dense_moe, tmp, run_config, metrics)
+        _swap_into_place(tmp, folder)
+    except BaseException as exc:  # a full disk, an interrupt: no half-written checkpoint stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise OSError(
+                exc.errno,
+                f"The disk is full: saving the converted model to '{folder}' failed and the partial files "
+                "were removed. Free some space or choose an output folder on another disk",
+            ) from exc
+        raise
+    return folder
+
+
+def _write_folder(dense_moe, tmp: Path, run_config: dict, metrics: dict | None) -> None:
+    from safetensors.torch import save_file
+
     aliases = _tied_aliases(dense_moe.model)
     state = {k: v.detach().contiguous() for k, v in dense_moe.model.state_dict().items() if k not in aliases}
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
@@ -82,8 +99,6 @@ def save_converted(dense_moe, folder: str | Path, run_config: dict, metrics: dic
     _write_json(tmp / MOE_LAYERS, layers)
     _write_json(tmp / "run_config.json", run_config)
     _write_json(tmp / "metrics.json", metrics or {})
-    _swap_into_place(tmp, folder)
-    return folder
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -19,6 +19,7 @@ is written as ``<out>.partial`` and renamed when complete; :func:`make_zip` pack
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -133,14 +134,29 @@ def export_model(
         _write_reports(tmp, result, meta)
         check_cancel(cancel)
         _swap_into_place(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise disk_full(out, exc) from exc
         raise
     result.folder = out
     if cfg.zip:
         result.zip_path = make_zip(out)
     _progress(progress, 1.0, f"Exported to {out}")
     return result
+
+
+def disk_full(out: Path, exc: OSError) -> ExportError:
+    """The message for a full disk: where, how much is free now, and that nothing was left behind."""
+    try:
+        free = f"{shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free / 2**20:,.0f} MB"
+    except OSError:
+        free = "unknown"
+    return ExportError(
+        f"The disk is full: writing the export to '{out}' failed ({exc.strerror or exc}); {free} free now. "
+        "The partial files were removed and any earlier export there is unchanged. Free some space (a "
+        "portable export of a model needs about its size in float32), or export to another disk."
+    )
 
 
 def check_destination(out: Path) -> None:
@@ -311,7 +327,7 @@ _RELOAD_SCRIPT = r"""
 import json, sys, torch
 from transformers import AutoModelForCausalLM
 jobs = json.load(open(sys.argv[1]))
-data = torch.load(jobs["tokens"])
+data = torch.load(jobs["tokens"], weights_only=True)
 results = []
 for job in jobs["folders"]:
     model = AutoModelForCausalLM.from_pretrained(job["folder"], trust_remote_code=job["remote"], dtype="auto")
@@ -354,7 +370,10 @@ def reload_logits(folders: list[tuple[Path, bool]], ids, prompt, new_tokens: int
         if proc.returncode != 0:
             raise ExportError(f"Reloading the export in a clean process failed:\n{proc.stderr[-3000:]}")
         info = json.loads(proc.stdout.strip().splitlines()[-1])
-        return [{**torch.load(job["out"]), **meta} for job, meta in zip(jobs, info, strict=True)]
+        return [
+            {**torch.load(job["out"], weights_only=True), **meta}
+            for job, meta in zip(jobs, info, strict=True)
+        ]
 
 
 def _clean_env() -> dict:

@@ -2,7 +2,8 @@
 
 Every method has the signature ``convert(dense, input_ids (N, T), cfg, progress=None, cancel=None)`` and
 returns a new DenseModel (the caller's model is never modified) whose converted layers are MoEMLP blocks
-and whose ``conversion`` attribute is a report (per-layer sizes, seconds).
+and whose ``conversion`` attribute is a report (per-layer sizes, seconds). :func:`convert` seeds the global
+RNG from the config's ``seed`` first, so the same config gives the same model in any process or session.
 """
 
 from __future__ import annotations
@@ -36,4 +37,8 @@ def convert(
         cfg = default
     elif not isinstance(cfg, type(default)):
         raise ValueError(f"Method '{method}' needs a {type(default).__name__}, got {type(cfg).__name__}.")
-    return METHODS[method](dense, input_ids, cfg, progress=progress, cancel=cancel)
+    # Same config and seed, same model: whatever a method draws from the global RNG (router init, LoRA, noise)
+    # comes from the config's seed, and the caller's RNG streams are left where they were.
+    with torch.random.fork_rng(devices=[dense.device] if dense.device.type == "cuda" else []):
+        torch.manual_seed(getattr(cfg, "seed", 0))
+        return METHODS[method](dense, input_ids, cfg, progress=progress, cancel=cancel)
