@@ -67,8 +67,16 @@ def test_data_preview_needs_a_model_and_explains_bad_sources(loaded):
         data_tab.preview(loaded, "shared:nope", 2, 32, 0)
 
 
-def test_upload_becomes_a_file_source(tmp_path):
-    assert data_tab.uploaded(str(tmp_path / "a.txt")).value == f"file:{tmp_path / 'a.txt'}"
+def test_upload_moves_into_the_session_folder_and_becomes_a_file_source(tmp_path):
+    upload = tmp_path / "gradio-cache" / "a.txt"
+    upload.parent.mkdir()
+    upload.write_text("some calibration text")
+    session = Session(workspace=Workspace(tmp_path / "out"))
+    target = session.workspace.path("uploads", "a.txt")
+    assert data_tab.uploaded(str(upload), session).value == f"file:{target}"
+    assert target.read_text() == "some calibration text" and not upload.parent.exists()
+    session.workspace.cleanup()
+    assert not target.exists()
 
 
 def test_design_estimate_matches_the_conversion(loaded, converted):

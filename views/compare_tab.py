@@ -8,6 +8,7 @@ from views import widgets
 from views.state import Session
 
 NO_MOE = "Convert a model in the **Convert** tab first; both models then continue the same prompt greedily."
+READY = "Type a prompt and press **Generate with both**."
 PROMPT = "The three most useful things to know about mixture-of-experts models are"
 
 
@@ -34,9 +35,13 @@ def run(session: Session, prompt: str, max_new_tokens, progress=gr.Progress()):
     return dense.text, speed_html("Dense", dense), moe.text, speed_html("Converted (MoE)", moe)
 
 
-def build(state: gr.State) -> None:
+def status_text(session: Session) -> str:
+    return widgets.converted_status(session, NO_MOE, READY)
+
+
+def build(state: gr.State) -> gr.Markdown:
     with gr.Tab("Compare", id="compare"):
-        gr.Markdown(NO_MOE, elem_classes="moe-status")
+        status = gr.Markdown(NO_MOE, elem_classes="moe-status")
         with gr.Row():
             prompt = gr.Textbox(PROMPT, label="Prompt", lines=2, scale=4)
             with gr.Column(scale=1):
@@ -56,3 +61,4 @@ def build(state: gr.State) -> None:
         api_name="compare",
         **widgets.HEAVY,
     )
+    return status

@@ -70,6 +70,7 @@ OPTIONS = {
 
 @dataclass(frozen=True)
 class ConvertTab:
+    status: gr.Markdown
     method: gr.Radio
     options: list  # one component per (method, field) of OPTIONS, in order
     summary: gr.HTML
@@ -151,6 +152,17 @@ def preview(session: Session, *values):
         return f"# Not a valid run yet:\n# {exc}", f"# {exc}"
     note = "" if d.per_layer is None else "  # then per-layer A from the Design tab (the app applies it)"
     return config_yaml(cfg), command_line(cfg, CONFIG_FILE) + note
+
+
+def status_text(session: Session) -> str:
+    """The grey line on top: which model converts, and what this session converted last."""
+    if session.dense is None:
+        return NO_MODEL
+    cfg = session.dense.model.config
+    line = f"Model **{session.dense.spec}**: {session.dense.n_layers} layers x {cfg.intermediate_size} FFN neurons. "
+    if session.moe is None:
+        return line + "Layout from **Design**, text from **Data**; press **Convert**."
+    return widgets.converted_status(session, "", "Convert again to replace it.")
 
 
 def summary_html(session: Session, seconds: float) -> str:
@@ -275,7 +287,7 @@ def build(state: gr.State, data: DataTab, design_tab: DesignTab, source: gr.Drop
     methods = list(METHODS)
     defaults = ConvertRun()
     with gr.Tab("Convert", id="convert"):
-        gr.Markdown(NO_MODEL, elem_classes="moe-status")
+        status = gr.Markdown(NO_MODEL, elem_classes="moe-status")
         with gr.Row(equal_height=False):
             with gr.Column(scale=2):
                 method = gr.Radio(
@@ -358,4 +370,4 @@ def build(state: gr.State, data: DataTab, design_tab: DesignTab, source: gr.Drop
         api_name="load_run_config",
         **widgets.LIGHT,
     )
-    return ConvertTab(method, options, summary, converted, [yaml_box, cmd])
+    return ConvertTab(status, method, options, summary, converted, [yaml_box, cmd])

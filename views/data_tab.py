@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import html
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 
@@ -73,12 +76,26 @@ def preview(session: Session, text, n_sequences, seq_len, seed, progress=gr.Prog
     return preview_html(data, info), info["preview"]
 
 
-def uploaded(path) -> gr.Dropdown:
-    """An uploaded file becomes a file: source (it stays in Gradio's per-upload temporary folder)."""
+@widgets.guarded("Could not use the uploaded file")
+def uploaded(path, session: Session) -> gr.Dropdown:
+    """An uploaded file becomes a file: source. It moves out of Gradio's shared upload cache into this
+    session's own folder (removed with the session), after a size check."""
+    from moe_core.data import check_file_size
+
     if not path:
         return gr.skip()
+    source = Path(path)
+    try:
+        check_file_size(source, "Upload")
+        target = session.workspace.path("uploads", source.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    finally:  # Gradio's copy goes now; its folder too when empty
+        source.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            source.parent.rmdir()
     return gr.Dropdown(
-        value=f"file:{path}", allow_custom_value=True, info="Uploaded file; press Preview to check it."
+        value=f"file:{target}", allow_custom_value=True, info="Uploaded file; press Preview to check it."
     )
 
 
@@ -112,7 +129,7 @@ def build(state: gr.State) -> DataTab:
                 card = gr.HTML(EMPTY)
                 sample = gr.Textbox(label="Start of the text", lines=12, max_lines=12, interactive=False)
     button.click(preview, [state, text, n, t, seed], [card, sample], api_name="preview_data", **widgets.HEAVY)
-    upload.upload(uploaded, upload, text, queue=False, api_visibility="private")
+    upload.upload(uploaded, [upload, state], text, queue=False, api_visibility="private")
     text.change(
         lambda spec: gr.Dropdown(info=describe_source(spec)),
         text,

@@ -13,6 +13,7 @@ from views.state import Session
 NO_MOE = (
     "Convert a model in the **Convert** tab first; evaluation compares it with the dense model it came from."
 )
+READY = "Press **Evaluate** to score it against the dense model on the same text."
 EMPTY = widgets.empty("No evaluation yet: convert a model, then press <b>Evaluate</b>.")
 NO_RUNS = "Evaluate a converted model to see this chart."
 COLUMNS = ["run", "model", "text", "tokens", "perplexity", "KL (nats/token)", "top-1 agreement",
@@ -138,12 +139,16 @@ def cancel(session: Session) -> None:
     session.cancel.set()
 
 
-def build(state: gr.State):
+def status_text(session: Session) -> str:
+    return widgets.converted_status(session, NO_MOE, READY)
+
+
+def build(state: gr.State) -> gr.Markdown:
     from moe_core.data import available_sources
 
     tasks = _tasks()
     with gr.Tab("Evaluate", id="evaluate"):
-        gr.Markdown(NO_MOE, elem_classes="moe-status")
+        status = gr.Markdown(NO_MOE, elem_classes="moe-status")
         with gr.Row(equal_height=False):
             with gr.Column(scale=2):
                 text = gr.Dropdown(
@@ -183,3 +188,4 @@ def build(state: gr.State):
         **widgets.HEAVY,
     )
     stop.click(cancel, state, None, queue=False, api_visibility="private")
+    return status

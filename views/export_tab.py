@@ -11,6 +11,7 @@ from views import widgets
 from views.state import Session
 
 NO_MOE = "Convert a model in the **Convert** tab first (and optionally apply a routing plan)."
+READY = "Pick a format and press **Build export**."
 EMPTY = widgets.empty("No export yet: pick a format and press <b>Build export</b>.")
 FORMATS = [
     ("portable: Qwen2-MoE, stock transformers and vLLM, no remote code", "portable"),
@@ -63,9 +64,13 @@ def cancel(session: Session) -> None:
     session.cancel.set()
 
 
-def build(state: gr.State) -> None:
+def status_text(session: Session) -> str:
+    return widgets.converted_status(session, NO_MOE, READY)
+
+
+def build(state: gr.State) -> gr.Markdown:
     with gr.Tab("Export", id="export"):
-        gr.Markdown(NO_MOE, elem_classes="moe-status")
+        status = gr.Markdown(NO_MOE, elem_classes="moe-status")
         with gr.Row(equal_height=False):
             with gr.Column(scale=2):
                 fmt = gr.Radio(FORMATS, value="portable", label="Format")
@@ -93,3 +98,4 @@ def build(state: gr.State) -> None:
         **widgets.HEAVY,
     )
     stop.click(cancel, state, None, queue=False, api_visibility="private")
+    return status

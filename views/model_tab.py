@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import html
+import warnings
 from dataclasses import dataclass
 
 import gradio as gr
 
-from moe_core.model_io import DEFAULT_MODEL, GATED_FAMILIES, ModelSummary, builtin_models
+from moe_core.model_io import DEFAULT_MODEL, GATED_FAMILIES, ModelSummary, RemoteCodeWarning, builtin_models
 from views import widgets
 from views.state import Session, new_model
 
@@ -55,15 +56,20 @@ def load(spec: str, device: str, trust_remote_code: bool, session: Session, prog
     from moe_core.model_io import load_model
 
     spec = (spec or "").strip() or DEFAULT_MODEL
+    caught = []
     try:
-        dense = load_model(
-            spec,
-            device=device,
-            trust_remote_code=bool(trust_remote_code),
-            progress=lambda f, m: progress(f, desc=m),
-        )
-    except (ValueError, OSError) as exc:  # ModelLoadError is a ValueError with the fix in its message
-        raise gr.Error(str(exc), title="Could not load the model", print_exception=False) from None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RemoteCodeWarning)
+            dense = load_model(
+                spec,
+                device=device,
+                trust_remote_code=bool(trust_remote_code),
+                progress=lambda f, m: progress(f, desc=m),
+            )
+    finally:  # the remote-code warning reaches the user even when the load then fails
+        for w in caught:
+            if issubclass(w.category, RemoteCodeWarning):
+                gr.Warning(str(w.message), title="Remote code enabled")
     return new_model(session, dense), summary_html(spec, dense.summary())
 
 

@@ -12,6 +12,7 @@ from views import plots, widgets
 from views.state import Session
 
 NO_MOE = "Convert a model in the **Convert** tab first; the sweep tries every routing policy on each of its layers."
+READY = "Press **Sweep** to measure every routing policy on each layer."
 NO_SWEEP = "Run a sweep to see this chart."
 EMPTY = widgets.empty("No sweep yet: press <b>Sweep</b> (seconds for a tiny model, minutes for SmolLM2).")
 TARGETS = [("at most this perplexity increase (%)", "ppl"), ("at least this active-FFN saving (%)", "saving")]
@@ -131,11 +132,16 @@ def apply(session: Session):
     return session, f"Applied to the session's converted model. Layers: {labels}."
 
 
-def build(state: gr.State) -> None:
+def status_text(session: Session) -> str:
+    return widgets.converted_status(session, NO_MOE, READY)
+
+
+def build(state: gr.State) -> tuple[gr.Markdown, object]:
+    """The tab; returns its status line and the apply event (other tabs follow the applied plan)."""
     from moe_core.data import available_sources
 
     with gr.Tab("Routing policy", id="routing"):
-        gr.Markdown(NO_MOE, elem_classes="moe-status")
+        status = gr.Markdown(NO_MOE, elem_classes="moe-status")
         with gr.Row(equal_height=False):
             with gr.Column(scale=2):
                 text = gr.Dropdown(
@@ -175,4 +181,5 @@ def build(state: gr.State) -> None:
     stop.click(lambda s: s.cancel.set(), state, None, queue=False, api_visibility="private")
     layer.change(layer_plot, [state, layer], curves, api_name="sweep_layer", **widgets.LIGHT)
     pick_btn.click(pick, [state, target, value], [state, plan_card, plan_table, front], api_name="pick_plan")
-    apply_btn.click(apply, state, [state, applied], api_name="apply_plan", **widgets.HEAVY)
+    applied_event = apply_btn.click(apply, state, [state, applied], api_name="apply_plan", **widgets.HEAVY)
+    return status, applied_event

@@ -55,7 +55,8 @@ def guarded(title: str, outputs: int = 1):
                 gr.Warning(f"{title}: cancelled. Nothing was changed.")
                 return gr.skip() if outputs == 1 else (gr.skip(),) * outputs
             except (ValueError, OSError, KeyError) as exc:
-                raise gr.Error(str(exc).strip("'\""), title=title, print_exception=False) from None
+                message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+                raise gr.Error(message, title=title, print_exception=False) from None
             except Exception as exc:  # a bug: keep serving, say what happened, keep the trace in the log
                 logging.getLogger("moe_studio").exception("%s failed", title)
                 message = f"{type(exc).__name__}: {exc}. The app is still running; the details are in the server log."
@@ -80,3 +81,24 @@ def millions(n: float) -> str:
 def problem(title: str, message: str) -> str:
     """A card that explains why something cannot run (shown in place of a result)."""
     return f'<div class="moe-problem"><b>{html.escape(title)}</b><br>{html.escape(message)}</div>'
+
+
+METHOD_TITLES = {"cmoe": "CMoE", "dive": "DIVE", "ladimo": "LaDiMo"}
+
+
+def converted_status(session, no_moe: str, ready: str) -> str:
+    """The grey line on top of a tab that works on the converted model: what this session has now.
+
+    no_moe: what to do when nothing is converted yet; ready: what this tab does with the converted model.
+    """
+    if session.moe is None:
+        if session.dense is None:
+            return no_moe
+        return f"Model **{session.dense.spec}** is loaded, not converted yet. {no_moe}"
+    run = session.run_config or {}
+    method = run.get("method", "moe")
+    section = run.get(method, {})
+    layout = section.get("experts") or f"E{section.get('n_experts', '?')} top-{section.get('top_k', '?')}"
+    plan = ", with a per-layer routing plan" if "plan" in run else ""
+    spec = session.dense.spec if session.dense is not None else "?"
+    return f"Converted: **{METHOD_TITLES.get(method, method)} {layout}** of **{spec}**{plan}. {ready}"
