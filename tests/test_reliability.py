@@ -39,6 +39,12 @@ def options(**changes) -> list:
     return view_options(**changes)
 
 
+def converting(*args, **kwargs) -> tuple:
+    from test_views import converting as run
+
+    return run(*args, **kwargs)
+
+
 def run_cli(capsys, *argv) -> str:
     """Run `python -m moe_core ...` in-process; it must fail with status 2 and one error line, no trace."""
     assert cli.main(list(argv)) == 2
@@ -161,7 +167,7 @@ DESIGN_CASES = [
 @pytest.mark.parametrize(("case", "design", "match"), DESIGN_CASES, ids=[c[0] for c in DESIGN_CASES])
 def test_expert_settings_that_do_not_fit_are_refused_before_anything_runs(loaded, case, design, match):
     with pytest.raises(gr.Error, match=match):
-        convert_tab.convert(loaded, *DATA, *design, "cmoe", *options())
+        converting(loaded, *DATA, *design, "cmoe", *options())
     assert not loaded.workspace.path("converted").exists()
 
 
@@ -281,12 +287,10 @@ def test_cancelled_profile_and_conversion_leave_nothing_and_the_next_run_works(l
         out = profile_tab.run(loaded, *DATA[:3], 5, 0, 0, progress=_cancel_after(loaded, 0.0))
     assert all(isinstance(o, type(gr.skip())) for o in out)
     with pytest.warns(UserWarning, match="cancelled"):
-        out = convert_tab.convert(
-            loaded, *DATA, *DESIGN, "cmoe", *options(), progress=_cancel_after(loaded, 0.3)
-        )
+        out = converting(loaded, *DATA, *DESIGN, "cmoe", *options(), progress=_cancel_after(loaded, 0.3))
     assert all(isinstance(o, type(gr.skip())) for o in out)
     assert _workspace_files(loaded) == before  # no converted/ folder, no temporary folder
-    session = convert_tab.convert(loaded, *DATA, *DESIGN, "cmoe", *options())[0]  # the Cancel is forgotten
+    session = converting(loaded, *DATA, *DESIGN, "cmoe", *options())[0]  # the Cancel is forgotten
     assert session.moe is not None and (session.workspace.path("converted") / "model.safetensors").is_file()
 
 
@@ -311,7 +315,7 @@ def test_cancelled_fine_tuning_restores_the_model_exactly():
 
 @pytest.fixture(scope="module")
 def converted(loaded) -> Session:
-    return convert_tab.convert(loaded, *DATA, *DESIGN, "cmoe", *options())[0]
+    return converting(loaded, *DATA, *DESIGN, "cmoe", *options())[0]
 
 
 def test_cancelled_export_leaves_no_folder_and_the_session_as_it_was(converted):

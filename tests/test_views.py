@@ -4,6 +4,7 @@ LaDiMo), routing policy, evaluate, compare and export, and the errors each one e
 from __future__ import annotations
 
 import shlex
+import time
 import zipfile
 
 import gradio as gr
@@ -42,6 +43,11 @@ def options(**changes) -> list:
     return values
 
 
+def converting(*args, **kwargs) -> tuple:
+    """Run the Convert handler (a generator that streams its log) to the end: its last update."""
+    return list(convert_tab.convert(*args, **kwargs))[-1]
+
+
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory) -> Session:
     session, _ = model_tab.load(
@@ -52,7 +58,7 @@ def loaded(tmp_path_factory) -> Session:
 
 @pytest.fixture(scope="module")
 def converted(loaded) -> tuple:
-    return convert_tab.convert(loaded, *DATA, *DESIGN, "cmoe", *options())
+    return converting(loaded, *DATA, *DESIGN, "cmoe", *options())
 
 
 def test_data_preview_counts_tokens(loaded):
@@ -149,14 +155,44 @@ def test_invalid_convert_inputs_are_explained(loaded):
     yaml_text, _ = convert_tab.preview(loaded, *DATA, 8, 0.25, "uniform", 9, "", "cmoe", *options())
     assert yaml_text.startswith("# Not a valid run yet") and "choose 1..6" in yaml_text
     with pytest.raises(gr.Error, match="choose 1..6"):
-        convert_tab.convert(loaded, *DATA, 8, 0.25, "uniform", 9, "", "cmoe", *options())
+        converting(loaded, *DATA, 8, 0.25, "uniform", 9, "", "cmoe", *options())
     with pytest.raises(gr.Error, match="Load a model"):
-        convert_tab.convert(Session(), *DATA, *DESIGN, "cmoe", *options())
+        converting(Session(), *DATA, *DESIGN, "cmoe", *options())
+
+
+def test_the_convert_log_streams_while_the_job_runs(loaded):
+    updates = list(convert_tab.convert(loaded, *DATA, *DESIGN, "cmoe", *options()))
+    first, last = updates[0], updates[-1]
+    skip = type(gr.skip())
+    assert (
+        isinstance(first[0], skip) and isinstance(first[1], skip) and "cmoe on builtin:tiny-llama" in first[2]
+    )
+    assert last[0].moe is not None and last[2].startswith(first[2]) and "saved converted/" in last[2]
+
+
+def test_while_running_yields_until_the_job_ends_and_returns_or_raises_its_outcome():
+    from views import widgets
+
+    ticks = []
+
+    def job(seconds):
+        time.sleep(seconds)
+        return "done"
+
+    runner = widgets.while_running(lambda: ticks.append(1) or len(ticks), job, 0.35, every=0.1)
+    updates = []
+    with pytest.raises(StopIteration) as stop:
+        while True:
+            updates.append(next(runner))
+    assert stop.value.value == "done" and updates == list(range(1, len(updates) + 1)) and len(updates) >= 2
+    failing = widgets.while_running(lambda: None, job, "not a number", every=0.1)
+    with pytest.raises(TypeError):
+        list(failing)
 
 
 def test_ladimo_with_per_layer_active_experts(loaded):
     opts = options(**{"ladimo.steps": 2})
-    session = convert_tab.convert(loaded, *DATA, 4, 0.0, "per layer", 2, "1,3", "ladimo", *opts)[0]
+    session = converting(loaded, *DATA, 4, 0.0, "per layer", 2, "1,3", "ladimo", *opts)[0]
     policies = [session.moe.mlp(i).policy.k for i in range(2)]
     assert policies == [1, 3] and session.run_config["active_per_layer"] == [1, 3]
 
@@ -181,7 +217,7 @@ def test_cancel_leaves_the_session_as_it_was(loaded):
         loaded.cancel.set()
 
     with pytest.warns(UserWarning, match="cancelled"):
-        out = convert_tab.convert(loaded, *DATA, *DESIGN, "cmoe", *options(), progress=progress)
+        out = converting(loaded, *DATA, *DESIGN, "cmoe", *options(), progress=progress)
     assert len(out) == 5 and all(isinstance(o, type(gr.skip())) for o in out)
     loaded.cancel.clear()
 

@@ -210,7 +210,8 @@ def _log(lines: list[str], start: float):
 
 @widgets.guarded("Could not convert", outputs=5)
 def convert(session: Session, *values, progress=gr.Progress()):
-    """Convert the session's model: (Session, summary, log, yaml file, download path)."""
+    """Convert the session's model; a generator: the log streams while the job runs, and the last update is
+    (Session, summary, log, yaml file, download path)."""
     from moe_core.pipeline import config_yaml, convert_run
 
     if session.dense is None:
@@ -219,7 +220,11 @@ def convert(session: Session, *values, progress=gr.Progress()):
     session.cancel.clear()
     start, lines = time.perf_counter(), []
     lines.append(f"{0.0:7.1f} s  {cfg.method} on {cfg.model.spec}, text {cfg.data.text}")
-    out = convert_run(
+    log_only = lambda: (gr.skip(), gr.skip(), "\n".join(lines), gr.skip(), gr.skip())  # noqa: E731
+    yield log_only()
+    out = yield from widgets.while_running(
+        log_only,
+        convert_run,
         session.dense,
         cfg,
         active=d.per_layer,
@@ -235,7 +240,7 @@ def convert(session: Session, *values, progress=gr.Progress()):
     )  # fmt: skip
     path = session.workspace.path(CONFIG_FILE)
     path.write_text(config_yaml(cfg))
-    return (
+    yield (
         session,
         summary_html(session, seconds),
         "\n".join(lines),

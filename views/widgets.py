@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import html
 
 
@@ -32,39 +33,80 @@ LIGHT = {"concurrency_limit": None, "show_progress": "hidden"}
 
 
 def guarded(title: str, outputs: int = 1):
-    """Wrap a handler so that every failure reaches the user as a message, never as a stack trace.
+    """Wrap a handler (a function or a generator) so that every failure reaches the user as a message, never
+    as a stack trace.
 
     ValueError / OSError carry the library's what-and-how-to-fix text; Cancelled becomes a warning and leaves
     every output as it was; anything else is logged on the server and reported in one line.
     """
     import functools
-    import logging
-
-    import gradio as gr
+    import inspect
 
     def wrap(fn):
+        if inspect.isgeneratorfunction(fn):
+
+            @functools.wraps(fn)
+            def streaming(*args, **kwargs):
+                with _messages(title, outputs) as skipped:
+                    yield from fn(*args, **kwargs)
+                if skipped:
+                    yield skipped[0]
+
+            return streaming
+
         @functools.wraps(fn)
         def handler(*args, **kwargs):
-            from moe_core.profiling import Cancelled
-
-            try:
+            with _messages(title, outputs) as skipped:
                 return fn(*args, **kwargs)
-            except gr.Error:
-                raise
-            except Cancelled:
-                gr.Warning(f"{title}: cancelled. Nothing was changed.")
-                return gr.skip() if outputs == 1 else (gr.skip(),) * outputs
-            except (ValueError, OSError, KeyError) as exc:
-                message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-                raise gr.Error(message, title=title, print_exception=False) from None
-            except Exception as exc:  # a bug: keep serving, say what happened, keep the trace in the log
-                logging.getLogger("moe_studio").exception("%s failed", title)
-                message = f"{type(exc).__name__}: {exc}. The app is still running; the details are in the server log."
-                raise gr.Error(message, title=title, print_exception=False) from None
+            return skipped[0]
 
         return handler
 
     return wrap
+
+
+@contextlib.contextmanager
+def _messages(title: str, outputs: int):
+    """Turn what the block raises into a gr.Error; on Cancelled, warn and put the skip outputs in the list."""
+    import logging
+
+    import gradio as gr
+
+    from moe_core.profiling import Cancelled
+
+    skipped = []
+    try:
+        yield skipped
+    except gr.Error:
+        raise
+    except Cancelled:
+        gr.Warning(f"{title}: cancelled. Nothing was changed.")
+        skipped.append(gr.skip() if outputs == 1 else (gr.skip(),) * outputs)
+    except (ValueError, OSError, KeyError) as exc:
+        message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        raise gr.Error(message, title=title, print_exception=False) from None
+    except Exception as exc:  # a bug: keep serving, say what happened, keep the trace in the log
+        logging.getLogger("moe_studio").exception("%s failed", title)
+        message = f"{type(exc).__name__}: {exc}. The app is still running; the details are in the server log."
+        raise gr.Error(message, title=title, print_exception=False) from None
+
+
+def while_running(update, fn, *args, every: float = 0.5, **kwargs):
+    """Run ``fn(*args, **kwargs)`` in a worker thread, yielding ``update()`` every ``every`` seconds until it
+    ends; returns its result (or raises its exception), so a generator handler can stream a log with
+    ``result = yield from while_running(...)``. The thread runs in this request's context, so gr.Progress
+    calls from it still reach the browser."""
+    import concurrent.futures
+    import contextvars
+
+    context = contextvars.copy_context()
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="moe-job") as pool:
+        future = pool.submit(context.run, fn, *args, **kwargs)
+        while True:
+            try:
+                return future.result(timeout=every)
+            except concurrent.futures.TimeoutError:
+                yield update()
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
