@@ -35,13 +35,14 @@ Choices:
   by two orders of magnitude across SmolLM2's layers); also what the report prints (relative MSE).
 - Auxiliary loss: Switch Transformer's load balance E * sum_e f_e P_e (f_e: share of routed slots,
   P_e: mean p), alpha = 0.01 as in Switch; it is 1 when balanced.
-- Optimiser: Adam, lr 1e-4 for the experts (they start from trained weights) and 1e-3 for the router,
-  cosine decay, minibatches of ``batch_tokens`` rows drawn from the layer's calibration tokens; 10% of the
-  tokens are held out to report the relative MSE before and after training.
+- Optimiser: Adam, lr 1e-3 for the experts (1e-4 barely moved them in 100 steps; 3e-3 hurt k = E) and 1e-2
+  for the router, cosine decay, minibatches of ``batch_tokens`` rows drawn from the layer's calibration
+  tokens; 10% of the tokens are held out to report the relative MSE before and after training.
 - Training forward: every expert runs on every token and unselected experts get gate 0 (a masked dense
   FFN: three matmuls, no gathers); it equals MoEMLP.forward_reference for the same selection.
 
-Measured on builtin:smollm2-135m (30 layers, E = 8), 2 shared CPU cores: see MEASUREMENTS.
+Measured on builtin:smollm2-135m (30 layers, E = 8), 2 shared CPU cores: ``benchmarks/ladimo_quality.py``
+(its table is in the project notes; the benchmark reproduces it).
 """
 
 from __future__ import annotations
@@ -59,7 +60,6 @@ from ..moe import MoEMLP, Router, RoutingPolicy
 from ..profiling import check_cancel
 from .cmoe import ConversionReport, atopk_markers, carve, expert_sizes
 
-MEASUREMENTS = "filled in by benchmarks/ladimo_quality.py runs; see the module docstring"
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)  # dynamic-policy thresholds profiled per layer (routing distribution)
 
 
