@@ -1,6 +1,8 @@
-"""Shared fixtures: tiny random models of every supported family, and the real default model."""
+"""Shared fixtures: tiny random models of every supported family, the real default model, a served app."""
 
 from __future__ import annotations
+
+import socket
 
 import pytest
 import torch
@@ -27,3 +29,27 @@ def smollm2():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(auth=None):
+    """(demo, url): the app on builtin:tiny-llama, served on 127.0.0.1 at a free port, in this process."""
+    import app
+
+    demo = app.build_app("builtin:tiny-llama")
+    port = free_port()
+    app.launch(demo, "127.0.0.1", port, auth=auth, prevent_thread_lock=True, quiet=True)
+    return demo, f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    """The URL of the app served for one test module (tiny model)."""
+    demo, url = start_app()
+    yield url
+    demo.close()

@@ -4,7 +4,6 @@ boundary that keeps gradio out of moe_core."""
 from __future__ import annotations
 
 import shlex
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -128,23 +127,6 @@ def test_log_rate_bins_count_every_neuron_once():
     # bins by tokens hit: 0 | 1 | 2 | 3 | 4-6 | 7-10
     assert counts.tolist() == [[2, 1, 1, 0, 1, 1], [1, 0, 5, 0, 0, 0]]
     assert x.shape == (6,) and np.all(np.diff(x) > 0) and np.isclose(x[1], np.log10(0.1))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server_url():
-    import app
-
-    demo = app.build_app(TINY)
-    port = _free_port()
-    app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
 
 
 def test_server_load_and_profile_over_the_api(server_url):

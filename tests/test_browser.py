@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import zipfile
 from pathlib import Path
 
@@ -27,23 +26,6 @@ def _chromium() -> str:
             "No Chromium: install Debian's chromium package (make test does: apt-get install chromium)."
         )
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server_url():
-    import app
-
-    demo = app.build_app(TINY)
-    port = _free_port()
-    app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
 
 
 @pytest.fixture(scope="module")

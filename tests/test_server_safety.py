@@ -8,33 +8,18 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import start_app
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = "builtin:tiny-llama"
 DATA = ["builtin:pydoc", 2, 32, 0]
 UPLOAD_LIMIT_MB = 1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(auth=None):
-    import app
-
-    demo = app.build_app(TINY)
-    port = _free_port()
-    app.launch(demo, "127.0.0.1", port, auth=auth, prevent_thread_lock=True, quiet=True)
-    return demo, f"http://127.0.0.1:{port}/"
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +28,7 @@ def server():
     saved = os.environ.get("MOE_STUDIO_MAX_FILE_MB")
     os.environ["MOE_STUDIO_MAX_FILE_MB"] = str(UPLOAD_LIMIT_MB)
     try:
-        demo, url = _start()
+        demo, url = start_app()
     finally:
         os.environ.pop("MOE_STUDIO_MAX_FILE_MB") if saved is None else os.environ.update(
             MOE_STUDIO_MAX_FILE_MB=saved
@@ -233,7 +218,7 @@ def test_the_server_binds_127_0_0_1_unless_a_host_is_given(monkeypatch):
 
 
 def test_password_auth_keeps_out_who_has_no_password():
-    demo, url = _start(auth=("alice", "s3cret"))
+    demo, url = start_app(auth=("alice", "s3cret"))
     try:
         assert httpx.get(f"{url}config").status_code == 401
         assert httpx.post(f"{url}login", data={"username": "alice", "password": "wrong"}).status_code == 400
