@@ -197,6 +197,20 @@ class LaDiMoConfig:
 DIVE_DOMAINS = tuple(
     (name, f"shared:calib-{name}") for name in ("arxiv", "books", "code", "math", "news", "wikipedia")
 )
+# Without the shared data folder: the fast builtins, prose and code (builtin:model is left out: its default
+# 8 x 128 sampled tokens are too few for 16 x 256 calibration windows plus held-out ones, and it is slow).
+DIVE_BUILTIN_DOMAINS = (("pydoc", "builtin:pydoc"), ("stdlib", "builtin:stdlib"))
+DIVE_MAX_DEFAULT_EXPERTS = 4
+
+
+def default_dive_domains() -> tuple[tuple[str, str], ...]:
+    """DIVE_DOMAINS when the shared data folder holds all six calibration corpora, else DIVE_BUILTIN_DOMAINS."""
+    from .data import SHARED_SOURCES, shared_data_dir
+
+    root = shared_data_dir()
+    files = [SHARED_SOURCES[spec.removeprefix("shared:")][0] for _, spec in DIVE_DOMAINS]
+    present = root is not None and all((root / rel).is_file() for rel in files)
+    return DIVE_DOMAINS if present else DIVE_BUILTIN_DOMAINS
 
 
 def _domain_name(spec: str) -> str:
@@ -268,10 +282,20 @@ class DIVERetrainConfig:
 
 @dataclass(frozen=True)
 class DIVEConfig:
-    """DIVE (arXiv 2506.09351): domain affinity mining, FLAP-pruned experts, two-stage retraining."""
+    """DIVE (arXiv 2506.09351): domain affinity mining, FLAP-pruned experts, two-stage retraining.
 
-    domains: tuple[tuple[str, str], ...] = DIVE_DOMAINS  # (name, text source); "name=spec" strings work too
-    n_experts: int = 4  # N groups = N experts (paper: 8 from 24 datasets; we have six domains)
+    Defaults resolve when the config is built (the resolved values are what ``to_dict`` and run configs hold):
+
+    - ``domains=None``: the six ``shared:calib-*`` corpora (DIVE_DOMAINS) when the shared data folder
+      (``moe_core.data.shared_data_dir``: ``$MOE_STUDIO_DATA``, else ``../shared/data``) holds all six, else
+      the fast builtins ``pydoc=builtin:pydoc`` and ``stdlib=builtin:stdlib`` (DIVE_BUILTIN_DOMAINS), so that
+      DIVE with defaults runs on any machine. ``builtin:model`` is not a default: it samples only 8 x 128
+      tokens by default, too few for 16 x 256 calibration windows plus held-out ones, and is slow on CPU.
+    - ``n_experts=None``: min(4, number of domains): 4 experts from the six corpora, 2 from the builtins.
+    """
+
+    domains: tuple[tuple[str, str], ...] | None = None  # (name, text source), "name=spec" strings work too
+    n_experts: int | None = None  # N groups = N experts; None: min(4, domains) (paper: 8 from 24 datasets)
     top_k: int = 1  # experts per token (paper: DIVE 1/8 and 2/8)
     prune_ratio: float | None = (
         None  # channels each expert drops; None: 1 - 0.5 / top_k (half the FFN active)
@@ -288,13 +312,16 @@ class DIVEConfig:
     retrain: DIVERetrainConfig = field(default_factory=DIVERetrainConfig)
 
     def __post_init__(self):
-        domains = parse_domains(self.domains)
+        domains = parse_domains(default_dive_domains() if self.domains is None else self.domains)
         object.__setattr__(self, "domains", domains)
+        if self.n_experts is None:  # at least 2, so that too few domains get the message below
+            object.__setattr__(self, "n_experts", max(2, min(DIVE_MAX_DEFAULT_EXPERTS, len(domains))))
         _check(self.n_experts >= 2, f"dive.n_experts must be >= 2, got {self.n_experts}.")
+        lower = f" or lower dive.n_experts to {len(domains)}" if len(domains) >= 2 else ""
         _check(
             len(domains) >= self.n_experts,
             f"DIVE builds one expert per group of domains: {len(domains)} domain(s) cannot make "
-            f"{self.n_experts} groups. Add domains (dive.domains) or lower dive.n_experts to {len(domains)}.",
+            f"{self.n_experts} groups. Add domains (dive.domains){lower}.",
         )
         _check(
             1 <= self.top_k <= self.n_experts,

@@ -580,11 +580,12 @@ def _routing_section(result: ExportResult) -> list[str]:
     if not result.routing:
         return []
     r = result.routing
+    dropped = f"; expert biases dropped in {r['layers_bias_dropped']}" if r.get("layers_bias_dropped") else ""
     lines = [
         "## Routing in this format",
         "",
         f"top-k {r['top_k']}, norm_topk_prob {str(r['norm_topk_prob']).lower()}; MoE layers exact: "
-        f"{r['layers_exact']}, fitted: {r['layers_fitted']}, naive (unfitted): {r['layers_naive']}.",
+        f"{r['layers_exact']}, fitted: {r['layers_fitted']}, naive (unfitted): {r['layers_naive']}{dropped}.",
     ]
     if "mean_selection_agreement" in r:
         lines.append(

@@ -8,8 +8,13 @@ Exact (reference/ecosystem.md §A.3): a linear router with ``prob`` or ``renorm`
 selection bias and no expert bias (temperature folds into W); unit gates (CMoE's 1 + p*u at u = 0) with
 top-1 (weight p/p = 1); unit gates with every expert active (a zero router gives 1/E: c_e = E).
 
+Expert output biases (DIVE's FLAP compensation) have no Qwen2-MoE form at all: they are dropped, with a
+note, and the export is marked approximate; the routing of such a layer is still mapped exactly when it
+has an exact form (DIVE: a linear router, softmax over the top-k), so the export equals the internal
+model with its expert biases zeroed.
+
 Everything else (CMoE's analytical router, unit gates with top-k >= 2, per-layer top-k or dynamic
-policies, selection or expert biases, CMoE's u) is approximated on calibration tokens, one layer at a time
+policies, selection biases, CMoE's u) is approximated on calibration tokens, one layer at a time
 on the internal model's own MLP inputs x (T, H):
 
 1. router: ridge least squares of the internal log-probabilities on x, so that softmax(W x) ~ the
@@ -56,10 +61,11 @@ class RoutingPlan:
     layers: dict[int, LayerRoute]
     notes: list[str] = field(default_factory=list)
     candidates: dict = field(default_factory=dict)  # name -> (RoutingPlan, held-out KL) when measured
+    bias_dropped: list[int] = field(default_factory=list)  # layers whose expert biases the format cannot hold
 
     @property
     def exact(self) -> bool:
-        return all(r.how == "exact" for r in self.layers.values())
+        return all(r.how == "exact" for r in self.layers.values()) and not self.bias_dropped
 
     def summary(self) -> dict:
         counts = {
@@ -67,6 +73,7 @@ class RoutingPlan:
         }
         fitted = [r.stats for r in self.layers.values() if r.stats]
         out = {"top_k": self.top_k, "norm_topk_prob": self.norm_topk_prob, "exact": self.exact, **counts}
+        out["layers_bias_dropped"] = len(self.bias_dropped)
         for key in ("selection_agreement", "relative_error"):
             values = [s[key] for s in fitted if key in s]
             if values:
@@ -84,7 +91,21 @@ class RoutingPlan:
 # What is exact
 
 
+BIAS_DROPPED = (
+    "experts have output biases, which Qwen2-MoE experts cannot hold (dropped; --format exact keeps them)"
+)
+
+
+def has_expert_bias(block: MoEMLP) -> bool:
+    return block.expert_bias is not None and bool(block.expert_bias.abs().max() > 0)
+
+
 def approximation_reasons(block: MoEMLP) -> list[str]:
+    """Why this block has no exact Qwen2-MoE form (empty: it may have one; see exact_forms)."""
+    return routing_reasons(block) + ([BIAS_DROPPED] if has_expert_bias(block) else [])
+
+
+def routing_reasons(block: MoEMLP) -> list[str]:
     """Why this block's routing has no exact Qwen2-MoE form (empty: it may have one; see exact_forms)."""
     reasons, pol = [], block.policy
     k_all = pol.mode == "topk" and pol.k == block.n_experts
@@ -98,8 +119,6 @@ def approximation_reasons(block: MoEMLP) -> list[str]:
         reasons.append(f"unit gates with top-{pol.k}: native weights are p or p / sum p, never 1 each")
     if bool(block.selection_bias.abs().max() > 0):
         reasons.append("a selection (load-balancing) bias shifts which experts are chosen")
-    if block.expert_bias is not None and bool(block.expert_bias.abs().max() > 0):
-        reasons.append("experts have output biases, which Qwen2-MoE experts do not (dropped)")
     return reasons
 
 
@@ -108,8 +127,9 @@ def _unit_gates(block: MoEMLP) -> bool:
 
 
 def exact_forms(block: MoEMLP) -> list[tuple[int, bool, LayerRoute]]:
-    """Every (top_k, norm_topk_prob, route) under which the block is reproduced exactly."""
-    if approximation_reasons(block):
+    """Every (top_k, norm_topk_prob, route) under which the block's routing is reproduced exactly (expert
+    biases aside: no form holds them, see approximation_reasons)."""
+    if routing_reasons(block):
         return []
     k, n = block.policy.k, block.n_experts
     w = block.router.weight.detach().float() / block.temperature
@@ -270,11 +290,14 @@ def plan_routing(
     top_k, norm = choose_global(blocks, forced_norm)
     exact = {i: r for i, b in blocks.items() for k, n, r in exact_forms(b) if (k, n) == (top_k, norm)}
     notes = _notes(blocks, exact)
+    dropped = [i for i, b in blocks.items() if has_expert_bias(b)]
     todo = [i for i in blocks if i not in exact]
     if not todo:
-        return RoutingPlan(top_k, norm, exact, notes)
+        return RoutingPlan(top_k, norm, exact, notes, bias_dropped=dropped)
     if calib_ids is None:
-        return _naive_plan(blocks, exact, top_k, norm, notes + ["no calibration tokens: routers not fitted"])
+        plan = _naive_plan(blocks, exact, top_k, norm, notes + ["no calibration tokens: routers not fitted"])
+        plan.bias_dropped = dropped
+        return plan
     fit_ids, held_out = split_calibration(calib_ids)
     xs = _collect_inputs(dense, fit_ids, todo, batch_size, cancel)
     if top_k is None:
@@ -290,6 +313,8 @@ def plan_routing(
             )
             if progress:
                 progress(len(candidates) / 3, f"Fitted native routers (norm_topk_prob={n})")
+    for plan in candidates.values():
+        plan.bias_dropped = dropped
     return _pick(dense, candidates, held_out, cancel)
 
 

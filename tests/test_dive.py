@@ -9,7 +9,17 @@ import torch
 from moe_core import Cancelled
 from moe_core.checkpoint import load_converted, save_converted
 from moe_core.cli import main
-from moe_core.config import ConvertRun, DIVEConfig, DIVERetrainConfig, from_dict, parse_domains, to_dict
+from moe_core.config import (
+    DIVE_BUILTIN_DOMAINS,
+    DIVE_DOMAINS,
+    ConvertRun,
+    DIVEConfig,
+    DIVERetrainConfig,
+    from_dict,
+    parse_domains,
+    to_dict,
+)
+from moe_core.data import SHARED_SOURCES
 from moe_core.finetune import dive_retrain, norm_params, train_experts, train_router
 from moe_core.methods import METHODS, convert
 from moe_core.methods.dive import (
@@ -321,6 +331,45 @@ def test_flap_baseline_retrains_without_a_router_stage():
 
 
 # ---------------------------------------------------------------------------------------------
+# Export
+
+
+def test_exact_export_is_identical_and_portable_drops_only_the_expert_biases(dive_moe, tmp_path):
+    """Exact keeps everything. Qwen2-MoE experts have no bias: portable drops them, says so and is marked
+    approximate, while the rest (noisy router at inference, softmax over the top-2) maps exactly."""
+    from moe_core.export import ExportConfig, compare, export_model, reload_logits
+    from moe_core.export_routing import BIAS_DROPPED, plan_routing
+
+    train_router(dive_moe, ids(n=2), RETRAIN)  # a trained noisy router, as after stage 1
+    x, calib = ids(n=1, t=40, seed=7), ids(n=4, t=32, seed=8)
+    with torch.no_grad():
+        ref, ref_gen = (
+            dive_moe.model(x).logits,
+            dive_moe.model.generate(x[:, :6], max_new_tokens=8, do_sample=False),
+        )
+    exact, portable = (
+        export_model(dive_moe, tmp_path / fmt, ExportConfig(format=fmt, verify=False), calib_ids=calib)
+        for fmt in ("exact", "portable")
+    )
+    with torch.no_grad():
+        for i in range(dive_moe.n_layers):
+            dive_moe.mlp(i).expert_bias.zero_()
+        unbiased = dive_moe.model(x).logits
+    loaded = reload_logits([(exact.folder, True), (portable.folder, False)], x, x[:, :6], 8)
+    assert exact.exact_by_construction and loaded[0]["class"] == "MoEStudioForCausalLM"
+    assert compare(ref, loaded[0]["logits"], x)["max_abs_logit_diff"] <= 1e-5
+    assert torch.equal(loaded[0]["generated"], ref_gen)
+    assert loaded[1]["class"] == "Qwen2MoeForCausalLM" and not portable.exact_by_construction
+    assert portable.notes == [f"{BIAS_DROPPED} (layers 0-1)"]
+    assert portable.routing["layers_exact"] == 2 and portable.routing["layers_bias_dropped"] == 2
+    card = (portable.folder / "README.md").read_text()
+    assert "expert biases dropped in 2" in card and BIAS_DROPPED in card
+    assert compare(ref, loaded[1]["logits"], x)["max_abs_logit_diff"] > 1e-3  # the biases mattered
+    assert compare(unbiased, loaded[1]["logits"], x)["max_abs_logit_diff"] <= 1e-5  # nothing else was lost
+    assert plan_routing(dive_moe).exact  # without biases the portable export is exact
+
+
+# ---------------------------------------------------------------------------------------------
 # Config, Python and command line end to end
 
 
@@ -342,6 +391,40 @@ def test_domains_parse_in_every_form_and_bad_configs_say_how_to_fix():
     assert DIVEConfig(top_k=2).prune_ratio == 0.75 and DIVEConfig().prune_ratio == 0.5  # half the FFN active
     run = from_dict(ConvertRun, json.loads(json.dumps(to_dict(ConvertRun(method="dive")))))
     assert run.dive == DIVEConfig() and "dive" in METHODS
+
+
+def test_default_domains_are_the_shared_corpora_else_the_fast_builtins(monkeypatch, tmp_path):
+    root = tmp_path / "data"
+    for _, spec in DIVE_DOMAINS:
+        path = root / SHARED_SOURCES[spec.removeprefix("shared:")][0]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text('{"text": "a document"}\n')
+    monkeypatch.setenv("MOE_STUDIO_DATA", str(root))
+    assert DIVEConfig().domains == DIVE_DOMAINS and DIVEConfig().n_experts == 4
+    path.unlink()  # one of the six missing: the builtins, not five corpora
+    assert DIVEConfig().domains == DIVE_BUILTIN_DOMAINS
+    monkeypatch.setenv("MOE_STUDIO_DATA", str(tmp_path / "missing"))
+    cfg = DIVEConfig()
+    assert cfg.domains == (("pydoc", "builtin:pydoc"), ("stdlib", "builtin:stdlib"))
+    assert (cfg.n_experts, cfg.top_k, cfg.prune_ratio) == (2, 1, 0.5)  # n_experts: min(4, domains)
+    assert DIVEConfig(domains=("builtin:pydoc", "builtin:stdlib", "builtin:model")).n_experts == 3
+    assert from_dict(ConvertRun, json.loads(json.dumps(to_dict(ConvertRun(method="dive"))))).dive == cfg
+    with pytest.raises(
+        ValueError, match=r"1 domain\(s\) cannot make 2 groups. Add domains \(dive.domains\).$"
+    ):
+        DIVEConfig(domains=("builtin:pydoc",))
+    with pytest.raises(ValueError, match="cannot make 3 groups"):  # an explicit count is never lowered
+        DIVEConfig(n_experts=3)
+
+
+def test_dive_with_default_domains_converts_without_the_shared_data(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOE_STUDIO_DATA", str(tmp_path / "missing"))
+    tiny = DIVEConfig(n_sequences=2, seq_len=32, max_chars=20_000, retrain=RETRAIN)  # only sizes set
+    moe = convert(tiny_model("llama"), ids(), ConvertRun(method="dive", dive=tiny))
+    aff = moe.conversion.affinity
+    assert aff["names"] == ["pydoc", "stdlib"] and sorted(aff["groups"]) == [["pydoc"], ["stdlib"]]
+    assert moe.mlp(0).n_experts == 2 and moe.mlp(0).policy.k == 1 and moe.mlp(0).expert_sizes == [96, 96]
+    assert set(moe.conversion.retrain) == {"stage1", "stage2"} and moe.conversion.config["n_experts"] == 2
 
 
 def test_python_convert_saves_and_reloads_identical_logits(domains, tmp_path):

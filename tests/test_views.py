@@ -3,11 +3,14 @@ LaDiMo), routing policy, evaluate, compare and export, and the errors each one e
 
 from __future__ import annotations
 
+import json
 import shlex
 import time
 import zipfile
+from dataclasses import replace
 
 import gradio as gr
+import numpy as np
 import plotly.graph_objects as go
 import pytest
 
@@ -301,3 +304,34 @@ def test_dive_accordion_makes_a_valid_run_and_command_line(loaded, tmp_path):
     fields = [(m, name) for m, name, _ in convert_tab._option_fields(list(METHODS))]
     expected = [0.5 if f == ("dive", "prune_ratio") else v for f, v in zip(fields, opts, strict=True)]
     assert values[10] == "dive" and values[11:] == expected  # the prune ratio comes back resolved
+
+
+def test_dive_convert_draws_the_affinity_heatmap_in_cluster_order(loaded, tmp_path):
+    (tmp_path / "sums.txt").write_text("\n".join(f"{a} + {b} = {a + b}" for a in range(60) for b in range(9)))
+    domains = f"docs=builtin:pydoc, code=builtin:stdlib, sums=file:{tmp_path / 'sums.txt'}"
+    opts = options(**{"dive.domains": domains, "dive.n_sequences": 2, "dive.retrain.stage1_steps": 0,
+                      "dive.retrain.stage2_steps": 0})  # fmt: skip
+    session = converting(loaded, *DATA, 2, 0.0, "uniform", 1, "", "dive", *opts)[0]
+    saved = json.loads((session.workspace.path("converted") / "metrics.json").read_text())
+    plot = convert_tab.affinity_plot(session)
+    fig = go.Figure(json.loads(plot.value["plot"]))  # what the browser receives
+    aff = session.metrics["conversion"]["affinity"]
+    assert saved["conversion"]["affinity"] == aff and sorted(aff["names"]) == ["code", "docs", "sums"]
+    ordered = [aff["names"][i] for i in aff["order"]]
+    assert plot.visible and len(aff["groups"]) == 2 and [n for g in aff["groups"] for n in g] == ordered
+    left, right = fig.data
+    assert list(left.x) == list(left.y) == list(right.x) == list(right.y) == ordered
+    np.testing.assert_allclose(left.z, np.asarray(aff["normalised"])[np.ix_(aff["order"], aff["order"])])
+    np.testing.assert_allclose(right.z, np.asarray(aff["correlation"])[np.ix_(aff["order"], aff["order"])])
+    assert (left.xaxis, left.yaxis, right.xaxis, right.yaxis) == ("x", "y", "x2", "y2")
+    assert fig.layout.yaxis.autorange == "reversed" and fig.layout.yaxis2.autorange == "reversed"
+    boxes = sorted((s.xref, s.x0, s.x1, s.y0, s.y1) for s in fig.layout.shapes)  # each group, both heatmaps
+    spans, start = [], -0.5
+    for g in aff["groups"]:
+        spans.append((start, start + len(g), start, start + len(g)))
+        start += len(g)
+    assert boxes == sorted((ref, *span) for ref in ("x", "x2") for span in spans)
+    assert all(f"expert {g}: {', '.join(m)}" in fig.layout.title.text for g, m in enumerate(aff["groups"]))
+    assert not convert_tab.affinity_plot(loaded).visible  # nothing converted: hidden
+    cmoe = replace(session, metrics={**session.metrics, "conversion": {"method": "cmoe"}})
+    assert not convert_tab.affinity_plot(cmoe).visible

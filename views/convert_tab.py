@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 import gradio as gr
 
 from moe_core.config import ConvertRun, from_dict
-from views import widgets
+from views import plots, widgets
 from views.data_tab import DataTab, data_config
 from views.design_tab import Design, DesignTab, design
 from views.state import Session
@@ -26,7 +26,8 @@ TITLES = {"cmoe": "CMoE", "dive": "DIVE", "ladimo": "LaDiMo"}
 ABOUT = {
     "cmoe": "CMoE (arXiv 2502.04416): carve neurons into experts by co-activation; no training, seconds per layer.",
     "dive": "DIVE (arXiv 2506.09351): one FLAP-pruned expert per group of related domains, then two short "
-    "retraining stages. E and A come from the Design tab; the shared ratio is a share of channels.",
+    "retraining stages. E and A come from the Design tab; the shared ratio is a share of channels. After "
+    "converting, a heatmap shows the mined domain affinity and which domains became which expert.",
     "ladimo": "LaDiMo (arXiv 2408.04278): split each FFN, then distil experts and router layer by layer.",
 }
 # Method options shown in each accordion: (field, label, choices or type, one-line help). Fields of the
@@ -249,6 +250,14 @@ def convert(session: Session, *values, progress=gr.Progress()):
     )
 
 
+def affinity_plot(session: Session) -> gr.Plot:
+    """After a DIVE conversion, its domain affinity heatmap (cluster order, groups outlined); hidden else."""
+    report = (session.metrics or {}).get("conversion") or {}
+    if session.moe is None or not report.get("affinity"):
+        return gr.Plot(visible=False)
+    return gr.Plot(plots.affinity_heatmap(report["affinity"]), visible=True)
+
+
 def cancel(session: Session) -> None:
     session.cancel.set()
 
@@ -335,6 +344,7 @@ def build(state: gr.State, data: DataTab, design_tab: DesignTab, source: gr.Drop
                 upload = gr.UploadButton("Load config file", file_types=[".yaml", ".yml", ".json"], size="sm")
             with gr.Column(scale=3):
                 summary = gr.HTML(EMPTY)
+                affinity = gr.Plot(visible=False, show_label=False)
                 log = gr.Textbox(label="Log", lines=6, max_lines=12, interactive=False, autoscroll=True)
                 yaml_box = gr.Code(
                     language="yaml", label="Run config (YAML)", lines=10, max_lines=18, interactive=False
@@ -358,6 +368,7 @@ def build(state: gr.State, data: DataTab, design_tab: DesignTab, source: gr.Drop
         show_progress_on=summary,
         **widgets.HEAVY,
     )
+    converted.then(affinity_plot, state, affinity, api_visibility="private", **widgets.LIGHT)
     stop.click(cancel, state, None, queue=False, api_visibility="private")
     gr.on(
         [c.change for c in inputs[1:]],

@@ -237,3 +237,90 @@ def pareto(cumulative: list[dict], dense_ppl: float, plan_point: dict | None = N
     )
     fig.update_layout(showlegend=True, legend={"orientation": "h", "y": -0.25})
     return fig
+
+
+GROUP = ("#111827", SHARED)  # DIVE's domain groups (one expert each): outlines on Viridis, on RdBu
+
+
+def affinity_heatmap(affinity: dict):
+    """DIVE's domain affinity mining (methods/dive.Affinity.as_dict()): two heatmaps, domains in the
+    dendrogram's leaf order, each group of domains (one expert) outlined on the diagonal.
+
+    Left: normalised affinity A (D, D), rows = domain the FFNs were pruned on, columns = domain scored,
+    A_ij = min_i' ppl_i'j / ppl_ij (1: the best pruning source for j), raw perplexity on hover.
+    Right: Pearson r between rows of A, what the clustering reads (distance 1 - r).
+    """
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    order = list(affinity["order"])
+    names = [affinity["names"][i] for i in order]
+    expert = {name: g for g, members in enumerate(affinity["groups"]) for name in members}
+    normalised = np.asarray(affinity["normalised"])[np.ix_(order, order)]
+    corr = np.asarray(affinity["correlation"])[np.ix_(order, order)]
+    ppl = np.asarray(affinity["ppl"])[np.ix_(order, order)]
+    fig = make_subplots(
+        1,
+        2,
+        subplot_titles=("Affinity min ppl / ppl (rows: pruned on, columns: scored on)", "Pearson r of rows"),
+        horizontal_spacing=0.16,
+    )
+    fig.add_trace(
+        go.Heatmap(
+            z=normalised.tolist(),  # small: plain lists keep the JSON readable
+            x=names,
+            y=names,
+            customdata=[
+                [[float(v), f"expert {expert[n]}"] for v in row] for n, row in zip(names, ppl, strict=True)
+            ],
+            zmin=0,
+            zmax=1,
+            colorscale="Viridis",
+            texttemplate="%{z:.2f}",
+            colorbar={"title": "A", "x": 0.42, "len": 0.9},
+            hovertemplate="pruned on %{y} (%{customdata[1]})<br>scored on %{x}<br>ppl %{customdata[0]:.2f}"
+            "<br>A %{z:.3f}<extra></extra>",
+        ),
+        1,
+        1,
+    )
+    fig.add_trace(
+        go.Heatmap(
+            z=corr.tolist(),
+            x=names,
+            y=names,
+            zmin=-1,
+            zmax=1,
+            colorscale="RdBu",
+            texttemplate="%{z:.2f}",
+            colorbar={"title": "r", "x": 1.0, "len": 0.9},
+            hovertemplate="%{y} vs %{x}<br>r %{z:.3f}<extra></extra>",
+        ),
+        1,
+        2,
+    )
+    for g, members in enumerate(affinity["groups"]):  # a cut of the tree: contiguous in leaf order
+        at = [names.index(m) for m in members]
+        lo, hi = min(at) - 0.5, max(at) + 0.5
+        for col in (1, 2):
+            fig.add_shape(
+                type="rect",
+                x0=lo,
+                x1=hi,
+                y0=lo,
+                y1=hi,
+                line={"color": GROUP[col - 1], "width": 3},
+                name=f"expert {g}",
+                row=1,
+                col=col,
+            )
+    fig.update_yaxes(autorange="reversed", showgrid=False)
+    fig.update_xaxes(showgrid=False, tickangle=-30)
+    experts = "; ".join(f"expert {g}: {', '.join(m)}" for g, m in enumerate(affinity["groups"]))
+    title = (
+        f"DIVE domain affinity, domains in cluster order ({affinity.get('method', 'average')} linkage)"
+        f"<br><span style='font-size:12px'>outlined groups, one expert each: {experts}</span>"
+    )
+    fig = _layout(fig, title, "", "", 400 + 12 * len(names))
+    fig.update_layout(margin={"l": 90, "r": 20, "t": 100, "b": 80})
+    return fig
