@@ -26,6 +26,15 @@ def smollm2():
     return load_model("builtin:smollm2-135m")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: thread hand-offs cost more than the maths (100x on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

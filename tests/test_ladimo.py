@@ -22,13 +22,7 @@ from moe_core.moe import MoEMLP, RoutingPolicy
 FAST = {"steps": 20, "batch_tokens": 64}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: thread hand-offs cost more than the maths (100x on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ids(n=4, t=32, seed=0):

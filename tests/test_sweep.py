@@ -29,13 +29,7 @@ from moe_core.sweep import (
 CFG = SweepConfig(thresholds=(0.6,), timing_tokens=16, repeats=1, throughput_points=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: thread hand-offs cost more than the maths (100x on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
