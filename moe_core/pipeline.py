@@ -64,11 +64,12 @@ def convert_run(
             block.set_policy(RoutingPolicy("topk", k=int(active[i])))
         run["active_per_layer"] = [int(a) for a in active]
     seconds = round(time.perf_counter() - start, 2)
-    metrics = {
-        "convert_seconds": seconds,
-        "calibration_tokens": ids.numel(),
-        **param_report(moe, cfg.data.seq_len),
-    }
+    metrics = {"convert_seconds": seconds, "calibration_tokens": ids.numel()}
+    if cfg.finetune.enabled:  # as `convert --finetune`: the saved model is the tuned one
+        from .finetune import finetune, training_ids
+
+        metrics["finetune"] = finetune(moe, training_ids(dense, cfg.finetune), cfg.finetune, progress, cancel)
+    metrics |= param_report(moe, cfg.data.seq_len)
     metrics["conversion"] = moe.conversion.as_dict()
     moe.run_config, moe.metrics = run, metrics
     out = save_converted(moe, folder, run, metrics) if folder is not None else None
@@ -119,6 +120,8 @@ def command_line(cfg: ConvertRun, config_file: str = "run_config.yaml") -> str:
             "stage1_steps": d.retrain.stage1_steps,
             "stage2_steps": d.retrain.stage2_steps,
         }
+    if cfg.finetune.enabled:
+        tree["finetune"] = {"enabled": True}
     try:
         complete = from_dict(ConvertRun, tree) == cfg
     except ValueError:
@@ -128,6 +131,8 @@ def command_line(cfg: ConvertRun, config_file: str = "run_config.yaml") -> str:
         args.append("--trust-remote-code")
     if not complete:
         args += ["--config", config_file]
+    if cfg.finetune.enabled:
+        args.append("--finetune")
     for flag, value in flags:
         args += [flag, str(value)]
     return shlex.join(args)

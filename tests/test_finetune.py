@@ -199,3 +199,31 @@ def test_cli_convert_fine_tunes_when_asked(tmp_path, capsys):
     assert json.loads((out / "run_config.json").read_text())["finetune"]["enabled"] is True
     u = load_converted(out).mlp(0).gate_scale
     assert u.abs().max() > 0  # the saved model is the tuned one: u starts at 0
+
+
+def test_a_run_config_with_finetune_is_honoured_by_the_app_pipeline_and_its_command_line(tmp_path):
+    import shlex
+
+    from moe_core.cli import _run_config, build_parser
+    from moe_core.config import ConvertRun, from_dict
+    from moe_core.pipeline import command_line, convert_run
+
+    tree = {
+        "model": {"spec": "builtin:tiny-llama"},
+        "data": {"text": "builtin:pydoc", "n_sequences": 2, "seq_len": 32},
+        "cmoe": {"experts": "S1A1E4"},
+        "finetune": {"enabled": True},
+        "out": str(tmp_path / "o"),
+    }
+    cfg = from_dict(ConvertRun, tree)
+    dense = tiny_model("llama")
+    outcome = convert_run(
+        dense, from_dict(ConvertRun, tree | {"finetune": {"enabled": True, "n_sequences": 2}})
+    )
+    assert outcome.metrics["finetune"]["steps"] == 1
+    argv = shlex.split(command_line(cfg))
+    assert "--finetune" in argv and "--config" not in argv  # flags alone say it all
+    args = build_parser().parse_args(argv[3:])
+    assert (
+        _run_config(ConvertRun, args, {"finetune": {"enabled": True}, "cmoe": {"experts": "S1A1E4"}}) == cfg
+    )
