@@ -74,18 +74,24 @@ def _run_config(cls, args, extra: dict | None = None):
     return from_dict(cls, _merge(_merge(base, _overrides(args)), extra or {}))
 
 
-def load_calibration(model_cfg: ModelConfig, data_cfg: DataConfig, progress=_progress):
-    """Load the model and sample calibration sequences: (DenseModel, input_ids (N, T))."""
-    from .data import load_documents, parse_text_source, sample_sequences
+def load_dense(model_cfg: ModelConfig, progress=_progress):
+    """The model a config names, as a DenseModel."""
     from .model_io import load_model
 
-    dense = load_model(
+    return load_model(
         model_cfg.spec,
         device=model_cfg.device,
         dtype=model_cfg.dtype,
         trust_remote_code=model_cfg.trust_remote_code,
         progress=progress,
     )
+
+
+def load_calibration(model_cfg: ModelConfig, data_cfg: DataConfig, progress=_progress):
+    """Load the model and sample calibration sequences: (DenseModel, input_ids (N, T))."""
+    from .data import load_documents, parse_text_source, sample_sequences
+
+    dense = load_dense(model_cfg, progress)
     dense.check_seq_len(data_cfg.seq_len)
     docs = load_documents(parse_text_source(data_cfg.text), model=dense, seed=data_cfg.seed)
     ids = sample_sequences(docs, dense.tokenizer, data_cfg.n_sequences, data_cfg.seq_len, data_cfg.seed)
@@ -206,10 +212,8 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
 
 def cmd_convert(args) -> int:
     """Convert a dense model (method from the config) and save it with its run config and metrics."""
-    from .checkpoint import save_converted
     from .config import ConvertRun
-    from .evaluate import param_report
-    from .methods import convert
+    from .pipeline import convert_run
 
     cmoe = {"experts": args.experts, "variant": args.variant, "k_act": args.k_act}
     ladimo = {"n_experts": args.n_experts, "top_k": args.top_k, "steps": args.steps}
@@ -218,21 +222,11 @@ def cmd_convert(args) -> int:
     extra["dive"] = _dive_overrides(args)
     extra["finetune"] = {"enabled": True} if args.finetune else {}
     cfg = _run_config(ConvertRun, args, {k: v for k, v in extra.items() if v})
-    dense, ids = load_calibration(cfg.model, cfg.data)
-    start = time.perf_counter()
-    moe = convert(dense, ids, cfg.section(), method=cfg.method, progress=_progress)
-    seconds = round(time.perf_counter() - start, 2)
-    metrics = {"convert_seconds": seconds, "calibration_tokens": ids.numel()}
-    if cfg.finetune.enabled:
-        from .finetune import finetune, training_ids
-
-        metrics["finetune"] = finetune(moe, training_ids(dense, cfg.finetune), cfg.finetune, _progress)
-    params = param_report(moe, cfg.data.seq_len)
-    metrics |= params | {"conversion": moe.conversion.as_dict()}
-    out = save_converted(moe, cfg.out, to_dict(cfg), metrics)
-    summary = {"method": cfg.method, "seconds": seconds, "out": str(out)}
+    outcome = convert_run(load_dense(cfg.model), cfg, folder=cfg.out, progress=_progress)
+    metrics = outcome.metrics
+    summary = {"method": cfg.method, "seconds": metrics["convert_seconds"], "out": str(outcome.folder)}
     keys = ("ffn_params", "ffn_active_params", "active_ffn_share", "total_params", "active_params")
-    print(json.dumps(summary | {k: params[k] for k in keys}))
+    print(json.dumps(summary | {k: metrics[k] for k in keys}))
     return 0
 
 
