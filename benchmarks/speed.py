@@ -17,7 +17,11 @@ x mean context (QK^T and AV). ``ideal_speedup`` leaves the context term out; the
 include it at the benchmark's mean context (prefill_len / 2; prompt_len + decode_tokens / 2). Achieved =
 measured speed-up / the ideal of the same phase.
 
---breakdown adds a per-component table of one decode step (forward hooks; medians over steps).
+--breakdown adds a per-component table of one decode step (forward hooks and wrapped methods; medians over
+steps): attention, the FFN and, for MoE layers, its three decode parts (``shared_in+router``: the one matmul of
+the shared expert's gate/up rows and the router, with the activation; ``routing``: top-k on the host;
+``experts``: the shared down projection and the chosen experts), ``ffn_other`` (the rest of the MoE block's
+forward), the LM head and the rest of the step.
 Prints tables, then a JSON last line {"S1A1E8": {"ideal_speedup": ..., "prefill_speedup": ...,
 "decode_speedup": ..., ...}, ...}.
 """
@@ -167,17 +171,18 @@ class StepClock:
             module.register_forward_hook(post).remove,
         ]
 
-    def watch_route(self, block: MoEMLP) -> None:
-        route = block.route
+    def watch_method(self, obj, name: str, key: str) -> None:
+        """Time obj.name(...) calls (an instance attribute shadows the method until close())."""
+        method = getattr(obj, name)
 
-        def timed_route(x):
+        def timed(*args):
             start = time.perf_counter()
-            out = route(x)
-            self.step["router"] = self.step.get("router", 0.0) + time.perf_counter() - start
+            out = method(*args)
+            self.step[key] = self.step.get(key, 0.0) + time.perf_counter() - start
             return out
 
-        block.route = timed_route  # instance attribute shadows the method until close()
-        self._undo.append(lambda: delattr(block, "route"))
+        setattr(obj, name, timed)
+        self._undo.append(lambda: delattr(obj, name))
 
     def end_step(self, seconds: float) -> None:
         self.steps.append(self.step | {"step": seconds})
@@ -188,16 +193,20 @@ class StepClock:
             undo()
 
 
+# The parts of MoEMLP's CPU decode step (MoEMLP._decode): one matmul for the shared expert's gate/up rows and
+# the router, routing on the host, then the shared down projection and the chosen experts.
+DECODE_PARTS = {"_decode_front": "shared_in+router", "_route_host": "routing", "_decode_experts": "experts"}
+
+
 def breakdown(dense_model, prompt, n_new: int) -> dict[str, float]:
-    """Median ms per decode step of attention, router, shared and routed experts (or dense FFN), LM head, other."""
+    """Median ms per decode step of attention, the FFN (for MoE split into its decode parts), LM head, other."""
     model, clock = dense_model.model, StepClock()
     for layer in dense_model.adapter.layers(model):
         clock.watch(layer.self_attn, "attention")
         clock.watch(layer.mlp, "ffn")
         if isinstance(layer.mlp, MoEMLP):
-            clock.watch_route(layer.mlp)
-            if layer.mlp.shared_expert is not None:
-                clock.watch(layer.mlp.shared_expert, "shared")
+            for method, key in DECODE_PARTS.items():
+                clock.watch_method(layer.mlp, method, key)
     clock.watch(model.get_output_embeddings(), "lm_head")
     try:
         decode_steps(model, prompt, n_new, on_step=clock.end_step)
@@ -205,15 +214,14 @@ def breakdown(dense_model, prompt, n_new: int) -> dict[str, float]:
         clock.close()
     rows = []
     for s in clock.steps:
-        ffn, router, shared = s.get("ffn", 0.0), s.get("router", 0.0), s.get("shared", 0.0)
+        parts = {key: s.get(key, 0.0) for key in DECODE_PARTS.values()}
         rows.append(
-            {
-                "attention": s["attention"],
-                "router": router,
-                "shared": shared,
-                "routed": ffn - router - shared,  # dense: the whole FFN
+            {"attention": s["attention"], "ffn": s["ffn"]}
+            | parts
+            | {
+                "ffn_other": s["ffn"] - sum(parts.values()) if any(parts.values()) else 0.0,
                 "lm_head": s["lm_head"],
-                "other": s["step"] - s["attention"] - ffn - s["lm_head"],
+                "other": s["step"] - s["attention"] - s["ffn"] - s["lm_head"],
                 "step": s["step"],
             }
         )
@@ -246,7 +254,7 @@ def speed_table(speeds: dict, ideals: dict, summary: dict) -> str:
 
 
 def breakdown_table(parts: dict[str, dict[str, float]]) -> str:
-    keys = ["attention", "router", "shared", "routed", "lm_head", "other", "step"]
+    keys = ["attention", "ffn", *DECODE_PARTS.values(), "ffn_other", "lm_head", "other", "step"]
     lines = ["| model (ms / decode step) | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, p in parts.items():
         lines.append(f"| {name} | " + " | ".join(f"{p[k]:.2f}" for k in keys) + " |")

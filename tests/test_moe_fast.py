@@ -1,7 +1,11 @@
-"""The fast MoEMLP kernels (host loop for decode, grouped matmuls for prefill) equal the reference."""
+"""The fast MoEMLP kernels (fused CPU decode, host loop, grouped matmuls for prefill) equal the reference."""
+
+import copy
+import pickle
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from moe_core.model_io import tiny_model
 from moe_core.moe import HOST_LOOP_MAX_PAIRS, MoEMLP, RoutingPolicy
@@ -70,12 +74,144 @@ def test_unaligned_widths_fall_back_to_the_loop():
         torch.testing.assert_close(block(x), block.forward_reference(x), rtol=1e-5, atol=1e-5)
 
 
-def test_decode_sizes_use_the_host_loop(monkeypatch):
-    block = routed_block(RoutingPolicy("topk", k=2))
+def test_bfloat16_decode_uses_the_host_loop(monkeypatch):
+    block = routed_block(RoutingPolicy("topk", k=2)).to(torch.bfloat16)
     monkeypatch.setattr(block, "_routed_grouped", lambda *_: pytest.fail("grouped_mm ran for a decode step"))
+    monkeypatch.setattr(block, "_decode", lambda *_: pytest.fail("the float32 decode path ran in bfloat16"))
     forbid_loop(block, monkeypatch)
     with torch.inference_mode():
-        block(torch.randn(HOST_LOOP_MAX_PAIRS // 2, 64))
+        block(torch.randn(HOST_LOOP_MAX_PAIRS // 2, 64, dtype=torch.bfloat16))
+
+
+def only_decode(block, monkeypatch):
+    """Make every other inference path raise, so a test proves the fused CPU decode path ran."""
+    for name in ("route", "_routed", "_routed_few", "_routed_grouped"):
+        monkeypatch.setattr(block, name, lambda *_, name=name: pytest.fail(f"{name} ran for a decode step"))
+
+
+DECODE_CASES = [  # (policy, tokens): at most HOST_LOOP_MAX_PAIRS (token, expert) pairs
+    (RoutingPolicy("topk", k=1), 1),
+    (RoutingPolicy("topk", k=1), 4),
+    (RoutingPolicy("topk", k=3), 1),
+    (RoutingPolicy("topk", k=2), 2),
+    (RoutingPolicy("dynamic", threshold=0.6), 1),
+    (RoutingPolicy("dynamic", threshold=0.9, max_k=2), 3),
+]
+
+
+@pytest.mark.parametrize("router_kind,abs_scores", [("linear", False), ("cmoe", False), ("cmoe", True)])
+@pytest.mark.parametrize("n_shared", [0, 13])
+@pytest.mark.parametrize("gate_mode", ["cmoe", "prob", "renorm"])
+@pytest.mark.parametrize(
+    "policy,n_tokens", DECODE_CASES, ids=lambda c: c.label() if hasattr(c, "label") else f"T{c}"
+)
+def test_fused_decode_equals_reference(
+    router_kind, abs_scores, n_shared, gate_mode, policy, n_tokens, monkeypatch
+):
+    """Every router kind, gate mode and policy; with and without a shared expert; unequal expert widths
+    (7 experts from 179 or 192 neurons: zero padding that the decode views skip); temperature; expert bias."""
+    dense = tiny_model("llama")
+    block = block_from(dense, 1, n_shared, 7, policy, router_kind, gate_mode, expert_bias=torch.randn(7, 64))
+    block.router.abs_scores = abs_scores
+    torch.nn.init.normal_(block.gate_scale, std=1.0)
+    block.selection_bias.normal_(std=0.05)
+    block.temperature = 0.7
+    x = torch.randn(n_tokens, 1, 64)
+    expected = block.forward_reference(x)
+    only_decode(block, monkeypatch)
+    with torch.inference_mode():
+        got = block(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_decode_parameters_alias_one_matrix_and_follow_updates():
+    block = routed_block(RoutingPolicy("topk", k=2))
+    x = torch.randn(1, 64)
+    with torch.inference_mode():
+        block(x)
+    fused = block._decode_weights.fused_t.t()
+    shared, router = block.shared_expert, block.router
+    assert shared.gate_proj.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    assert router.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    with torch.no_grad():  # an in-place update (an optimiser step) reaches the fused matrix
+        shared.up_proj.weight.mul_(-2.0)
+        router.weight.add_(torch.randn_like(router.weight))
+    with torch.inference_mode():
+        torch.testing.assert_close(block(x), block.forward_reference(x), rtol=1e-5, atol=1e-5)
+    before = block._decode_weights
+    router.weight = torch.nn.Parameter(torch.randn_like(router.weight))  # a re-bound parameter: rebuilt
+    with torch.inference_mode():
+        torch.testing.assert_close(block(x), block.forward_reference(x), rtol=1e-5, atol=1e-5)
+    assert block._decode_weights is not before
+
+
+def test_training_after_fused_decode_updates_the_fused_weights():
+    """Decoding under inference_mode must not leave inference tensors behind: training still works after."""
+    block = routed_block(RoutingPolicy("topk", k=2), gate_mode="prob")
+    x = torch.randn(1, 64)
+    with torch.inference_mode():
+        block(x)
+    block.train()
+    optimiser = torch.optim.SGD(block.parameters(), lr=0.1)
+    block(torch.randn(8, 64)).pow(2).sum().backward()
+    assert (
+        block.shared_expert.gate_proj.weight.grad.abs().sum() > 0 and block.router.weight.grad.abs().sum() > 0
+    )
+    optimiser.step()
+    block.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(block(x), block.forward_reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_decode_state_dict_saves_and_loads(tmp_path):
+    block = routed_block(RoutingPolicy("topk", k=2))
+    x = torch.randn(1, 64)
+    with torch.inference_mode():
+        expected = block(x)
+    save_file(block.state_dict(), str(tmp_path / "block.safetensors"))  # views of one matrix: still saveable
+    again = MoEMLP.from_spec(block.spec()).eval()
+    again.load_state_dict(load_file(str(tmp_path / "block.safetensors")))
+    with torch.inference_mode():
+        torch.testing.assert_close(again(x), expected)
+
+
+def test_decoded_block_deep_copies_and_pickles():
+    block = routed_block(RoutingPolicy("topk", k=2))
+    x = torch.randn(1, 64)
+    with torch.inference_mode():
+        expected = block(x)
+    for again in (copy.deepcopy(block), pickle.loads(pickle.dumps(block))):
+        assert again._decode_weights is None  # the cache stays behind; the copy builds its own
+        with torch.inference_mode():
+            torch.testing.assert_close(again(x), expected)
+        assert again._decode_weights is not None
+
+
+def test_fused_decode_tracks_load():
+    block = routed_block(RoutingPolicy("topk", k=2))
+    x = torch.randn(2, 64)
+    block.track_load = True
+    with torch.inference_mode():
+        block(x)
+    idx = block.route(x)[0]
+    assert block.load_counts.tolist() == torch.bincount(idx.reshape(-1), minlength=6).float().tolist()
+    assert (block.tokens_seen, block.slots_used) == (2, 4)
+
+
+def test_wrapped_shared_projection_falls_back_to_the_host_loop(monkeypatch):
+    """A shared projection that is not a plain Linear (as LoRA wraps it) is not fused."""
+
+    class Wrapped(torch.nn.Linear):
+        pass
+
+    block = routed_block(RoutingPolicy("topk", k=2))
+    old = block.shared_expert.gate_proj
+    block.shared_expert.gate_proj = Wrapped(old.in_features, old.out_features, bias=False)
+    block.shared_expert.gate_proj.weight.data.copy_(old.weight)
+    monkeypatch.setattr(block, "_decode", lambda *_: pytest.fail("a wrapped projection was fused"))
+    x = torch.randn(1, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(block(x), block.forward_reference(x), rtol=1e-5, atol=1e-5)
 
 
 def test_training_keeps_the_differentiable_path():
