@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moe_core.model_io import tiny_model
-from moe_core.moe import HOST_LOOP_MAX_PAIRS, MoEMLP, RoutingPolicy
+from moe_core.moe import DECODE_MAX_PAIRS, HOST_LOOP_MAX_PAIRS, MoEMLP, RoutingPolicy
 from tests.test_moe import block_from
 
 POLICIES = [
@@ -89,9 +89,10 @@ def only_decode(block, monkeypatch):
         monkeypatch.setattr(block, name, lambda *_, name=name: pytest.fail(f"{name} ran for a decode step"))
 
 
-DECODE_CASES = [  # (policy, tokens): at most HOST_LOOP_MAX_PAIRS (token, expert) pairs
+DECODE_CASES = [  # (policy, tokens): at most DECODE_MAX_PAIRS (token, expert) pairs
     (RoutingPolicy("topk", k=1), 1),
     (RoutingPolicy("topk", k=1), 4),
+    (RoutingPolicy("topk", k=2), DECODE_MAX_PAIRS // 2),
     (RoutingPolicy("topk", k=3), 1),
     (RoutingPolicy("topk", k=2), 2),
     (RoutingPolicy("dynamic", threshold=0.6), 1),
@@ -122,6 +123,16 @@ def test_fused_decode_equals_reference(
     with torch.inference_mode():
         got = block(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_more_pairs_than_the_decode_limit_use_grouped_matmuls(monkeypatch):
+    block = routed_block(RoutingPolicy("topk", k=1))
+    monkeypatch.setattr(
+        block, "_decode", lambda *_: pytest.fail("the decode path ran for a prefill-sized batch")
+    )
+    x = torch.randn(DECODE_MAX_PAIRS + 1, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(block(x), block.forward_reference(x), rtol=1e-5, atol=1e-5)
 
 
 def test_fused_decode_parameters_alias_one_matrix_and_follow_updates():
