@@ -42,7 +42,8 @@ import torch  # noqa: E402
 
 from moe_core.config import CMoEConfig  # noqa: E402
 from moe_core.data import load_documents, sample_sequences  # noqa: E402
-from moe_core.evaluate import param_report  # noqa: E402
+from moe_core.evaluate import decode_step_seconds as decode_steps  # noqa: E402
+from moe_core.evaluate import param_report, prefill_seconds  # noqa: E402
 from moe_core.methods import convert  # noqa: E402
 from moe_core.model_io import DEFAULT_MODEL, load_model  # noqa: E402
 from moe_core.moe import MoEMLP  # noqa: E402
@@ -52,11 +53,6 @@ def log(message: str) -> None:
     print(
         f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.1f}] {message}", file=sys.stderr, flush=True
     )
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,34 +84,6 @@ def ideal_speedups(models: dict, prefill_len: int, decode_context: float) -> dic
 
 # ---------------------------------------------------------------------------------------------
 # Timers
-
-
-@torch.inference_mode()
-def prefill_seconds(model, ids) -> float:
-    """Seconds of one full forward over ids (B, T)."""
-    device = ids.device
-    sync(device)
-    start = time.perf_counter()
-    model(ids)
-    sync(device)
-    return time.perf_counter() - start
-
-
-@torch.inference_mode()
-def decode_steps(model, prompt, n_new: int, on_step=None) -> list[float]:
-    """Greedy decode with a KV cache after prompt (1, P): seconds of each new token's step (forward + argmax)."""
-    out = model(prompt, use_cache=True, logits_to_keep=1)
-    token, cache, times = out.logits[:, -1:].argmax(-1), out.cache, []  # (1, 1)
-    for _ in range(n_new):
-        sync(prompt.device)
-        start = time.perf_counter()
-        out = model(token, cache=cache, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-        sync(prompt.device)
-        times.append(time.perf_counter() - start)
-        if on_step is not None:
-            on_step(times[-1])
-    return times
 
 
 def measure(models: dict, prefill_ids, prompt, n_new: int, repeats: int) -> dict:

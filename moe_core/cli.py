@@ -12,6 +12,7 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import replace
 
 from .config import DataConfig, ModelConfig, ProfileRun, from_dict, load_config_file, to_dict
 
@@ -169,6 +170,7 @@ def _eval_config(args):
         "reference": args.reference,
         "tasks": [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None,
         "limit": args.limit,
+        "speed": args.speed,
     }
     tree["eval"] = {k: v for k, v in flags.items() if v is not None}
     base = load_config_file(args.config) if args.config else {}
@@ -177,7 +179,7 @@ def _eval_config(args):
 
 def cmd_eval(args) -> int:
     from .data import eval_windows, load_documents
-    from .evaluate import evaluate
+    from .evaluate import evaluate, measure_speed
     from .model_io import load_model
 
     cfg = _eval_config(args)
@@ -196,6 +198,9 @@ def cmd_eval(args) -> int:
         limit=cfg.eval.limit,
         progress=_progress,
     )
+    if cfg.eval.speed and ref is not None:
+        print("Timing prefill and decode of both models, in turn ...", file=sys.stderr, flush=True)
+        report = replace(report, speed=measure_speed(ref, moe, seq_len=min(cfg.eval.seq_len, 256)))
     path = report.save(cfg.out)
     (path.parent / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     print(json.dumps({**report.summary(), "out": str(path)}))
@@ -208,6 +213,12 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="windows per forward pass")
     p.add_argument("--tasks", help="comma-separated local lm-eval tasks, e.g. arc_easy_local")
     p.add_argument("--limit", type=int, help="lm-eval: first N documents per task")
+    p.add_argument(
+        "--speed",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time prefill and batch-1 decode of the model and its reference (default on)",
+    )
 
 
 def cmd_convert(args) -> int:

@@ -482,6 +482,7 @@ class EvalConfig:
     reference: str = "auto"  # dense model for KL and agreement: auto = the source model, none = skip
     tasks: tuple[str, ...] = ()  # lm-eval tasks from the local task files, e.g. arc_easy_local
     limit: int = 100  # lm-eval: first `limit` documents per task
+    speed: bool = True  # also time prefill and batch-1 decode of the model and the reference, in turn
 
     def __post_init__(self):
         _check(1 <= self.n_windows <= 100_000, f"eval.n_windows must be 1..100000, got {self.n_windows}.")

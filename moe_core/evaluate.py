@@ -363,23 +363,93 @@ def _numeric(metrics: dict) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Speed (a quick number; benchmarks/speed.py does the careful interleaved timing)
+# Speed (quick numbers for the app and CLI; benchmarks/speed.py does the careful timing and the FLOP ideal)
 
 
-@torch.no_grad()
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _random_ids(dense, batch_size: int, seq_len: int, seed: int = 0):
+    vocab = dense.model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
+    return ids.to(dense.device)
+
+
+@torch.inference_mode()
+def prefill_seconds(model, ids) -> float:
+    """Seconds of one full forward over ids (B, T), without a KV cache."""
+    _sync(ids.device)
+    start = time.perf_counter()
+    model(input_ids=ids, use_cache=False)
+    _sync(ids.device)
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def decode_step_seconds(
+    model, prompt, n_new: int, on_step: Callable[[float], None] | None = None
+) -> list[float]:
+    """Greedy decode with a KV cache after prompt (1, P): seconds of each new token's step (forward + argmax)."""
+    out = model(prompt, use_cache=True, logits_to_keep=1)
+    token, cache, times = out.logits[:, -1:].argmax(-1), out.cache, []  # (1, 1)
+    for _ in range(n_new):
+        _sync(prompt.device)
+        start = time.perf_counter()
+        out = model(token, cache=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        _sync(prompt.device)
+        times.append(time.perf_counter() - start)
+        if on_step is not None:
+            on_step(times[-1])
+    return times
+
+
 def measure_throughput(dense, seq_len: int = 256, batch_size: int = 1, repeats: int = 3) -> dict:
     """Prefill tokens per second on random ids (B, T): median of ``repeats`` timed forwards after one warm-up."""
-    vocab = dense.model.config.vocab_size
-    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(dense.device)
-    dense.model(input_ids=ids, use_cache=False)  # warm-up: allocator, kernels
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dense.model(input_ids=ids, use_cache=False)
-        seconds.append(time.perf_counter() - start)
+    ids = _random_ids(dense, batch_size, seq_len)
+    prefill_seconds(dense.model, ids)  # warm-up: allocator, kernels
+    seconds = [prefill_seconds(dense.model, ids) for _ in range(repeats)]
     median = statistics.median(seconds)
     return {"tokens_per_s": batch_size * seq_len / median, "seconds": seconds, "seq_len": seq_len}
+
+
+def measure_speed(
+    dense,
+    moe,
+    seq_len: int = 256,
+    decode_tokens: int = 32,
+    prompt_len: int = 16,
+    repeats: int = 3,
+    cancel: Cancel = None,
+) -> dict:
+    """Prefill (1 x seq_len) and batch-1 decode tokens/s of ``moe`` and ``dense``, timed in turn in every repeat.
+
+    A repeat's decode speed is 1 / its median step (robust to another process's burst); each number is the
+    median over repeats. Keys: tokens_per_s, ref_tokens_per_s (prefill), decode_tokens_per_s,
+    ref_decode_tokens_per_s.
+    """
+    ids, prompt = _random_ids(dense, 1, seq_len), _random_ids(dense, 1, prompt_len, seed=1)
+    models = {"": moe, "ref_": dense}
+    for m in models.values():  # warm-up
+        prefill_seconds(m.model, ids[:, : min(seq_len, 32)])
+        decode_step_seconds(m.model, prompt, 2)
+    prefill = {key: [] for key in models}
+    decode = {key: [] for key in models}
+    for r in range(repeats):
+        order = list(models) if r % 2 == 0 else list(models)[::-1]  # neither model always goes first
+        for key in order:
+            check_cancel(cancel)
+            prefill[key].append(seq_len / prefill_seconds(models[key].model, ids))
+            decode[key].append(
+                1.0 / statistics.median(decode_step_seconds(models[key].model, prompt, decode_tokens))
+            )
+    out = {}
+    for key in models:
+        out[f"{key}tokens_per_s"] = statistics.median(prefill[key])
+        out[f"{key}decode_tokens_per_s"] = statistics.median(decode[key])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,6 +474,7 @@ class EvalReport:
     expert_load: dict = field(default_factory=dict)  # {layer: tokens routed to each expert}
     lm_eval: dict = field(default_factory=dict)
     seconds: float = 0.0
+    speed: dict = field(default_factory=dict)  # measure_speed() against the reference, when asked for
 
     def summary(self) -> dict:
         """The headline numbers (no per-layer load), for printing."""

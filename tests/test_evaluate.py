@@ -154,6 +154,30 @@ def test_measure_throughput(dense):
     assert speed["tokens_per_s"] > 0 and len(speed["seconds"]) == 2
 
 
+def test_decode_step_seconds_times_every_new_token(dense):
+    seen = []
+    times = ev.decode_step_seconds(dense.model, torch.randint(0, 250, (1, 6)), 5, on_step=seen.append)
+    assert len(times) == 5 and seen == times and all(t > 0 for t in times)
+
+
+def test_measure_speed_times_both_models_prefill_and_decode(dense):
+    speed = ev.measure_speed(dense, dense, seq_len=16, decode_tokens=3, prompt_len=4, repeats=2)
+    assert set(speed) == {
+        "tokens_per_s",
+        "ref_tokens_per_s",
+        "decode_tokens_per_s",
+        "ref_decode_tokens_per_s",
+    }
+    assert all(v > 0 for v in speed.values())
+
+
+def test_measure_speed_can_be_cancelled(dense):
+    from moe_core import Cancelled
+
+    with pytest.raises(Cancelled):
+        ev.measure_speed(dense, dense, seq_len=16, decode_tokens=2, prompt_len=4, cancel=lambda: True)
+
+
 def test_unknown_lm_eval_task_names_the_available_ones(dense):
     pytest.importorskip("lm_eval")
     try:
@@ -199,4 +223,8 @@ def test_eval_cli_on_a_converted_folder(tmp_path, capsys):
     assert summary["reference"] == "builtin:tiny-llama" and summary["kl"] > 0
     report = ev.EvalReport.load(out)
     assert report.n_windows == 2 and sum(report.expert_load[0]) == 2 * 32
+    assert summary["speed"]["decode_tokens_per_s"] > 0 and report.speed == summary["speed"]
+    assert main([*argv, "--seq-len", "32", "--no-speed", "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["speed"] == {}
+    assert ev.EvalReport.load(out).speed == {}
     assert main(["eval", "--model", "builtin:tiny-llama", "--tasks", "no_such_task", "--out", str(out)]) == 2
