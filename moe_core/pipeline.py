@@ -169,10 +169,11 @@ def evaluate_pair(
     cancel: Cancel = None,
 ) -> dict:
     """Dense vs converted on the same windows: EvalReport.summary() of the MoE (ppl, ppl_ref, KL, agreement,
-    params, lm-eval), the dense model's lm-eval scores, and measured prefill tokens/s of both."""
+    params, lm-eval), the dense model's lm-eval scores, and measured prefill and decode tokens/s of both
+    (:func:`moe_core.evaluate.measure_speed`)."""
     from .config import EvalConfig
     from .data import eval_windows, load_documents
-    from .evaluate import evaluate, lm_eval_tasks, measure_throughput
+    from .evaluate import evaluate, lm_eval_tasks, measure_speed
 
     cfg = EvalConfig(text=text, n_windows=int(n_windows), seq_len=int(seq_len), tasks=tuple(tasks or ()))
     moe.check_seq_len(cfg.seq_len)
@@ -188,16 +189,15 @@ def evaluate_pair(
         progress=progress,
         cancel=cancel,
     )
+    ref_lm_eval = lm_eval_tasks(dense, list(cfg.tasks), limit) if cfg.tasks else {}
     if progress:
-        progress(0.9, "Measuring prefill speed of both models")
-    speed_len = min(cfg.seq_len, 256)
+        progress(0.9, "Measuring prefill and decode speed of both models, in turn")
     return {
         **report.summary(),
         "flops_per_token": report.params.get("flops_per_token"),
         "ref_active_params": report.ref_params.get("active_params"),
-        "ref_lm_eval": lm_eval_tasks(dense, list(cfg.tasks), limit) if cfg.tasks else {},
-        "tokens_per_s": measure_throughput(moe, speed_len)["tokens_per_s"],
-        "ref_tokens_per_s": measure_throughput(dense, speed_len)["tokens_per_s"],
+        "ref_lm_eval": ref_lm_eval,
+        **measure_speed(dense, moe, seq_len=min(cfg.seq_len, 256), cancel=cancel),
         "limit": limit,
     }
 

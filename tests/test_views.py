@@ -231,7 +231,11 @@ def test_evaluate_adds_a_run_side_by_side(converted):
     session, card, rows, lm_rows, *figs = out
     assert len(session.evals) == 1 and "perplexity" in card
     assert [r[0] for r in rows] == ["dense", "#1 cmoe S2A2E8"] and rows[1][5] > 0  # KL > 0
+    assert len(rows[1]) == len(evaluate_tab.COLUMNS) and "decode" in card
+    speed = dict(zip(evaluate_tab.COLUMNS, rows[1], strict=True))
+    assert speed["decode tokens/s"] > 0 and speed["decode vs dense"] > 0 and speed["prefill vs dense"] > 0
     assert all(isinstance(f, go.Figure) for f in figs) and len(figs[0].data[0].x) == 2
+    assert [trace.name for trace in figs[1].data] == ["prefill", "decode"]  # speed vs dense, grouped
     again = evaluate_tab.run(session, "builtin:pydoc", 2, 64, [], 5)
     assert [r[0] for r in again[2]] == ["dense", "#1 cmoe S2A2E8", "#2 cmoe S2A2E8"]
 

@@ -17,7 +17,8 @@ READY = "Press **Evaluate** to score it against the dense model on the same text
 EMPTY = widgets.empty("No evaluation yet: convert a model, then press <b>Evaluate</b>.")
 NO_RUNS = "Evaluate a converted model to see this chart."
 COLUMNS = ["run", "model", "text", "tokens", "perplexity", "KL (nats/token)", "top-1 agreement",
-           "active params", "FLOPs / token", "prefill tokens/s", "speed vs dense"]  # fmt: skip
+           "active params", "FLOPs / token", "prefill tokens/s", "prefill vs dense", "decode tokens/s",
+           "decode vs dense"]  # fmt: skip
 
 
 def _default_text() -> str:
@@ -52,11 +53,13 @@ def runs_table(evals: tuple[dict, ...]) -> list[list]:
         tokens = r["n_windows"] * r["seq_len"]
         if i == 0:
             rows.append(["dense", r["reference"], r["text"], tokens, round(r["ppl_ref"], 3), 0.0, 1.0,
-                         r["ref_active_params"], "", round(r["ref_tokens_per_s"]), 1.0])  # fmt: skip
+                         r["ref_active_params"], "", round(r["ref_tokens_per_s"]), 1.0,
+                         round(r["ref_decode_tokens_per_s"], 1), 1.0])  # fmt: skip
         rows.append([
             r["label"], r["model"].rsplit("/", 1)[-1], r["text"], tokens, round(r["ppl"], 3), round(r["kl"], 5),
             round(r["agreement"], 4), r["active_params"], r.get("flops_per_token"), round(r["tokens_per_s"]),
-            round(r["tokens_per_s"] / r["ref_tokens_per_s"], 3),
+            round(r["tokens_per_s"] / r["ref_tokens_per_s"], 3), round(r["decode_tokens_per_s"], 1),
+            round(r["decode_tokens_per_s"] / r["ref_decode_tokens_per_s"], 3),
         ])  # fmt: skip
     return rows
 
@@ -88,11 +91,14 @@ def charts(evals: tuple[dict, ...]):
     labels = ["dense"] + [r["label"] for r in evals]
     first = evals[0]
     ppl = [first["ppl_ref"]] + [r["ppl"] for r in evals]
-    speed = [first["ref_tokens_per_s"]] + [r["tokens_per_s"] for r in evals]
+    speed = {  # each run against the dense model measured in the same run
+        "prefill": [1.0] + [r["tokens_per_s"] / r["ref_tokens_per_s"] for r in evals],
+        "decode": [1.0] + [r["decode_tokens_per_s"] / r["ref_decode_tokens_per_s"] for r in evals],
+    }
     active = [first["ref_active_params"] / 1e6] + [r["active_params"] / 1e6 for r in evals]
     return (
         plots.bars("Perplexity (lower is better)", labels, ppl, "perplexity"),
-        plots.bars("Measured prefill speed", labels, speed, "tokens / s", fmt=",.0f"),
+        plots.grouped_bars("Measured speed vs dense (higher is faster)", labels, speed, "x dense", fmt=".2f"),
         plots.bars("Active parameters per token", labels, active, "millions"),
     )
 
@@ -104,6 +110,10 @@ def card(r: dict) -> str:
         widgets.tile(f"{r['kl']:.4f}", "KL(dense || MoE), nats/token"),
         widgets.tile(f"{r['agreement']:.1%}", "top-1 agreement with dense"),
         widgets.tile(f"{r['tokens_per_s']:,.0f}", f"tokens/s prefill (dense {r['ref_tokens_per_s']:,.0f})"),
+        widgets.tile(
+            f"{r['decode_tokens_per_s']:,.1f}",
+            f"tokens/s decode, batch 1 (dense {r['ref_decode_tokens_per_s']:,.1f})",
+        ),
         widgets.tile(f"{r.get('flops_ratio', 0):.1%}", "FLOPs per token vs dense"),
     ]
     footer = (

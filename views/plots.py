@@ -154,6 +154,7 @@ def h_histogram(counts: np.ndarray, edges: np.ndarray, layer: int):
 
 
 DENSE_COLOR = "#9ca3af"  # grey: the dense reference
+SERIES_COLORS = (ACCENT, SHARED)  # grouped bars: first and second series
 
 
 def bars(
@@ -175,6 +176,31 @@ def bars(
         )
     )
     return _layout(fig, title, "", y_title, 300)
+
+
+def grouped_bars(title: str, labels: list[str], series: dict[str, list[float]], y_title: str, fmt=".3g"):
+    """One group per run, one bar per series (e.g. prefill and decode), values printed on the bars."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for i, (name, values) in enumerate(series.items()):
+        fig.add_trace(
+            go.Bar(
+                name=name,
+                x=labels,
+                y=values,
+                marker_color=SERIES_COLORS[i % len(SERIES_COLORS)],
+                text=[f"{v:{fmt}}" for v in values],
+                textposition="outside",
+                cliponaxis=False,
+                hovertemplate=f"%{{x}}<br>{name} %{{y:.4g}}<extra></extra>",
+            )
+        )
+    _layout(fig, title, "", y_title, 300)
+    fig.update_layout(
+        barmode="group", showlegend=True, legend={"orientation": "h", "y": 1.02, "x": 1, "xanchor": "right"}
+    )
+    return fig
 
 
 def policy_curves(points: list[dict], layer: int, reference: str):
