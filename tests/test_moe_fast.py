@@ -248,3 +248,16 @@ def test_generate_with_kv_cache_matches_dense_when_every_expert_is_on(family):
         got = dense.model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
         torch.testing.assert_close(dense.model(ids).logits, dense_logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(got, expected)
+
+
+def test_a_converted_model_runs_under_torch_compile():
+    """torch.compile traces the dense parts; each MoE block runs eagerly inside the graph (a graph break)."""
+    from moe_core.config import CMoEConfig
+    from moe_core.methods import convert
+
+    dense = tiny_model("llama", n_layers=1)
+    ids = torch.randint(4, 260, (2, 16), generator=torch.Generator().manual_seed(3))
+    moe = convert(dense, ids, CMoEConfig(experts="S1A1E4"))
+    compiled = torch.compile(moe.model)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(ids).logits, moe.model(ids).logits, rtol=1e-4, atol=1e-4)
