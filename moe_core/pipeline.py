@@ -140,11 +140,14 @@ def command_line(cfg: ConvertRun, config_file: str = "run_config.yaml") -> str:
 
 def config_yaml(cfg: ConvertRun) -> str:
     """The run config as YAML, loadable by ``load_config_file`` and ``--config``: model, data, the chosen
-    method's section and out (the other methods' sections are left at their defaults)."""
+    method's section, fine-tuning when enabled, and out (the other sections are left at their defaults)."""
     import yaml
 
     full = to_dict(cfg)
-    data = {k: full[k] for k in ("model", "data", "method", cfg.method, "out")}
+    keys = (
+        ("model", "data", "method", cfg.method) + (("finetune",) if cfg.finetune.enabled else ()) + ("out",)
+    )
+    data = {k: full[k] for k in keys}
     return yaml.safe_dump(_plain(data), sort_keys=False)
 
 

@@ -36,11 +36,9 @@ DESIGN = [8, 0.25, "uniform", 2, ""]  # S2A2E8
 
 def options(**changes) -> list:
     """Option values of the Convert tab's accordions, in build order, with defaults from ConvertRun."""
-    from moe_core.methods import METHODS
-
     defaults = ConvertRun()
     values = []
-    for m, name, kind in convert_tab._option_fields(list(METHODS)):
+    for m, name, kind in convert_tab._option_fields(convert_tab.sections()):
         default = convert_tab._to_input(kind, convert_tab._option_value(getattr(defaults, m), name))
         values.append(changes.get(f"{m}.{name}", None if kind == "optional" else default))
     return values
@@ -208,6 +206,24 @@ def test_load_config_file_fills_the_inputs(loaded, tmp_path):
     assert values[10] == "cmoe"
 
 
+def test_fine_tuning_from_the_convert_tab(loaded, tmp_path):
+    """The fine-tuning accordion: the run config, the command line, the tuned model's summary, loading back."""
+    tune = {"finetune.enabled": True, "finetune.text": "builtin:pydoc", "finetune.n_sequences": 2}
+    opts = options(**tune, **{"finetune.seq_len": 16})
+    cfg, _ = convert_tab.run_config(loaded, DATA, DESIGN, "cmoe", *opts)
+    assert cfg.finetune.enabled and (cfg.finetune.n_sequences, cfg.finetune.seq_len) == (2, 16)
+    yaml_text, line = convert_tab.preview(loaded, *DATA, *DESIGN, "cmoe", *opts)
+    assert "--finetune" in line and "enabled: true" in yaml_text
+    session, summary, _, config_path, _ = converting(loaded, *DATA, *DESIGN, "cmoe", *opts)
+    tuned = session.metrics["finetune"]
+    assert len(tuned["losses"]) == 1 and "fine-tuning loss" in summary  # 2 sequences, batch 2: one step
+    values = convert_tab.load_config(config_path, loaded, len(opts))
+    n_tune = len(convert_tab.OPTIONS["finetune"])
+    assert values[-n_tune:] == opts[-n_tune:] == [True, "builtin:pydoc", 2, 16, 5e-4]
+    plain = convert_tab.run_config(loaded, DATA, DESIGN, "cmoe", *options())[0]
+    assert not plain.finetune.enabled
+
+
 def test_load_config_file_rejects_a_bad_file(tmp_path, loaded):
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: nope\n")
@@ -292,8 +308,6 @@ def test_unexpected_errors_become_messages():
 
 
 def test_dive_accordion_makes_a_valid_run_and_command_line(loaded, tmp_path):
-    from moe_core.methods import METHODS
-
     opts = options(**{"dive.n_sequences": 2, "dive.retrain.stage1_steps": 0, "dive.retrain.stage2_steps": 1})
     design = [2, 0.0, "uniform", 1, ""]
     cfg, _ = convert_tab.run_config(loaded, DATA, design, "dive", *opts)
@@ -305,7 +319,7 @@ def test_dive_accordion_makes_a_valid_run_and_command_line(loaded, tmp_path):
     args = build_parser().parse_args(argv[3:])
     assert _run_config(ConvertRun, args, {"method": "dive"}) == cfg
     values = convert_tab.load_config(str(tmp_path / "run_config.yaml"), loaded, len(opts))
-    fields = [(m, name) for m, name, _ in convert_tab._option_fields(list(METHODS))]
+    fields = [(m, name) for m, name, _ in convert_tab._option_fields(convert_tab.sections())]
     expected = [0.5 if f == ("dive", "prune_ratio") else v for f, v in zip(fields, opts, strict=True)]
     assert values[10] == "dive" and values[11:] == expected  # the prune ratio comes back resolved
 

@@ -22,13 +22,15 @@ EMPTY = widgets.empty(
     "No converted model yet: press <b>Convert</b>. Then evaluate, tune routing or export it."
 )
 CONFIG_FILE = "run_config.yaml"
-TITLES = {"cmoe": "CMoE", "dive": "DIVE", "ladimo": "LaDiMo"}
+TITLES = {"cmoe": "CMoE", "dive": "DIVE", "ladimo": "LaDiMo", "finetune": "Fine-tuning"}
 ABOUT = {
     "cmoe": "CMoE (arXiv 2502.04416): carve neurons into experts by co-activation; no training, seconds per layer.",
     "dive": "DIVE (arXiv 2506.09351): one FLAP-pruned expert per group of related domains, then two short "
     "retraining stages. E and A come from the Design tab; the shared ratio is a share of channels. After "
     "converting, a heatmap shows the mined domain affinity and which domains became which expert.",
     "ladimo": "LaDiMo (arXiv 2408.04278): split each FFN, then distil experts and router layer by layer.",
+    "finetune": "After any method: LoRA on attention and experts, CMoE's gate scales and aux-free balancing "
+    "(CMoE §5.1), on text other than the evaluation set. The saved model is the tuned one.",
 }
 # Method options shown in each accordion: (field, label, choices or type, one-line help). Fields of the
 # layout (experts, n_experts, n_shared, top_k) come from the Design tab and are not repeated here.
@@ -66,7 +68,21 @@ OPTIONS = {
         ),
         ("router_init", "Router init", ["random", "representative"], "random starts near uniform routing"),
     ],
+    "finetune": [
+        ("enabled", "Fine-tune after converting", bool, "minutes on a CPU for the defaults"),
+        ("text", "Text", str, "auto: shared:calib-wikipedia when present, else builtin:pydoc"),
+        ("n_sequences", "Sequences", int, "training windows"),
+        ("seq_len", "Tokens per sequence", int, "window length"),
+        ("lr", "Learning rate", float, "LoRA; the gate scales use their own rate"),
+    ],
 }
+
+
+def sections() -> list[str]:
+    """The config sections with inputs in this tab, in build order: every method, then fine-tuning."""
+    from moe_core.methods import METHODS
+
+    return [*METHODS, "finetune"]
 
 
 @dataclass(frozen=True)
@@ -90,7 +106,9 @@ def _to_config(kind, value):
         return [part.strip() for part in str(value or "").split(",") if part.strip()]
     if kind == "optional":
         return None if value in (None, "") else float(value)
-    return kind(value) if kind in (int, float) else value
+    if kind is str:
+        return str(value).strip()
+    return kind(value) if kind in (int, float, bool) else value
 
 
 def _to_input(kind, value):
@@ -109,22 +127,21 @@ def run_config(
     session: Session, data_values, design_values, method, *option_values
 ) -> tuple[ConvertRun, Design]:
     """The ConvertRun the inputs describe (validated), and the Design it took the layout from."""
-    from moe_core.methods import METHODS
-
     d = design(session, *design_values)
-    sections = {m: {} for m in METHODS}
-    for (m, name, kind), value in zip(_option_fields(list(METHODS)), option_values, strict=True):
+    names = sections()
+    sections_ = {m: {} for m in names}
+    for (m, name, kind), value in zip(_option_fields(names), option_values, strict=True):
         if value is None and kind != "optional":
             raise ValueError(f"{TITLES.get(m, m)} option '{name}' is empty: give a value.")
-        node = sections[m]
+        node = sections_[m]
         *parents, leaf = name.split(".")
         for parent in parents:
             node = node.setdefault(parent, {})
         node[leaf] = _to_config(kind, value)
-    sections["cmoe"]["experts"] = d.experts
-    sections["ladimo"] |= {"n_experts": d.n_experts, "n_shared": d.n_shared, "top_k": d.active}
-    if "dive" in sections:  # DIVE's experts overlap (pruned copies): the shared ratio is a share of channels
-        sections["dive"] |= {
+    sections_["cmoe"]["experts"] = d.experts
+    sections_["ladimo"] |= {"n_experts": d.n_experts, "n_shared": d.n_shared, "top_k": d.active}
+    if "dive" in sections_:  # DIVE's experts overlap (pruned copies): the shared ratio is a share of channels
+        sections_["dive"] |= {
             "n_experts": d.n_experts,
             "top_k": d.active,
             "shared_share": float(design_values[1]),
@@ -137,9 +154,10 @@ def run_config(
         "data": vars(data_config(*data_values)),
         "method": method,
         "out": "outputs/convert",
+        "finetune": sections_["finetune"],
     }
-    if method in sections and method in ConvertRun.__dataclass_fields__:
-        tree[method] = sections[method]  # the other methods keep their defaults
+    if method in sections_ and method in ConvertRun.__dataclass_fields__:
+        tree[method] = sections_[method]  # the other methods keep their defaults
     return from_dict(ConvertRun, tree), d
 
 
@@ -182,6 +200,14 @@ def summary_html(session: Session, seconds: float) -> str:
         widgets.tile(f"{m['calibration_tokens']:,}", "calibration tokens"),
         widgets.tile(f"{seconds:.1f} s", "conversion time"),
     ]
+    tuned = m.get("finetune")
+    if tuned:
+        tiles.append(
+            widgets.tile(
+                f"{tuned['loss_first']:.2f} → {tuned['loss_last']:.2f}",
+                f"fine-tuning loss, {len(tuned['losses'])} steps in {tuned['seconds']:.0f} s",
+            )
+        )
     layout = run.get(run["method"], {})
     shape = (
         layout.get("experts")
@@ -266,7 +292,6 @@ def cancel(session: Session) -> None:
 def load_config(path, session: Session, n_options: int):
     """A YAML/JSON run config -> updates for the model source, data, design, method and option inputs."""
     from moe_core.config import load_config_file
-    from moe_core.methods import METHODS
 
     cfg = from_dict(ConvertRun, load_config_file(path))
     section = cfg.section()
@@ -277,7 +302,7 @@ def load_config(path, session: Session, n_options: int):
     ratio = getattr(section, "shared_share", None)
     ratio = n_shared / n_experts if ratio is None else ratio
     options = [
-        _to_input(k, _option_value(getattr(cfg, m), name)) for m, name, k in _option_fields(list(METHODS))
+        _to_input(k, _option_value(getattr(cfg, m), name)) for m, name, k in _option_fields(sections())
     ]
     if session.dense is None or session.dense.spec != cfg.model.spec:
         gr.Info(f"The config names the model {cfg.model.spec}: press Load in the Model tab to use it.")
@@ -293,6 +318,26 @@ def load_config(path, session: Session, n_options: int):
         cfg.method,
         *options[:n_options],
     ]
+
+
+def _inputs(section: str, defaults: ConvertRun) -> list:
+    """One input component per OPTIONS entry of a config section, holding the default value."""
+    out = []
+    for name, label, kind, help_text in OPTIONS.get(section, []):
+        value = _to_input(kind, _option_value(getattr(defaults, section), name))
+        if kind == "domains":
+            out.append(gr.Textbox(value, label=label, info=help_text, lines=2))
+        elif kind == "optional":
+            out.append(gr.Number(None, label=label, info=help_text))
+        elif kind is bool:
+            out.append(gr.Checkbox(value, label=label, info=help_text))
+        elif kind is str:
+            out.append(gr.Textbox(value, label=label, info=help_text))
+        elif isinstance(kind, list):
+            out.append(gr.Radio(kind, value=value, label=label, info=help_text))
+        else:
+            out.append(gr.Number(value, label=label, info=help_text, precision=0 if kind is int else None))
+    return out
 
 
 def build(state: gr.State, data: DataTab, design_tab: DesignTab, source: gr.Dropdown) -> ConvertTab:
@@ -314,23 +359,7 @@ def build(state: gr.State, data: DataTab, design_tab: DesignTab, source: gr.Drop
                 for m in methods:
                     with gr.Accordion(f"{TITLES.get(m, m)} options", open=m == "cmoe") as acc:
                         gr.Markdown(ABOUT.get(m, ""), elem_classes="moe-help")
-                        for name, label, kind, help_text in OPTIONS.get(m, []):
-                            value = _to_input(kind, _option_value(getattr(defaults, m), name))
-                            if kind == "domains":
-                                options.append(gr.Textbox(value, label=label, info=help_text, lines=2))
-                            elif kind == "optional":
-                                options.append(gr.Number(None, label=label, info=help_text))
-                            elif isinstance(kind, list):
-                                options.append(gr.Radio(kind, value=value, label=label, info=help_text))
-                            else:
-                                options.append(
-                                    gr.Number(
-                                        value,
-                                        label=label,
-                                        info=help_text,
-                                        precision=0 if kind is int else None,
-                                    )
-                                )
+                        options += _inputs(m, defaults)
                     method.change(
                         lambda v, m=m: gr.Accordion(open=v == m),
                         method,
@@ -338,6 +367,9 @@ def build(state: gr.State, data: DataTab, design_tab: DesignTab, source: gr.Drop
                         queue=False,
                         api_visibility="private",
                     )
+                with gr.Accordion("Fine-tuning (optional, any method)", open=False):
+                    gr.Markdown(ABOUT["finetune"], elem_classes="moe-help")
+                    options += _inputs("finetune", defaults)
                 with gr.Row():
                     button = gr.Button("Convert", variant="primary")
                     stop = gr.Button("Cancel", variant="stop")
