@@ -15,19 +15,39 @@ class Generation:
     new_tokens: int
     seconds: float  # wall time of the generate call (prefill + decode)
     tokens_per_s: float  # new tokens / seconds
+    token_ids: tuple[int, ...] = ()  # the new tokens
+    chat: bool = False  # the prompt went through the tokenizer's chat template
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def prompt_ids(tokenizer, prompt: str, chat: bool):
+    """(1, T) ids of ``prompt``: as one user turn of the chat template when asked and the tokenizer has one."""
+    if chat and has_chat_template(tokenizer):
+        out = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
+        )
+        return out["input_ids"] if hasattr(out, "keys") else out  # a BatchEncoding in transformers 5
+    return tokenizer(prompt, return_tensors="pt").input_ids
+
+
 @torch.no_grad()
-def generate(dense, prompt: str, max_new_tokens: int = 32) -> Generation:
-    """Greedy continuation of ``prompt`` (deterministic, so that two models can be compared token by token)."""
+def generate(dense, prompt: str, max_new_tokens: int = 32, chat: bool = False) -> Generation:
+    """Greedy continuation of ``prompt`` (deterministic, so that two models can be compared token by token).
+
+    ``chat``: wrap the prompt in the tokenizer's chat template (instruct models); ignored without one.
+    """
     if not str(prompt).strip():
         raise ValueError("The prompt is empty: type some text to continue.")
     if not 1 <= int(max_new_tokens) <= 4096:
         raise ValueError(f"max_new_tokens must be 1..4096, got {max_new_tokens}.")
-    ids = dense.tokenizer(prompt, return_tensors="pt").input_ids.to(dense.device)  # (1, T)
+    chat = bool(chat) and has_chat_template(dense.tokenizer)
+    ids = prompt_ids(dense.tokenizer, prompt, chat).to(dense.device)  # (1, T)
     pad = dense.tokenizer.pad_token_id
     pad = pad if pad is not None else dense.tokenizer.eos_token_id
     start = time.perf_counter()
@@ -46,4 +66,16 @@ def generate(dense, prompt: str, max_new_tokens: int = 32) -> Generation:
         new_tokens=len(new),
         seconds=seconds,
         tokens_per_s=len(new) / seconds if seconds > 0 else 0.0,
+        token_ids=tuple(new.tolist()),
+        chat=chat,
     )
+
+
+def shared_prefix(a: Generation, b: Generation) -> int:
+    """How many leading new tokens two greedy generations have in common."""
+    n = 0
+    for x, y in zip(a.token_ids, b.token_ids, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

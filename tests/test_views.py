@@ -266,6 +266,7 @@ def test_evaluate_needs_a_converted_model_and_known_tasks(loaded, converted):
 def test_compare_generates_with_both_models(converted):
     dense_text, dense_card, moe_text, moe_card = compare_tab.run(converted[0], "Hello", 4)
     assert "new tokens / s" in dense_card and "new tokens / s" in moe_card
+    assert "first tokens identical to dense" in moe_card and "speed vs dense" in moe_card
     assert isinstance(dense_text, str) and isinstance(moe_text, str)
     with pytest.raises(gr.Error, match="prompt is empty"):
         compare_tab.run(converted[0], "  ", 4)
