@@ -197,9 +197,8 @@ def grouped_bars(title: str, labels: list[str], series: dict[str, list[float]], 
             )
         )
     _layout(fig, title, "", y_title, 300)
-    fig.update_layout(
-        barmode="group", showlegend=True, legend={"orientation": "h", "y": 1.02, "x": 1, "xanchor": "right"}
-    )
+    legend = {"orientation": "h", "y": -0.12, "x": 0.5, "xanchor": "center", "yanchor": "top"}
+    fig.update_layout(barmode="group", showlegend=True, legend=legend, margin={"b": 70})
     return fig
 
 
