@@ -11,6 +11,11 @@
 - gates g: ``cmoe`` 1 + p * u (u starts at 0), ``prob`` p, ``renorm`` p / sum_S p.
 
 With every expert selected and unit gates the block equals the dense MLP it was cut from.
+
+Execution (``MoEMLP.forward``), all checked against ``forward_reference`` (every expert on every token):
+CPU float32 decode (up to DECODE_MAX_PAIRS token-expert pairs) takes ``_decode``: shared gate/up and router in
+one matmul, host routing, two matmuls and an ``addmm_`` per chosen expert; prefill and CUDA take two
+``grouped_mm`` calls over the stacked experts; training takes the differentiable per-expert loop.
 """
 
 from __future__ import annotations
