@@ -184,6 +184,16 @@ def test_cancel_stops_the_conversion():
         convert(tiny_model("llama"), ids(), LaDiMoConfig(**FAST), method="ladimo", cancel=lambda: True)
 
 
+def test_progress_moves_within_each_layer():
+    seen = []
+    cfg = LaDiMoConfig(n_experts=4, top_k=2, steps=60, batch_tokens=64)
+    convert(tiny_model("llama"), ids(), cfg, method="ladimo", progress=lambda f, m: seen.append((f, m)))
+    fractions, messages = [f for f, _ in seen], [m for _, m in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert "LaDiMo: layer 1/2, step 25/60" in messages and "LaDiMo: layer 2/2, step 50/60" in messages
+    assert 0 < fractions[0] < 0.5  # before the first layer ends
+
+
 def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
     from moe_core.checkpoint import load_converted, save_converted
 

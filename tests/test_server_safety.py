@@ -326,7 +326,7 @@ def test_the_convert_log_streams_and_the_progress_reaches_the_browser(server):
     while not job.done():
         status = job.status()
         progress |= {p.desc for p in status.progress_data or []}
-        time.sleep(0.05)
+        time.sleep(0.01)  # a progress status lasts until the next log update (0.5 s at most): sample often
     logs = [out[1] for out in job.outputs()]
     assert any(p and p.startswith("LaDiMo: layer") for p in progress), progress
     assert len(logs) >= 3 and logs[0].count("\n") < logs[-1].count("\n") and "saved converted/" in logs[-1]

@@ -182,8 +182,10 @@ def relative_mse(block: MoEMLP, x, y, k: int, chunk: int = 4096) -> float:
     return err / max(float(y.pow(2).sum()), 1e-30)
 
 
-def train_block(block: MoEMLP, x, y, cfg: LaDiMoConfig, generator, cancel=None) -> dict:
-    """Distil (router + experts) on x (T, H) -> y (T, H) with Adam; returns losses (first and last 10 steps)."""
+def train_block(block: MoEMLP, x, y, cfg: LaDiMoConfig, generator, cancel=None, on_step=None) -> dict:
+    """Distil (router + experts) on x (T, H) -> y (T, H) with Adam; returns losses (first and last 10 steps).
+
+    Every 25 steps: the cancel check and ``on_step(step, cfg.steps)`` (progress within the layer)."""
     experts = [p for n, p in block.named_parameters() if not n.startswith("router") and n != "gate_scale"]
     opt = torch.optim.Adam(
         [{"params": experts, "lr": cfg.lr}, {"params": list(block.router.parameters()), "lr": cfg.router_lr}]
@@ -195,6 +197,8 @@ def train_block(block: MoEMLP, x, y, cfg: LaDiMoConfig, generator, cancel=None) 
     for step, rows in enumerate(order):
         if step % 25 == 0:
             check_cancel(cancel)
+            if on_step is not None and step:
+                on_step(step, cfg.steps)
         k_T = torch.randint(cfg.train_k_min, block.n_experts + 1, (len(rows),), generator=generator)
         out, probs, mask = masked_forward(block, x[rows], k_T)
         mse = (out - y[rows]).pow(2).mean() / scale
@@ -266,7 +270,9 @@ def ffn_io(layer, mlp, inputs: LayerInputs) -> tuple[torch.Tensor, torch.Tensor,
     return torch.cat(xs), torch.cat(ys), outputs
 
 
-def distill_layer(dense, layer_idx: int, x, y, cfg: LaDiMoConfig, cancel=None) -> tuple[MoEMLP, dict]:
+def distill_layer(
+    dense, layer_idx: int, x, y, cfg: LaDiMoConfig, cancel=None, on_step=None
+) -> tuple[MoEMLP, dict]:
     """Build and train one MoE block from FFN ``layer_idx`` given its inputs x and outputs y (T, H)."""
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + layer_idx)
@@ -277,7 +283,7 @@ def distill_layer(dense, layer_idx: int, x, y, cfg: LaDiMoConfig, cancel=None) -
     k = cfg.top_k if cfg.threshold is None else block.n_experts
     before = {"val_mse_init": relative_mse(block, x[val], y[val], k)}
     with torch.enable_grad():
-        losses = train_block(block, x[train], y[train], cfg, generator, cancel)
+        losses = train_block(block, x[train], y[train], cfg, generator, cancel, on_step)
     info = {
         "layer": layer_idx,
         "expert_sizes": block.expert_sizes,
@@ -335,7 +341,12 @@ def convert(
         check_cancel(cancel)
         if i in targets:
             x, y, inputs = ffn_io(layers[i], moe.mlp(i), inputs)  # dense MLP still in place: teacher forcing
-            block, info = distill_layer(moe, i, x, y, cfg, cancel)
+            on_step = None
+            if progress:
+                on_step = lambda s, n, i=i: progress(  # noqa: E731
+                    (i + s / n) / (last + 1), f"LaDiMo: layer {i + 1}/{last + 1}, step {s}/{n}"
+                )
+            block, info = distill_layer(moe, i, x, y, cfg, cancel, on_step)
             moe.adapter.set_mlp(moe.model, i, block)
             report.layers.append(info)
         else:
