@@ -22,7 +22,8 @@ steps): attention, the FFN and, for MoE layers, its three decode parts (``shared
 the shared expert's gate/up rows and the router, with the activation; ``routing``: top-k on the host;
 ``experts``: the shared down projection and the chosen experts), ``ffn_other`` (the rest of the MoE block's
 forward), the LM head and the rest of the step.
-Prints tables, then a JSON last line {"S1A1E8": {"ideal_speedup": ..., "prefill_speedup": ...,
+Prints the setup (versions, threads, attention, which MoE kernels ran), tables, then a JSON last line
+{"S1A1E8": {"ideal_speedup": ..., "prefill_speedup": ...,
 "decode_speedup": ..., ...}, ...}.
 """
 
@@ -200,6 +201,26 @@ def breakdown(dense_model, prompt, n_new: int) -> dict[str, float]:
 # Report
 
 
+def setup_line(models: dict) -> str:
+    """What the numbers depend on: versions, device, dtype, threads, attention and the MoE kernels that ran."""
+    import transformers
+
+    dense = models["dense"]
+    line = (
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {dense.device.type}, "
+        f"{dense.summary().dtype}, {torch.get_num_threads()} threads, "
+        f"attention {dense.model.config._attn_implementation}"
+    )
+    blocks = [b for m in models.values() for b in m.adapter.layers(m.model) if isinstance(b.mlp, MoEMLP)]
+    if blocks:
+        block = blocks[0].mlp
+        x = torch.zeros(1, block.hidden_size, device=dense.device, dtype=block.gate_up_proj.dtype)
+        decode = "fused (MoEMLP._decode)" if block._decode_plan(x) is not None else "grouped_mm or host loop"
+        prefill = "grouped_mm" if block._grouped_mm_ok(x) else "per-expert loop"
+        line += f"; MoE decode {decode}, prefill {prefill}"
+    return line
+
+
 def speed_table(speeds: dict, ideals: dict, summary: dict) -> str:
     lines = [
         "| model | prefill tok/s | decode tok/s | ideal (no ctx / prefill / decode) | prefill speed-up | "
@@ -283,6 +304,8 @@ def main() -> None:
     log(f"measuring: {torch.get_num_threads()} threads, {dense.summary().dtype}, device {args.device}")
     speeds = measure(models, prefill_ids, prompt, args.decode_tokens, args.repeats)
     summary = summarise(speeds, ideals)
+    print(setup_line(models))
+    print()
     print(speed_table(speeds, ideals, summary))
     if args.breakdown:
         print()

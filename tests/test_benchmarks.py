@@ -37,6 +37,8 @@ def test_speed_summary_has_the_issue_keys(speed, models):
         summary["decode_speedup"] / summary["ideal_decode_speedup"], rel=1e-2
     )
     assert "| S1A1E4 |" in speed.speed_table(speeds, ideals, speed.summarise(speeds, ideals))
+    setup = speed.setup_line(models)
+    assert "threads" in setup and "MoE decode fused" in setup and "prefill grouped_mm" in setup
 
 
 def test_breakdown_times_the_fused_decode_parts_and_restores_the_methods(speed, models):
