@@ -5,6 +5,7 @@ import pickle
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 from safetensors.torch import load_file, save_file
 
 from moe_core.model_io import tiny_model
@@ -261,3 +262,37 @@ def test_a_converted_model_runs_under_torch_compile():
     compiled = torch.compile(moe.model)
     with torch.inference_mode():
         torch.testing.assert_close(compiled(ids).logits, moe.model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every aten op dispatched inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_fused_decode_runs_four_plus_five_k_kernels(k, monkeypatch):
+    """The decode step's promise, counted instead of timed: one matmul + activation for the shared expert and
+    router, the shared down projection, then 2 matmuls + activation + addmm_ per chosen expert."""
+    import moe_core.moe as moe_module
+
+    block = routed_block(RoutingPolicy("topk", k=k), bias=False)
+    x = torch.randn(1, 64)
+    with torch.inference_mode():
+        block(x)  # builds the fused weights
+        with _OpCounter() as fused:
+            block(x)
+        monkeypatch.setattr(moe_module, "DECODE_MAX_PAIRS", 0)  # the host loop it replaced
+        with _OpCounter() as loop:
+            block(x)
+    compute = [
+        op for op in fused.ops if op in {"mm", "addmm_", "silu_", "mul_", "linear", "addmm", "mul", "silu"}
+    ]
+    assert len(compute) == 4 + 5 * k, fused.ops
+    assert len(fused.ops) < len(loop.ops) * 0.65, (fused.ops, loop.ops)
