@@ -339,7 +339,8 @@ class MoEMLP(nn.Module):
         return w if w.fusable else None
 
     def _decode(self, w: _DecodeWeights, x2):
-        """One decode step in 6 + 5 k kernels instead of about 30.
+        """One decode step in 4 + 5 k compute kernels: 19 aten dispatches in all at k = 1, 29 at k = 3, against
+        32 and 52 for the host loop it replaced (counted in tests/test_moe_fast.py).
 
         The shared expert's gate and up rows and the router's rows are one matrix (the parameters are views
         of it, see :class:`_DecodeWeights`), so a single matmul gives the shared activations and the router
