@@ -406,15 +406,6 @@ def decode_step_seconds(
     return times
 
 
-def measure_throughput(dense, seq_len: int = 256, batch_size: int = 1, repeats: int = 3) -> dict:
-    """Prefill tokens per second on random ids (B, T): median of ``repeats`` timed forwards after one warm-up."""
-    ids = _random_ids(dense, batch_size, seq_len)
-    prefill_seconds(dense.model, ids)  # warm-up: allocator, kernels
-    seconds = [prefill_seconds(dense.model, ids) for _ in range(repeats)]
-    median = statistics.median(seconds)
-    return {"tokens_per_s": batch_size * seq_len / median, "seconds": seconds, "seq_len": seq_len}
-
-
 def measure_speed(
     dense,
     moe,

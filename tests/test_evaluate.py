@@ -149,11 +149,6 @@ def test_bad_windows_raise(dense, bad):
         ev.perplexity(dense, bad)
 
 
-def test_measure_throughput(dense):
-    speed = ev.measure_throughput(dense, seq_len=16, repeats=2)
-    assert speed["tokens_per_s"] > 0 and len(speed["seconds"]) == 2
-
-
 def test_decode_step_seconds_times_every_new_token(dense):
     seen = []
     times = ev.decode_step_seconds(dense.model, torch.randint(0, 250, (1, 6)), 5, on_step=seen.append)
