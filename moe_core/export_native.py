@@ -185,10 +185,13 @@ def _moe_tensors(shared_parts, router_weight, block, scales, n_experts, width, s
         down[:, :, :w] = block.down_proj * scales.to(dtype)[:, None, None]
     sg = torch.zeros(shared, hidden, dtype=dtype)
     su, sd = torch.zeros_like(sg), torch.zeros(hidden, shared, dtype=dtype)
+    gate = getattr(block, "shared_gate", None)
+    gate_weight = torch.full((1, hidden), SHARED_GATE, dtype=dtype) if gate is None else gate.weight.to(dtype)
     if shared_parts is not None:
         n = shared_parts["gate"].shape[0]
         sg[:n], su[:n] = shared_parts["gate"], shared_parts["up"]
-        sd[:, :n] = shared_parts["down"] * 2.0  # undoes the shared gate's sigmoid(~0) = 0.5, exactly
+        # an ungated shared expert: the 1e-30 gate gives sigmoid = 0.5 exactly, which doubling undoes
+        sd[:, :n] = shared_parts["down"] * (2.0 if gate is None else 1.0)
     return {
         prefix + "gate.weight": router_weight.to(dtype),
         prefix + "experts.gate_up_proj": gate_up,
@@ -196,7 +199,7 @@ def _moe_tensors(shared_parts, router_weight, block, scales, n_experts, width, s
         prefix + "shared_expert.gate_proj.weight": sg,
         prefix + "shared_expert.up_proj.weight": su,
         prefix + "shared_expert.down_proj.weight": sd,
-        prefix + "shared_expert_gate.weight": torch.full((1, hidden), SHARED_GATE, dtype=dtype),
+        prefix + "shared_expert_gate.weight": gate_weight,
     }
 
 

@@ -145,6 +145,7 @@ class MoEMLP(nn.Module):
         gate_mode: GateMode = "cmoe",
         expert_bias: bool = False,
         act_name: str = "silu",
+        shared_gate: bool = False,
     ):
         super().__init__()
         n_experts, width = len(expert_sizes), max(expert_sizes)
@@ -154,6 +155,8 @@ class MoEMLP(nn.Module):
             raise ValueError(f"gate_mode must be cmoe, prob or renorm, got '{gate_mode}'.")
         self.hidden_size, self.expert_sizes, self.act_name = hidden_size, list(expert_sizes), act_name
         self.shared_expert = GatedMLP(hidden_size, shared_size, act) if shared_size > 0 else None
+        # Qwen2-MoE's sigmoid gate on the shared expert (the native form); None: the shared expert is ungated
+        self.shared_gate = nn.Linear(hidden_size, 1, bias=False) if shared_gate and shared_size > 0 else None
         self.gate_up_proj = nn.Parameter(torch.zeros(n_experts, 2 * width, hidden_size))  # (E, 2I, H)
         self.down_proj = nn.Parameter(torch.zeros(n_experts, hidden_size, width))  # (E, H, I)
         self.expert_bias = nn.Parameter(torch.zeros(n_experts, hidden_size)) if expert_bias else None
@@ -176,6 +179,15 @@ class MoEMLP(nn.Module):
     @property
     def shared_size(self) -> int:
         return 0 if self.shared_expert is None else self.shared_expert.gate_proj.out_features
+
+    def shared(self, x2):
+        """The shared expert's output (T, H), behind its sigmoid gate when it has one; zeros without one."""
+        if self.shared_expert is None:
+            return torch.zeros_like(x2)
+        out = self.shared_expert(x2)
+        if self.shared_gate is not None:
+            out = out * torch.sigmoid(self.shared_gate(x2))
+        return out
 
     def set_policy(self, policy: RoutingPolicy) -> None:
         if policy.mode == "topk" and policy.k > self.n_experts:
@@ -239,7 +251,7 @@ class MoEMLP(nn.Module):
             return self._decode(w, x2).reshape(shape)
         idx, gates, _ = self.route(x2)
         self._after_routing(idx)
-        out = self.shared_expert(x2) if self.shared_expert is not None else torch.zeros_like(x2)
+        out = self.shared(x2)
         if torch.is_grad_enabled():  # training and gradient checks: the differentiable loop
             out = self._routed(x2, idx, gates, out)
         elif idx.numel() <= HOST_LOOP_MAX_PAIRS and x2.device.type == "cpu":  # decode
@@ -319,7 +331,7 @@ class MoEMLP(nn.Module):
         idx, gates, _ = self.route(x2)
         dense_gates = torch.zeros(x2.shape[0], self.n_experts + 1, dtype=torch.float32, device=x.device)
         dense_gates.scatter_add_(1, idx.clamp(min=-1) % (self.n_experts + 1), gates)
-        out = self.shared_expert(x2) if self.shared_expert is not None else torch.zeros_like(x2)
+        out = self.shared(x2)
         for e in range(self.n_experts):
             out = out + self._expert(e, x2) * dense_gates[:, e : e + 1].to(x2.dtype)
         return out.reshape(x.shape)
@@ -359,8 +371,11 @@ class MoEMLP(nn.Module):
         h = torch.mm(x2, w.fused_t)  # (T, 2 G + L)
         if w.n_gate == 0:  # no shared expert, linear router
             return None, h.tolist()
-        gate, up, tail = h.split([w.n_gate, w.n_gate, w.n_linear], dim=1)
+        gate, up, tail = h.split([w.n_gate, w.n_gate, w.n_linear + w.n_shared_gate], dim=1)
         a = w.act(gate).mul_(up)  # (T, G): [shared activations | cmoe router scores]
+        if w.n_shared_gate:  # the shared gate's logit is the last fused row: gate the shared activations
+            a[:, : w.n_shared].mul_(torch.sigmoid(tail[:, -1:]))
+            tail = tail[:, :-1]
         scores = tail if w.n_linear else a[:, w.n_shared :]
         return (a[:, : w.n_shared] if w.n_shared else None), scores.tolist()
 
@@ -453,6 +468,7 @@ class MoEMLP(nn.Module):
         k = self.mean_active_experts() if mean_active is None else mean_active
         mean_size = sum(self.expert_sizes) / self.n_experts
         router = sum(p.numel() for p in self.router.parameters() if p is not self.router.noise_weight)
+        router += 0 if self.shared_gate is None else self.shared_gate.weight.numel()
         shared, routed = 3 * h * self.shared_size, 3 * h * sum(self.expert_sizes)
         return {
             "total": shared + routed + router,
@@ -472,6 +488,7 @@ class MoEMLP(nn.Module):
             "act_name": self.act_name,
             "gate_mode": self.gate_mode,
             "expert_bias": self.expert_bias is not None,
+            "shared_gate": self.shared_gate is not None,
             "policy": asdict(self.policy),
             "temperature": self.temperature,
             "router": {"kind": r.kind, "abs_scores": r.abs_scores, "noise": r.noise_weight is not None},
@@ -496,6 +513,7 @@ class MoEMLP(nn.Module):
             spec["gate_mode"],
             spec["expert_bias"],
             spec["act_name"],
+            spec.get("shared_gate", False),
         )
         block.temperature = spec.get("temperature", 1.0)
         return block
@@ -550,6 +568,17 @@ class MoEMLP(nn.Module):
             block.expert_bias.copy_(expert_bias)
         return block.eval()
 
+    @torch.no_grad()
+    def add_shared_gate(self) -> None:
+        """Put the shared expert behind a sigmoid gate (Qwen2-MoE's) without changing the output: the zero gate
+        weight gives sigmoid(0) = 0.5 and the shared down projection doubles. No-op without a shared expert."""
+        if self.shared_expert is None or self.shared_gate is not None:
+            return
+        down = self.shared_expert.down_proj.weight
+        self.shared_gate = nn.Linear(self.hidden_size, 1, bias=False).to(device=down.device, dtype=down.dtype)
+        self.shared_gate.weight.zero_()
+        down.mul_(2.0)
+
 
 @torch.compiler.disable
 def _eager_forward(block: MoEMLP, x):
@@ -574,6 +603,7 @@ class _DecodeWeights:
         self.key = self.key_of(block)
         s, r = block.shared_expert, block.router
         linears = [s.gate_proj, s.up_proj, s.down_proj] if s is not None else []
+        linears += [block.shared_gate] if block.shared_gate is not None else []
         acts = ([r.act_fn] if r.kind == "cmoe" else []) + ([s.act_fn] if s is not None else [])
         self.fusable = (
             all(type(m) is nn.Linear and m.weight.dtype is torch.float32 for m in linears)
@@ -586,6 +616,7 @@ class _DecodeWeights:
         gates = ([s.gate_proj.weight] if s is not None else []) + ([r.weight] if r.kind == "cmoe" else [])
         ups = ([s.up_proj.weight] if s is not None else []) + ([r.up_weight] if r.kind == "cmoe" else [])
         tail = [r.weight] if r.kind == "linear" else []
+        tail += [block.shared_gate.weight] if block.shared_gate is not None else []
         params = gates + ups + tail
         inference = any(p.is_inference() for p in params)  # a block built under inference_mode stays so
         # inference_mode(False) turns grad mode back on, so no_grad goes inside it (views without grad_fn)
@@ -597,7 +628,8 @@ class _DecodeWeights:
                 row += p.shape[0]
             self.fused_t = fused.t()  # (H, 2 G + L)
             self.n_shared, self.n_gate = block.shared_size, sum(p.shape[0] for p in gates)
-            self.n_linear = sum(p.shape[0] for p in tail)
+            self.n_shared_gate = 1 if block.shared_gate is not None else 0
+            self.n_linear = sum(p.shape[0] for p in tail) - self.n_shared_gate
             self.shared_down_t = s.down_proj.weight.t() if s is not None else None  # (S, H)
             width, sizes = block.down_proj.shape[-1], block.expert_sizes
             self.gate_t = [block.gate_up_proj[e, :n].t() for e, n in enumerate(sizes)]  # (H, I_e)
@@ -620,9 +652,10 @@ class _DecodeWeights:
             r._parameters["weight"],
             r._parameters.get("up_weight"),
         ]
-        key = [s, r]
+        key = [s, r, block._modules.get("shared_gate")]
         if s is not None:
             linears = [s._modules["gate_proj"], s._modules["up_proj"], s._modules["down_proj"]]
+            linears += [g] if (g := block._modules.get("shared_gate")) is not None else []
             key += linears
             tensors += [m._parameters.get("weight") for m in linears]
         return (*key, *(t.data_ptr() if t is not None else 0 for t in tensors))

@@ -44,6 +44,9 @@ def forbid_loop(block, monkeypatch):
 @pytest.mark.parametrize("n_tokens", [1, 2, 37, 300], ids=lambda n: f"T{n}")
 def test_fast_kernels_equal_reference_float32(gate_mode, policy, n_tokens, monkeypatch):
     block = routed_block(policy, gate_mode)  # widths 28: rows 16-byte aligned, so grouped_mm is eligible
+    if gate_mode == "prob":  # the native form: Qwen2-MoE's sigmoid gate on the shared expert
+        block.add_shared_gate()
+        torch.nn.init.normal_(block.shared_gate.weight, std=0.3)
     x = torch.randn(n_tokens, 64)
     expected = block.forward_reference(x)
     forbid_loop(block, monkeypatch)
@@ -102,18 +105,22 @@ DECODE_CASES = [  # (policy, tokens): at most DECODE_MAX_PAIRS (token, expert) p
 
 
 @pytest.mark.parametrize("router_kind,abs_scores", [("linear", False), ("cmoe", False), ("cmoe", True)])
-@pytest.mark.parametrize("n_shared", [0, 13])
+@pytest.mark.parametrize("n_shared,shared_gate", [(0, False), (13, False), (13, True)])
 @pytest.mark.parametrize("gate_mode", ["cmoe", "prob", "renorm"])
 @pytest.mark.parametrize(
     "policy,n_tokens", DECODE_CASES, ids=lambda c: c.label() if hasattr(c, "label") else f"T{c}"
 )
 def test_fused_decode_equals_reference(
-    router_kind, abs_scores, n_shared, gate_mode, policy, n_tokens, monkeypatch
+    router_kind, abs_scores, n_shared, shared_gate, gate_mode, policy, n_tokens, monkeypatch
 ):
-    """Every router kind, gate mode and policy; with and without a shared expert; unequal expert widths
-    (7 experts from 179 or 192 neurons: zero padding that the decode views skip); temperature; expert bias."""
+    """Every router kind, gate mode and policy; with and without a shared expert (gated or not); unequal
+    expert widths (7 experts from 179 or 192 neurons: zero padding that the decode views skip); temperature;
+    expert bias."""
     dense = tiny_model("llama")
     block = block_from(dense, 1, n_shared, 7, policy, router_kind, gate_mode, expert_bias=torch.randn(7, 64))
+    if shared_gate:
+        block.add_shared_gate()
+        torch.nn.init.normal_(block.shared_gate.weight, std=0.3)
     block.router.abs_scores = abs_scores
     torch.nn.init.normal_(block.gate_scale, std=1.0)
     block.selection_bias.normal_(std=0.05)
@@ -296,3 +303,20 @@ def test_fused_decode_runs_four_plus_five_k_kernels(k, monkeypatch):
     ]
     assert len(compute) == 4 + 5 * k, fused.ops
     assert len(fused.ops) < len(loop.ops) * 0.65, (fused.ops, loop.ops)
+
+
+def test_adding_the_shared_gate_keeps_the_output_and_round_trips_through_the_spec(tmp_path):
+    block = routed_block(RoutingPolicy("topk", k=2), "prob")
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        before = block.forward_reference(x)
+        block.add_shared_gate()
+        torch.testing.assert_close(block.forward_reference(x), before, rtol=1e-6, atol=1e-6)
+        torch.nn.init.normal_(block.shared_gate.weight, std=0.3)
+        expected = block.forward_reference(x)
+    rebuilt = MoEMLP.from_spec(block.spec())
+    assert rebuilt.shared_gate is not None
+    save_file(block.state_dict(), str(tmp_path / "b.safetensors"))
+    rebuilt.load_state_dict(load_file(str(tmp_path / "b.safetensors")))
+    with torch.inference_mode():
+        torch.testing.assert_close(rebuilt.eval()(x), expected, rtol=1e-5, atol=1e-5)
