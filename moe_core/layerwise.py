@@ -7,10 +7,13 @@ for the calibration hidden states, not for the whole forward graph.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .plumbing import Cancel, Progress, check_cancel, report
 
 
 class _StopForward(Exception):
@@ -74,3 +77,79 @@ def mlp_inputs(
     finally:
         handle.remove()
     return seen, outputs
+
+
+class _StopAtMLP(Exception):
+    pass
+
+
+@torch.no_grad()
+def ffn_inputs(layer: nn.Module, mlp: nn.Module, inputs: LayerInputs) -> torch.Tensor:
+    """What ``mlp`` receives on every micro-batch, (N*T, H); the MLP and the rest of the layer never run."""
+    seen = []
+
+    def catch(module, args):
+        seen.append(args[0].reshape(-1, args[0].shape[-1]))
+        raise _StopAtMLP
+
+    handle = mlp.register_forward_pre_hook(catch)
+    try:
+        for h, kw in zip(inputs.hidden, inputs.kwargs, strict=True):
+            with contextlib.suppress(_StopAtMLP):
+                layer(h, **kw)
+    finally:
+        handle.remove()
+    return torch.cat(seen)
+
+
+@torch.no_grad()
+def apply_chunked(module: nn.Module, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """module(x) over rows of x (T, H) in chunks (bounded activation memory)."""
+    return torch.cat([module(part) for part in x.split(chunk)])
+
+
+# build(layer index, x (T, H) what the MLP receives, y (T, H) what the dense MLP returns) -> (block, info)
+LayerBuild = Callable[[int, torch.Tensor, torch.Tensor], tuple[nn.Module, dict]]
+
+
+@torch.no_grad()
+def convert_layers(
+    model,
+    input_ids: torch.Tensor,
+    targets: list[int],
+    build: LayerBuild,
+    *,
+    batch_size: int = 4,
+    sequential: bool = True,
+    progress: Progress = None,
+    cancel: Cancel = None,
+    label: str = "Converting",
+    reference: Callable[[int], nn.Module] | None = None,
+) -> list[dict]:
+    """The layer-by-layer driver: replace the MLP of every target layer of ``model`` (a DenseModel, changed in
+    place) by ``build(i, x, y)``'s block, where x (N*T, H) is what that MLP receives on input_ids (N, T) and
+    y (N*T, H) what it returns. Returns the builds' infos, in layer order.
+
+    sequential: the next layer's inputs come from the converted layer, so each layer is built on what the
+    converted prefix really produces (the CMoE code's behaviour); else from the original layer (teacher
+    forcing: layers are independent). Only one layer's calibration activations are alive at a time.
+    reference(i): the module whose output on x is y (default: the layer's MLP as it is when its turn comes).
+    """
+    layers, infos = model.adapter.layers(model.model), []
+    inputs, last = capture_layer_inputs(model, input_ids, batch_size), max(targets)
+    for i in range(last + 1):
+        check_cancel(cancel)
+        layer = layers[i]
+        if i in targets:
+            x = ffn_inputs(layer, layer.mlp, inputs)
+            y = apply_chunked(layer.mlp if reference is None else reference(i), x)
+            original = None if sequential or i == last else run_layer(layer, inputs)
+            block, info = build(i, x, y)
+            model.adapter.set_mlp(model.model, i, block)
+            infos.append(info)
+            if i < last:
+                inputs = run_layer(layer, inputs) if sequential else original
+        else:
+            inputs = run_layer(layer, inputs)
+        report(progress, (i + 1) / (last + 1), f"{label}: layer {i + 1}/{last + 1}")
+    return infos

@@ -16,17 +16,11 @@ import numpy as np
 import torch
 
 from .layerwise import capture_layer_inputs, run_layer
+from .plumbing import Cancelled, check_cancel
+
+__all__ = ["ActivationProfile", "Cancelled", "check_cancel", "profile_model"]
 
 HIST_BINS = 101
-
-
-class Cancelled(Exception):
-    """Raised when the caller's cancel() returns True; nothing is written."""
-
-
-def check_cancel(cancel: Callable[[], bool] | None) -> None:
-    if cancel is not None and cancel():
-        raise Cancelled("Cancelled by the user.")
 
 
 @torch.no_grad()
