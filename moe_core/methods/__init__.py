@@ -12,7 +12,9 @@ from collections.abc import Callable
 
 import torch
 
-from ..config import ConvertRun
+from ..config import ConvertRun, RoutingConfig
+from ..plumbing import span
+from ..reconstruct import reconstruct_model
 from . import cmoe, dive, ladimo
 
 METHODS: dict[str, Callable] = {"cmoe": cmoe.convert, "ladimo": ladimo.convert, "dive": dive.convert}
@@ -24,12 +26,15 @@ def convert(
     cfg=None,
     *,
     method: str = "cmoe",
+    routing: RoutingConfig | None = None,
     progress: Callable[[float, str], None] | None = None,
     cancel: Callable[[], bool] | None = None,
 ):
-    """Run one registered method. cfg: its config section (e.g. CMoEConfig), a ConvertRun, or None (defaults)."""
+    """Run one registered method. cfg: its config section (e.g. CMoEConfig), a ConvertRun (its routing
+    section then applies too), or None (defaults). routing: the layer-wise routing step after the method
+    (moe_core.reconstruct): CMoE runs it inside its layer loop, the other methods in a second pass."""
     if isinstance(cfg, ConvertRun):
-        method, cfg = cfg.method, cfg.section()
+        method, routing, cfg = cfg.method, routing or cfg.routing, cfg.section()
     if method not in METHODS:
         raise ValueError(f"Unknown conversion method '{method}'. Methods: {', '.join(METHODS)}.")
     default = getattr(ConvertRun(method=method), method)
@@ -39,6 +44,15 @@ def convert(
         raise ValueError(f"Method '{method}' needs a {type(default).__name__}, got {type(cfg).__name__}.")
     # Same config and seed, same model: whatever a method draws from the global RNG (router init, LoRA, noise)
     # comes from the config's seed, and the caller's RNG streams are left where they were.
+    settings = routing.settings(getattr(cfg, "seed", 0)) if routing is not None and routing.enabled else None
     with torch.random.fork_rng(devices=[dense.device] if dense.device.type == "cuda" else []):
         torch.manual_seed(getattr(cfg, "seed", 0))
-        return METHODS[method](dense, input_ids, cfg, progress=progress, cancel=cancel)
+        if method == "cmoe":
+            return cmoe.convert(dense, input_ids, cfg, progress=progress, cancel=cancel, routing=settings)
+        moe = METHODS[method](dense, input_ids, cfg, progress=span(progress, 0, 0.9), cancel=cancel)
+        if settings is not None:
+            reports = reconstruct_model(
+                moe, dense, input_ids, settings, progress=span(progress, 0.9, 1.0), cancel=cancel
+            )
+            moe.conversion.routing = reports
+        return moe

@@ -42,7 +42,6 @@ there): the router beats static pruning at 25% and 50% active, and is level with
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from collections.abc import Callable
@@ -53,9 +52,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import CMoEConfig
-from ..layerwise import LayerInputs, capture_layer_inputs, mlp_inputs, run_layer
+from ..layerwise import convert_layers
 from ..moe import MoEMLP, Router, RoutingPolicy
-from ..profiling import check_cancel
+from ..reconstruct import ReconstructSettings, reconstruct_block
 
 
 @dataclass(frozen=True)
@@ -76,9 +75,11 @@ class ConversionReport:
     config: dict
     layers: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    routing: list[dict] = field(default_factory=list)  # per-layer reports of a separate routing pass
 
     def as_dict(self) -> dict:
-        return {"method": self.method, "config": self.config, "seconds": self.seconds, "layers": self.layers}
+        out = {"method": self.method, "config": self.config, "seconds": self.seconds, "layers": self.layers}
+        return out | ({"routing": self.routing} if self.routing else {})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,11 +114,14 @@ def atopk_markers(x, w_gate, w_up, act, k_act: int, normalise: bool) -> torch.Te
 
 
 def distances(feats: torch.Tensor, centroids: torch.Tensor, metric: str) -> torch.Tensor:
-    """feats (n, T) binary, centroids (k, T) in [0, 1] -> (n, k) L1 or L2 distances, float64.
+    """feats (n, T), centroids (k, T) -> (n, k) distances, float64.
 
-    For a in {0,1} and c in [0,1], |a - c| = a + c - 2ac, so L1 and squared L2 are one matmul away.
+    ``l1`` / ``l2``: binary feats and centroids in [0, 1] (ATopK markers): for a in {0,1} and c in [0,1],
+    |a - c| = a + c - 2ac, so both are one matmul away. ``cosine``: 1 - cos(f, c), for any real features.
     """
     f, c = feats.float(), centroids.float()
+    if metric == "cosine":
+        return (1 - F.normalize(f, dim=1) @ F.normalize(c, dim=1).T).double()
     cross = (f @ c.T).double()  # (n, k)
     ones = f.sum(1, keepdim=True).double()  # (n, 1) exact integer counts
     if metric == "l1":
@@ -155,12 +159,17 @@ def balanced_clusters(feats, init, sizes, iters: int, metric: str):
 
 def carve(markers: torch.Tensor, n_shared: int, n_experts: int, iters: int, metric: str) -> Carving:
     """Partition the I neurons given ATopK markers (T, I): shared by rate, routed by balanced clustering."""
-    n_neurons = markers.shape[1]
-    rates = markers.mean(0)  # (I,)
-    order = torch.sort(rates, descending=True, stable=True).indices  # ties -> lower index first
-    shared_size, sizes = expert_sizes(n_neurons, n_shared, n_experts)
-    shared, rest = order[:shared_size], order[shared_size:]  # rest sorted by rate, highest first
-    feats = markers.T.contiguous()[rest]  # (n, T): one row per remaining neuron
+    return carve_features(markers.T.contiguous(), markers.mean(0), n_shared, n_experts, iters, metric)
+
+
+def carve_features(feats, scores, n_shared: int, n_experts: int, iters: int, metric: str) -> Carving:
+    """Partition the I neurons given one feature row per neuron, feats (I, T), and a score per neuron (I,):
+    the shared expert takes the highest scores, the rest are clustered (balanced) from centroids at the
+    highest-scoring remaining neurons; each cluster's member nearest its centroid represents it."""
+    order = torch.sort(scores, descending=True, stable=True).indices  # ties -> lower index first
+    shared_size, sizes = expert_sizes(len(scores), n_shared, n_experts)
+    shared, rest = order[:shared_size], order[shared_size:]  # rest sorted by score, highest first
+    feats = feats[rest]  # (n, T): one row per remaining neuron
     assignment, centroids = balanced_clusters(feats, feats[: len(sizes)], sizes, iters, metric)
     experts, reps = [], []
     for j in range(len(sizes)):
@@ -168,7 +177,18 @@ def carve(markers: torch.Tensor, n_shared: int, n_experts: int, iters: int, metr
         closest = distances(feats[members], centroids[j : j + 1], metric).squeeze(1).argmin()
         reps.append(rest[members[closest]])
         experts.append(rest[members].sort().values)
-    return Carving(shared.sort().values, experts, torch.stack(reps), rates)
+    return Carving(shared.sort().values, experts, torch.stack(reps), scores)
+
+
+@torch.no_grad()
+def magnitude_features(x, w_gate, w_up, w_down, act) -> torch.Tensor:
+    """What each neuron adds to the FFN output per token: |h_i| * ||W_down[:, i]||, (I, T) float32.
+
+    (WINA's score; DOT-MoE's critique of activation-only proxies: they ignore W_down.)
+    """
+    xf = x.float()
+    h = act(xf @ w_gate.float().T) * (xf @ w_up.float().T)  # (T, I)
+    return (h.abs() * w_down.float().norm(dim=0)).T.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,32 +209,44 @@ def cmoe_router(w_gate, w_up, representatives, act_name: str, variant: str) -> R
     return router
 
 
-def carve_block(dense, layer_idx: int, x: torch.Tensor, cfg: CMoEConfig) -> tuple[MoEMLP, dict]:
-    """Carve one dense MLP given its calibration inputs x (T, H): (MoEMLP, per-layer report)."""
-    n_shared, n_active, n_experts = cfg.shape
+def carve_block(
+    dense, layer_idx: int, x: torch.Tensor, cfg: CMoEConfig, shape: tuple[int, int, int] | None = None
+) -> tuple[MoEMLP, dict]:
+    """Carve one dense MLP given its calibration inputs x (T, H): (MoEMLP, per-layer report).
+
+    shape: (n_shared, n_active, n_experts) of this layer (default: the config's layer shape)."""
+    n_shared, n_active, n_experts = shape or cfg.layer_shape(layer_idx)
     mlp = dense.mlp(layer_idx)
     w_gate, w_up, w_down = dense.adapter.weights(mlp)
     if cfg.k_act > w_gate.shape[0]:
         raise ValueError(f"cmoe.k_act={cfg.k_act} exceeds the FFN width {w_gate.shape[0]}; lower it.")
     act = dense.adapter.act_fn(mlp)
     markers = atopk_markers(x, w_gate, w_up, act, cfg.k_act, cfg.variant == "code")
-    cut = carve(markers, n_shared, n_experts, cfg.kmeans_iters, "l1" if cfg.variant == "code" else "l2")
+    magnitude = None
+    if "magnitude" in (cfg.shared_by, cfg.cluster_on):
+        magnitude = magnitude_features(x, w_gate, w_up, w_down, act)  # (I, T)
+    scores = markers.mean(0) if cfg.shared_by == "rate" else magnitude.mean(1)
+    if cfg.cluster_on == "magnitude":
+        feats, metric = magnitude, "cosine"
+    else:
+        feats, metric = markers.T.contiguous(), "l1" if cfg.variant == "code" else "l2"
+    cut = carve_features(feats, scores, n_shared, n_experts, cfg.kmeans_iters, metric)
     act_name = dense.adapter.act_name(dense.model)
     router = cmoe_router(w_gate, w_up, cut.representatives, act_name, cfg.variant)
     policy = RoutingPolicy("topk", k=n_active)
     block = MoEMLP.from_dense(w_gate, w_up, w_down, act_name, cut.shared, cut.experts, router, policy, "cmoe")
-    return block, _layer_report(layer_idx, cut, cfg.k_act)
+    return block, _layer_report(layer_idx, cut, markers.mean(0), cfg.k_act)
 
 
-def _layer_report(layer_idx: int, cut: Carving, k_act: int) -> dict:
-    marks = cut.rates * k_act  # expected marks per token are k_act in all
+def _layer_report(layer_idx: int, cut: Carving, rates: torch.Tensor, k_act: int) -> dict:
+    marks = rates * k_act  # expected marks per token are k_act in all
     return {
         "layer": layer_idx,
         "shared_size": int(cut.shared.numel()),
         "expert_sizes": [int(e.numel()) for e in cut.experts],
         "representatives": cut.representatives.tolist(),
         "shared_mark_share": float(marks[cut.shared].sum() / k_act) if cut.shared.numel() else 0.0,
-        "max_rate": float(cut.rates.max()),
+        "max_rate": float(rates.max()),
     }
 
 
@@ -231,46 +263,6 @@ def _target_layers(cfg: CMoEConfig, n_layers: int) -> list[int]:
     return list(cfg.layers)
 
 
-class _StopAtMLP(Exception):
-    pass
-
-
-@torch.no_grad()
-def ffn_inputs(layer, mlp, inputs: LayerInputs) -> torch.Tensor:
-    """What ``mlp`` receives on every micro-batch, (N*T, H); the MLP and the rest of the layer never run."""
-    seen = []
-
-    def catch(module, args):
-        seen.append(args[0].reshape(-1, args[0].shape[-1]))
-        raise _StopAtMLP
-
-    handle = mlp.register_forward_pre_hook(catch)
-    try:
-        for h, kw in zip(inputs.hidden, inputs.kwargs, strict=True):
-            with contextlib.suppress(_StopAtMLP):
-                layer(h, **kw)
-    finally:
-        handle.remove()
-    return torch.cat(seen)
-
-
-def _carve_layer(moe, i: int, inputs: LayerInputs, cfg: CMoEConfig, last: bool) -> tuple[LayerInputs, dict]:
-    """Carve layer i in place; return the next layer's inputs (MoE outputs if sequential, else dense)."""
-    layer = moe.adapter.layers(moe.model)[i]
-    if cfg.sequential:
-        x, outputs = ffn_inputs(layer, moe.mlp(i), inputs), None  # skip the dense MLP: its output is unused
-    else:
-        xs, outputs = mlp_inputs(layer, moe.mlp(i), inputs)
-        x = torch.cat(xs)
-    start = time.perf_counter()
-    block, info = carve_block(moe, i, x, cfg)
-    moe.adapter.set_mlp(moe.model, i, block)
-    info["seconds"] = round(time.perf_counter() - start, 3)
-    if outputs is None and not last:
-        outputs = run_layer(layer, inputs)  # the next layer calibrates on this layer's MoE output
-    return outputs, info
-
-
 @torch.no_grad()
 def convert(
     dense,
@@ -278,28 +270,36 @@ def convert(
     cfg: CMoEConfig | None = None,
     progress: Callable[[float, str], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    routing: ReconstructSettings | None = None,
 ):
     """Carve a copy of ``dense`` into CMoE layers on calibration input_ids (N, T); ``dense`` is untouched.
 
-    Returns a DenseModel whose listed layers hold MoEMLP blocks; its ``conversion`` attribute is a
-    ConversionReport (per-layer sizes, representatives, carving seconds).
+    routing: when given, each carved block is routed and refitted right away (moe_core.reconstruct), so the
+    next layer carves on what the finished layer produces. Returns a DenseModel whose listed layers hold
+    MoEMLP blocks; its ``conversion`` attribute is a ConversionReport (per-layer sizes, representatives,
+    routing errors, seconds). Layers whose shape is "dense" (cmoe.layer_experts) stay dense.
     """
     from ..model_io import DenseModel
 
     cfg, start = cfg or CMoEConfig(), time.perf_counter()
     moe = DenseModel(copy.deepcopy(dense.model), dense.tokenizer, dense.adapter, dense.spec)
-    targets = _target_layers(cfg, moe.n_layers)
+    targets = [i for i in _target_layers(cfg, moe.n_layers) if cfg.layer_shape(i) is not None]
     report = ConversionReport("cmoe", _config_dict(cfg))
-    inputs, last = capture_layer_inputs(moe, input_ids, cfg.batch_size), targets[-1]
-    for i in range(last + 1):
-        check_cancel(cancel)
-        if i in targets:
-            inputs, info = _carve_layer(moe, i, inputs, cfg, i == last)
-            report.layers.append(info)
-        else:
-            inputs = run_layer(moe.adapter.layers(moe.model)[i], inputs)
-        if progress:
-            progress((i + 1) / (last + 1), f"CMoE {cfg.experts}: layer {i + 1}/{last + 1}")
+    if not targets:
+        raise ValueError("cmoe.layer_experts keeps every layer dense: there is nothing to convert.")
+
+    def build(i, x, y):
+        begin = time.perf_counter()
+        block, info = carve_block(moe, i, x, cfg)
+        if routing is not None:
+            info["routing"] = reconstruct_block(block, x, y, routing, layer=i)
+        info["seconds"] = round(time.perf_counter() - begin, 3)
+        return block, info
+
+    report.layers = convert_layers(
+        moe, input_ids, targets, build, batch_size=cfg.batch_size, sequential=cfg.sequential,
+        progress=progress, cancel=cancel, label=f"CMoE {cfg.experts}",
+    )  # fmt: skip
     report.seconds = round(time.perf_counter() - start, 2)
     moe.conversion = report
     return moe

@@ -414,6 +414,7 @@ class DIVEReport:
     retrain: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
     method: str = "dive"
+    routing: list[dict] = field(default_factory=list)  # per-layer reports of the routing pass, if any
 
     def as_dict(self) -> dict:
         return asdict(self)

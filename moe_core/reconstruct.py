@@ -1,0 +1,340 @@
+"""Layer-wise reconstruction: route each token to the experts that reproduce the dense FFN, then refit.
+
+For one MoE block, its calibration inputs x (T, H) and the dense FFN's outputs y (T, H) on them:
+
+1. Oracle experts (:func:`oracle_experts`): per token, the k routed experts whose summed outputs best
+   reconstruct what the shared expert leaves, y - shared(x), in squared error (exhaustive over the C(E, k)
+   sets while that is small, else greedy). Routing by these labels is the headroom bound of any router for
+   these experts (:func:`oracle_routing` evaluates a whole model that way).
+2. Router (:func:`train_router`): a linear softmax router (E, H) trained by cross-entropy against the oracle
+   sets (uniform target over each token's set): the form stock MoE architectures run, so a model routed by
+   it exports without approximation. Measured on SmolLM2-135M at S2A2E8: CMoE's analytical router picks
+   the oracle's experts 35% of the time (chance: 33%), the trained one 50-75% (per layer).
+3. Down-projection refit (:func:`refit_down`): given the block's own routing and gates, the block output is
+   linear in every down projection (shared and routed, and expert biases where the block has them), so
+   ridge least squares on the calibration tokens gives the best ones exactly; the active neurons learn to
+   stand in for the missing ones (FLAP's bias compensation, generalised). Seconds per layer.
+
+Everything runs in float32 (normal equations in float64) on the device of x.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .moe import MoEMLP, Router
+
+EXHAUSTIVE_MAX_SETS = 512  # C(E, k) up to this is searched exhaustively (C(14, 3) = 364); greedy beyond
+
+
+# ---------------------------------------------------------------------------------------------
+# Expert outputs and the oracle
+
+
+@torch.no_grad()
+def expert_outputs(block: MoEMLP, x: torch.Tensor) -> torch.Tensor:
+    """x (T, H) -> every routed expert's output at unit gate, bias included: (T, E, H) float32."""
+    return torch.stack([block._expert(e, x).float() for e in range(block.n_experts)], dim=1)
+
+
+def _best_sets_exhaustive(gram, corr, k: int) -> torch.Tensor:
+    """argmin over k-sets S of sum_{e,f in S} G_ef - 2 sum_{e in S} c_e: gram (T, E, E), corr (T, E) -> (T, k)."""
+    sets = torch.tensor(list(itertools.combinations(range(corr.shape[1]), k)), device=corr.device)  # (C, k)
+    quad = gram[:, sets[:, :, None], sets[:, None, :]].sum((-1, -2))  # (T, C)
+    cost = quad - 2 * corr[:, sets].sum(-1)
+    return sets[cost.argmin(-1)]
+
+
+def _best_sets_greedy(gram, corr, k: int) -> torch.Tensor:
+    """Forward selection: add the expert that lowers the squared error most, k times. -> (T, k)."""
+    n_tokens, n_experts = corr.shape
+    rows = torch.arange(n_tokens, device=corr.device)
+    cross = torch.zeros_like(corr)  # (T, E): sum over chosen f of G_ef
+    taken = torch.zeros_like(corr, dtype=torch.bool)
+    chosen = []
+    for _ in range(k):
+        gain = gram.diagonal(dim1=1, dim2=2) + 2 * cross - 2 * corr  # error change when adding e
+        e = gain.masked_fill(taken, math.inf).argmin(-1)
+        chosen.append(e)
+        taken[rows, e] = True
+        cross += gram[rows, e]
+    return torch.stack(chosen, dim=1)
+
+
+@torch.no_grad()
+def gate_values(block: MoEMLP, x) -> torch.Tensor:
+    """(T, E) float32: the weight each routed expert gets when chosen, by the block's gate rule: 1 + p * u
+    (CMoE's gates), p (Qwen2-MoE's), or 1/k for gates renormalised over the chosen set (DIVE's averaged
+    copies; the exact value depends on the set)."""
+    if block.gate_mode == "renorm":
+        return torch.full((x.shape[0], block.n_experts), 1.0 / block.policy.k, device=x.device)
+    probs = torch.softmax(block.router(x) / block.temperature, dim=-1)
+    return 1.0 + probs * block.gate_scale.float() if block.gate_mode == "cmoe" else probs
+
+
+@torch.no_grad()
+def oracle_experts(block: MoEMLP, x, y, k: int, chunk: int = 2048) -> torch.Tensor:
+    """Per token, the k routed experts whose outputs, at the weights the block's gates give them
+    (:func:`gate_values`), best reconstruct y - shared(x). x, y (T, H) -> (T, k) long."""
+    out = []
+    for xs, ys in zip(x.split(chunk), y.split(chunk), strict=True):
+        o = expert_outputs(block, xs) * gate_values(block, xs)[:, :, None]  # (t, E, H)
+        target = ys.float() - block.shared(xs).float()
+        gram = torch.einsum("teh,tfh->tef", o, o)  # (t, E, E)
+        corr = torch.einsum("teh,th->te", o, target)  # (t, E)
+        search = _best_sets_exhaustive if math.comb(block.n_experts, k) <= EXHAUSTIVE_MAX_SETS else None
+        out.append((search or _best_sets_greedy)(gram, corr, k))
+    return torch.cat(out)
+
+
+def set_mask(sets: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """(T, k) expert indices -> (T, E) float 0/1."""
+    return torch.zeros(sets.shape[0], n_experts, device=sets.device).scatter_(1, sets, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The router
+
+
+def train_router(
+    x,
+    sets,
+    n_experts: int,
+    steps: int = 200,
+    lr: float = 0.05,
+    init: torch.Tensor | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """A linear router W (E, H): softmax(W x) trained by cross-entropy against the oracle sets (T, k).
+
+    Full-batch Adam on RMS-normalised inputs (one learning rate fits every layer), from ``init`` or zero.
+    """
+    xs = x.float()
+    scale = xs.pow(2).mean().sqrt().clamp(min=1e-12)
+    xs = xs / scale
+    target = set_mask(sets, n_experts) / sets.shape[1]  # (T, E): uniform over each token's oracle set
+    w = (
+        torch.zeros(n_experts, x.shape[1], device=x.device) if init is None else init.float() * scale
+    ).clone()
+    w.requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = -(target * F.log_softmax(xs @ w.T, dim=-1)).sum(-1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return (w.detach() / scale).to(x.dtype)
+
+
+def linear_router(weight: torch.Tensor) -> Router:
+    """A Router of kind linear holding ``weight`` (E, H)."""
+    router = Router(weight.shape[1], weight.shape[0], "linear").to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        router.weight.copy_(weight)
+    return router
+
+
+@torch.no_grad()
+def to_native(block: MoEMLP, router_weight: torch.Tensor | None = None) -> None:
+    """Put ``block`` in Qwen2-MoE's routing form, in place: linear router (``router_weight``, or the block's own
+    when it is linear), weights p = softmax(W x) on the top-k (``prob`` gates), no selection bias, and the
+    shared expert behind a sigmoid gate. Expert biases, which the form cannot hold, are dropped (a refit
+    of the down projections then compensates for them, :func:`refit_down`)."""
+    if router_weight is None:
+        if block.router.kind != "linear":
+            raise ValueError("to_native needs a router weight for a block whose router is not linear.")
+        router_weight = block.router.weight.detach() / block.temperature
+    block.router, block.temperature = linear_router(router_weight.to(block.gate_up_proj.dtype)), 1.0
+    block.gate_mode = "prob"
+    block.selection_bias.zero_()
+    block.expert_bias = None
+    block.add_shared_gate()
+    block._decode_weights = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The least-squares refit
+
+
+def _features(block: MoEMLP, x) -> torch.Tensor:
+    """The block output's linear features (T, D): [shared hidden * its gate | each expert's hidden * its
+    routing weight | each expert's routing weight (when the block has expert biases)]."""
+    feats = []
+    if block.shared_expert is not None:
+        s = block.shared_expert
+        h = s.act_fn(s.gate_proj(x)) * s.up_proj(x)
+        feats.append(h * torch.sigmoid(block.shared_gate(x)) if block.shared_gate is not None else h)
+    idx, gates, _ = block.route(x)
+    weights = torch.zeros(x.shape[0], block.n_experts + 1, device=x.device)  # last column: unused slots
+    weights.scatter_add_(1, idx.clamp(min=-1) % (block.n_experts + 1), gates)
+    weights = weights[:, :-1].to(x.dtype)  # (T, E)
+    width = block.down_proj.shape[-1]
+    gate_up = block.gate_up_proj
+    for e, n in enumerate(block.expert_sizes):
+        rows = torch.cat([gate_up[e, :n], gate_up[e, width : width + n]])
+        g, u = F.linear(x, rows).chunk(2, dim=-1)
+        feats.append(block.act_fn(g) * u * weights[:, e : e + 1])
+    if block.expert_bias is not None:
+        feats.append(weights)
+    return torch.cat(feats, dim=1)
+
+
+@torch.no_grad()
+def refit_down(block: MoEMLP, x, y, ridge: float = 1e-2, chunk: int = 4096) -> None:
+    """Ridge least squares of the down projections (and expert biases) given the block's routing, in place.
+
+    x, y (T, H). ridge: relative to the mean diagonal of the normal matrix (a scale-free regulariser).
+    """
+    n_feat = _features(block, x[:1]).shape[1]
+    gram = torch.zeros(n_feat, n_feat, dtype=torch.float64, device=x.device)
+    rhs = torch.zeros(n_feat, y.shape[1], dtype=torch.float64, device=x.device)
+    for xs, ys in zip(x.split(chunk), y.split(chunk), strict=True):
+        phi = _features(block, xs).double()  # (t, D)
+        gram += phi.T @ phi
+        rhs += phi.T @ ys.double()
+    gram.diagonal().add_(ridge * gram.diagonal().mean().clamp(min=1e-30))
+    _set_down(block, torch.linalg.solve(gram, rhs).T)  # (H, D)
+
+
+def _set_down(block: MoEMLP, w) -> None:
+    """Write the solved (H, D) matrix back in the order of :func:`_features`."""
+    dtype, col = block.down_proj.dtype, 0
+    if block.shared_expert is not None:
+        n = block.shared_size
+        block.shared_expert.down_proj.weight.copy_(w[:, :n].to(dtype))
+        col = n
+    for e, n in enumerate(block.expert_sizes):
+        block.down_proj[e, :, :n] = w[:, col : col + n].to(dtype)
+        col += n
+    if block.expert_bias is not None:
+        block.expert_bias.copy_(w[:, col : col + block.n_experts].T.to(dtype))
+    block._decode_weights = None
+
+
+# ---------------------------------------------------------------------------------------------
+# One layer
+
+
+@dataclass(frozen=True)
+class ReconstructSettings:
+    """How a block is routed and refitted (the fields of the run config's ``routing`` section that apply)."""
+
+    router: str = "trained"  # trained: linear router on oracle labels; keep: the method's own router
+    form: str = (
+        "analytic"  # native: Qwen2-MoE's routing (prob gates, gated shared expert); analytic: unit gates
+    )
+    refit: bool = True  # least-squares refit of the down projections
+    rounds: int = 1  # label -> router -> refit rounds
+    router_steps: int = 200
+    max_tokens: int = 8192  # calibration tokens used per layer (a seeded subset when there are more)
+    holdout: float = 0.1  # share of those tokens kept to report the errors
+    ridge: float = 1e-2  # measured: 1e-2 generalises a little better than 1e-3 at 16k-32k tokens
+    seed: int = 0
+
+
+def relative_error(out, y) -> float:
+    """||out - y||^2 / ||y||^2 over all tokens."""
+    return float((out.float() - y.float()).pow(2).sum() / y.float().pow(2).sum().clamp(min=1e-30))
+
+
+@torch.no_grad()
+def reconstruct_block(block: MoEMLP, x, y, s: ReconstructSettings, layer: int = 0) -> dict:
+    """Route and refit one block in place on its inputs x and dense outputs y (T, H); returns a report:
+    relative errors on held-out tokens (oracle routing, the block as routed before and after the refit),
+    and how often the router picks the oracle's experts."""
+    g = torch.Generator().manual_seed(s.seed * 1_000_003 + layer)
+    rows = torch.randperm(x.shape[0], generator=g)[: s.max_tokens].to(x.device)
+    n_val = max(1, int(s.holdout * len(rows)))
+    (xv, yv), (xt, yt) = (x[rows[:n_val]], y[rows[:n_val]]), (x[rows[n_val:]], y[rows[n_val:]])
+    report = {"layer": layer, "tokens": len(rows), "error_before": relative_error(block(xv), yv)}
+    k = block.policy.k
+    for r in range(s.rounds):
+        sets = oracle_experts(block, xt, yt, k)
+        if s.router == "trained" and k < block.n_experts:
+            init = block.router.weight if (r or block.router.kind == "linear") else None
+            w = train_router(xt, sets, block.n_experts, s.router_steps, init=init, seed=s.seed)
+            if s.form == "native":
+                to_native(block, w)
+            else:
+                block.router = linear_router(w)
+                block.selection_bias.zero_()
+                block._decode_weights = None
+        elif s.form == "native":
+            to_native(block)
+        if s.refit:
+            refit_down(block, xt, yt, s.ridge)
+    return report | _after(block, xv, yv, k)
+
+
+def _after(block: MoEMLP, xv, yv, k: int) -> dict:
+    """Held-out errors after routing and refitting, and the router's overlap with the oracle sets."""
+    sets = oracle_experts(block, xv, yv, k)
+    mask = set_mask(sets, block.n_experts)
+    chosen = set_mask(block.route(xv)[0].clamp(min=0), block.n_experts)
+    return {
+        "error": relative_error(block(xv), yv),
+        "error_oracle": relative_error(_routed_by(block, xv, sets), yv),
+        "oracle_overlap": float((mask * chosen).sum() / mask.sum()),
+    }
+
+
+def _routed_by(block: MoEMLP, x, sets) -> torch.Tensor:
+    """The block's output (T, H) float32 when the experts of ``sets`` (T, k) are chosen instead of the
+    router's, each at the weight the block's gates give it (:func:`gate_values`)."""
+    o = expert_outputs(block, x) * gate_values(block, x)[:, :, None]  # (T, E, H)
+    picked = o.gather(1, sets[:, :, None].expand(-1, -1, o.shape[-1]))  # (T, k, H)
+    return block.shared(x).float() + picked.sum(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The oracle bound of a whole model
+
+
+@contextlib.contextmanager
+def oracle_routing(moe, dense):
+    """Inside: every MoE block of ``moe`` routes each token to its oracle experts, computed from the dense
+    model's FFN on the same input (so it needs ``dense``); outside, blocks route as before. The perplexity
+    measured inside is the headroom bound of any router for these experts."""
+    from .evaluate import moe_blocks
+
+    blocks = moe_blocks(moe)
+    for i, block in blocks.items():
+        dense_mlp = dense.mlp(i)
+
+        def forward(x, block=block, dense_mlp=dense_mlp):
+            x2 = x.reshape(-1, x.shape[-1])
+            sets = oracle_experts(block, x2, dense_mlp(x2), block.policy.k)
+            return _routed_by(block, x2, sets).to(x.dtype).reshape(x.shape)
+
+        block.forward = forward
+    try:
+        yield moe
+    finally:
+        for block in blocks.values():
+            del block.forward  # back to the class's forward
+
+
+def reconstruct_model(
+    moe, dense, input_ids, s: ReconstructSettings, batch_size: int = 4, progress=None, cancel=None
+):
+    """Route and refit every MoE block of ``moe`` in place, layer by layer on input_ids (N, T): each block on
+    the inputs the already reconstructed layers before it produce, against ``dense``'s FFN on those inputs.
+    Returns the per-layer reports."""
+    from .evaluate import moe_blocks
+    from .layerwise import convert_layers
+
+    def build(i, x, y):
+        block = moe.mlp(i)
+        return block, reconstruct_block(block, x, y, s, layer=i)
+
+    return convert_layers(
+        moe, input_ids, sorted(moe_blocks(moe)), build, batch_size=batch_size, progress=progress,
+        cancel=cancel, label="Routing", reference=dense.mlp,
+    )  # fmt: skip

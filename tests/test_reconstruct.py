@@ -1,0 +1,198 @@
+"""Layer-wise routing (oracle labels, trained routers, least-squares refits), per-layer budgets."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from moe_core.budget import Sensitivity, active_share, allocate, candidate_shapes, measure_sensitivity
+from moe_core.config import CMoEConfig, RoutingConfig
+from moe_core.methods import convert
+from moe_core.methods.cmoe import carve_block
+from moe_core.model_io import tiny_model
+from moe_core.moe import RoutingPolicy
+from moe_core.reconstruct import (
+    ReconstructSettings,
+    expert_outputs,
+    oracle_experts,
+    oracle_routing,
+    reconstruct_block,
+    refit_down,
+    relative_error,
+    to_native,
+    train_router,
+)
+
+
+def calibration(dense, n=8, length=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, len(dense.tokenizer), (n, length), generator=g)
+
+
+def layer_data(dense, layer=1, n=8):
+    """(x, y): what the MLP of ``layer`` receives on random tokens, and what it returns."""
+    from moe_core.layerwise import capture_layer_inputs, ffn_inputs, run_layer
+
+    inputs = capture_layer_inputs(dense, calibration(dense, n))
+    layers = dense.adapter.layers(dense.model)
+    for i in range(layer):
+        inputs = run_layer(layers[i], inputs)
+    x = ffn_inputs(layers[layer], dense.mlp(layer), inputs)
+    with torch.no_grad():
+        return x, dense.mlp(layer)(x)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama", intermediate_size=192)
+
+
+def test_oracle_sets_are_the_best_sets(llama):
+    x, y = layer_data(llama)
+    block, _ = carve_block(llama, 1, x, CMoEConfig(experts="S1A2E6"))
+    x, y = x[:40], y[:40]
+    got = oracle_experts(block, x, y, 2)
+    o, target = expert_outputs(block, x), y - block.shared(x)
+    for t in range(len(x)):
+        errors = {
+            s: float((target[t] - o[t, list(s)].sum(0)).pow(2).sum())
+            for s in itertools.combinations(range(5), 2)
+        }
+        best = min(errors.values())
+        assert errors[tuple(sorted(got[t].tolist()))] <= best * (1 + 1e-4) + 1e-6
+
+
+def test_greedy_oracle_is_used_for_many_sets_and_is_close(llama, monkeypatch):
+    import moe_core.reconstruct as rec
+
+    x, y = layer_data(llama)
+    block, _ = carve_block(llama, 1, x, CMoEConfig(experts="S0A3E12"))
+    exhaustive = oracle_experts(block, x, y, 3)
+    monkeypatch.setattr(rec, "EXHAUSTIVE_MAX_SETS", 1)
+    greedy = oracle_experts(block, x, y, 3)
+
+    def err(sets):
+        return relative_error(rec._routed_by(block, x, sets), y)
+
+    assert err(exhaustive) <= err(greedy) + 1e-6
+    assert err(greedy) < 1.2 * err(exhaustive)
+
+
+def test_router_learns_separable_labels():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g) * 3
+    labels = torch.randint(0, 4, (2000,), generator=g)
+    x = centres[labels] + torch.randn(2000, 16, generator=g) * 0.3
+    w = train_router(x, labels[:, None], 4)
+    assert float(((x @ w.T).argmax(-1) == labels).float().mean()) > 0.98
+
+
+def test_refit_recovers_known_down_projections(llama):
+    x, _ = layer_data(llama, n=16)
+    block, _ = carve_block(llama, 1, x, CMoEConfig(experts="S1A2E4"))
+    with torch.no_grad():
+        target = block(x)
+        block.down_proj.normal_(std=0.1)
+        block.shared_expert.down_proj.weight.normal_(std=0.1)
+    assert relative_error(block(x), target) > 0.5
+    refit_down(block, x, target, ridge=1e-9)
+    assert relative_error(block(x), target) < 1e-6
+
+
+@pytest.mark.parametrize("form", ["analytic", "native"])
+def test_reconstruct_beats_the_analytic_router(llama, form):
+    x, y = layer_data(llama, n=32)
+    block, _ = carve_block(llama, 1, x, CMoEConfig(experts="S2A2E8"))
+    info = reconstruct_block(block, x, y, ReconstructSettings(router="trained", form=form, refit=True))
+    assert info["error"] < info["error_before"]
+    assert info["error_oracle"] <= info["error"] + 1e-6
+    assert info["oracle_overlap"] > 2 / 6  # better than chance
+    if form == "native":
+        assert block.gate_mode == "prob" and block.router.kind == "linear" and block.shared_gate is not None
+
+
+def test_to_native_keeps_a_linear_prob_block_exact(llama):
+    x, _ = layer_data(llama)
+    block, _ = carve_block(llama, 1, x, CMoEConfig(experts="S2A2E8"))
+    w = torch.randn(6, 64) * 0.1
+    to_native(block, w)
+    with torch.no_grad():
+        before = block(x)
+        block.add_shared_gate()  # already gated: no change
+        torch.testing.assert_close(block(x), before)
+    assert torch.equal(block.router.weight, w)
+
+
+def test_convert_with_routing_and_the_oracle_bound(llama):
+    ids = calibration(llama, 16)
+    cfg = CMoEConfig(experts="S2A2E8")
+    moe = convert(llama, ids, cfg, routing=RoutingConfig(router="trained", refit=True))
+    layers = moe.conversion.layers
+    assert all(
+        "routing" in info and info["routing"]["error"] < info["routing"]["error_before"] for info in layers
+    )
+    from moe_core.evaluate import perplexity
+
+    windows = calibration(llama, 2, seed=5)
+    routed = perplexity(moe, windows)
+    with oracle_routing(moe, llama):
+        bound = perplexity(moe, windows)
+    assert perplexity(moe, windows) == pytest.approx(routed)  # routing is back afterwards
+    assert bound != pytest.approx(routed)
+
+
+def test_other_methods_take_the_routing_pass(llama):
+    from moe_core.config import LaDiMoConfig
+
+    ids = calibration(llama, 8)
+    moe = convert(llama, ids, LaDiMoConfig(steps=2, top_k=2), method="ladimo",
+                  routing=RoutingConfig(router="trained", form="native", refit=True))  # fmt: skip
+    assert len(moe.conversion.routing) == llama.n_layers
+    block = moe.mlp(0)
+    assert block.gate_mode == "prob" and block.router.kind == "linear"
+
+
+# ---------------------------------------------------------------------------------------------
+# Budgets
+
+
+def test_allocation_is_optimal_and_within_budget():
+    g = torch.Generator().manual_seed(0)
+    shapes = candidate_shapes(8)
+    kl = (torch.rand(4, len(shapes), generator=g) * torch.linspace(1, 0.1, len(shapes))).tolist()
+    sens = Sensitivity(shapes, kl, tokens=10)
+    for budget in (0.3, 0.5, 0.8):
+        chosen = allocate(sens, budget)
+        assert sum(active_share(s) for s in chosen) / 4 <= budget + 1e-9
+        options = shapes + ["dense"]
+        best = math.inf
+        for combo in itertools.product(range(len(options)), repeat=4):
+            share = sum(active_share(options[c]) for c in combo) / 4
+            if share <= budget + 1e-9:
+                best = min(best, sum(0.0 if c == len(shapes) else kl[i][c] for i, c in enumerate(combo)))
+        got = sum(0.0 if s == "dense" else kl[i][shapes.index(s)] for i, s in enumerate(chosen))
+        assert got == pytest.approx(best)
+
+
+def test_allocation_refuses_an_impossible_budget():
+    sens = Sensitivity(candidate_shapes(8), [[0.1] * 7] * 3, tokens=10)
+    with pytest.raises(ValueError, match="below the smallest shape"):
+        allocate(sens, 0.05)
+
+
+def test_sensitivity_is_measured_per_layer_and_shape(llama):
+    shapes = ["S0A1E4", "S1A2E4"]
+    sens = measure_sensitivity(
+        llama, calibration(llama, 4), calibration(llama, 2, seed=3), CMoEConfig(), shapes=shapes
+    )
+    assert len(sens.kl) == llama.n_layers and all(len(row) == 2 for row in sens.kl)
+    assert all(v >= 0 for row in sens.kl for v in row)
+    assert sum(row[1] for row in sens.kl) < sum(row[0] for row in sens.kl)  # 3/4 active loses less than 1/4
+
+
+def test_per_layer_shapes_carve_each_layer_at_its_own_counts(llama):
+    cfg = CMoEConfig(layer_experts=("S1A1E4", "dense"))
+    moe = convert(llama, calibration(llama, 4), cfg)
+    assert moe.mlp(0).shared_size == 48 and moe.mlp(0).policy == RoutingPolicy("topk", k=1)
+    assert not hasattr(moe.mlp(1), "expert_sizes")  # dense
