@@ -100,11 +100,38 @@ class CMoEConfig:
     sequential: bool = True  # each carved layer's output feeds the next layer's calibration (the code)
     layers: tuple[int, ...] | None = None  # layers to carve; None = all
     batch_size: int = 4  # calibration sequences per forward micro-batch
+    shared_by: Literal["rate", "magnitude"] = (
+        "rate"  # shared neurons: ATopK rate (paper) or mean |h_i| ||W_down,i||
+    )
+    cluster_on: Literal["markers", "magnitude"] = (
+        "markers"  # ATopK markers (paper) or |h_i| ||W_down,i|| (cosine)
+    )
+    # one shape per layer, "SxAyEz" or "dense" (a per-layer budget's allocation); None: `experts` everywhere
+    layer_experts: tuple[str, ...] | None = None
+    budget: float | None = None  # active FFN share; layer_experts None: allocated per layer (moe_core.budget)
 
     def __post_init__(self):
         parse_experts(self.experts)
         _check(self.k_act >= 1, f"cmoe.k_act must be >= 1, got {self.k_act}.")
         _check(self.variant in ("paper", "code"), f"cmoe.variant is paper or code, not '{self.variant}'.")
+        _check(
+            self.shared_by in ("rate", "magnitude"),
+            f"cmoe.shared_by is rate or magnitude, not '{self.shared_by}'.",
+        )
+        _check(
+            self.cluster_on in ("markers", "magnitude"),
+            f"cmoe.cluster_on is markers or magnitude, not '{self.cluster_on}'.",
+        )
+        if self.layer_experts is not None:
+            shapes = tuple(str(v).strip() for v in self.layer_experts)
+            for shape in shapes:
+                if shape.lower() != "dense":
+                    parse_experts(shape)
+            object.__setattr__(self, "layer_experts", shapes)
+        _check(
+            self.budget is None or 0 < self.budget < 1,
+            f"cmoe.budget is the active share of the FFN, in (0, 1) (e.g. 0.5), got {self.budget}.",
+        )
         _check(1 <= self.kmeans_iters <= 100, f"cmoe.kmeans_iters must be 1..100, got {self.kmeans_iters}.")
         _check(self.batch_size >= 1, f"cmoe.batch_size must be >= 1, got {self.batch_size}.")
         if self.layers is not None:
@@ -119,6 +146,17 @@ class CMoEConfig:
     def shape(self) -> tuple[int, int, int]:
         """(n_shared, n_active, n_experts)."""
         return parse_experts(self.experts)
+
+    def layer_shape(self, layer: int) -> tuple[int, int, int] | None:
+        """(n_shared, n_active, n_experts) of one layer; None: the layer stays dense."""
+        if self.layer_experts is None:
+            return self.shape
+        _check(
+            layer < len(self.layer_experts),
+            f"cmoe.layer_experts has {len(self.layer_experts)} entries; layer {layer} has none. Give one per layer.",
+        )
+        shape = self.layer_experts[layer]
+        return None if shape.lower() == "dense" else parse_experts(shape)
 
 
 @dataclass(frozen=True)
@@ -437,6 +475,97 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class RoutingConfig:
+    """After any method, layer by layer (moe_core.reconstruct): routers trained on what the experts contribute,
+    a least-squares refit of the down projections, and the routing form the model is saved in."""
+
+    router: Literal["method", "trained"] = "method"  # trained: a linear router fitted to oracle expert labels
+    # native: Qwen2-MoE's routing (softmax weights on the top-k, gated shared expert): exports exactly;
+    # analytic: the method's own gates (CMoE's unit gates)
+    form: Literal["analytic", "native"] = "analytic"
+    refit: bool = False  # least-squares refit of every down projection given the routing
+    rounds: int = 1  # label -> router -> refit rounds per layer
+    router_steps: int = 200  # full-batch Adam steps of the router's cross-entropy
+    max_tokens: int = 8192  # calibration tokens used per layer (10% held out for the report)
+
+    def __post_init__(self):
+        _check(
+            self.router in ("method", "trained"), f"routing.router is method or trained, not '{self.router}'."
+        )
+        _check(self.form in ("analytic", "native"), f"routing.form is analytic or native, not '{self.form}'.")
+        _check(
+            self.rounds >= 1 and self.router_steps >= 1,
+            "routing.rounds and routing.router_steps must be >= 1.",
+        )
+        _check(self.max_tokens >= 16, f"routing.max_tokens must be >= 16, got {self.max_tokens}.")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any layer-wise routing step runs after the method."""
+        return self.router == "trained" or self.form == "native" or self.refit
+
+    def settings(self, seed: int = 0):
+        from .reconstruct import ReconstructSettings
+
+        return ReconstructSettings(
+            router=self.router, form=self.form, refit=self.refit, rounds=self.rounds,
+            router_steps=self.router_steps, max_tokens=self.max_tokens, seed=seed,
+        )  # fmt: skip
+
+
+DISTILL_PARTS = ("experts", "shared", "routers", "gate_scales", "biases", "norms", "attention")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Distillation recovery after any method (moe_core.distill): the dense model teaches the converted one.
+
+    In a convert run config it runs after the conversion (and the routing step) when ``enabled``.
+    """
+
+    enabled: bool = False  # convert runs only: distil before saving
+    # auto: shared:calib-wikipedia when the shared data folder is present, else builtin:pydoc (never the
+    # scored WikiText-2 test text); training windows come from the head of the text, held-out ones from its tail
+    text: str = "auto"
+    tokens: int = 65_536  # token budget: tokens // seq_len training windows, one pass
+    seq_len: int = 256
+    batch_size: int = 4  # windows per step
+    max_minutes: float | None = None  # time budget; the run stops at whichever budget ends first
+    lr: float = 1e-4
+    train: tuple[str, ...] = ("experts", "shared", "routers", "norms")  # see moe_core.distill.PARTS
+    lora_r: int = 0  # 0: the matrix parts train in full; r > 0: as LoRA factors of rank r, merged at the end
+    hidden_weight: float = 0.0  # weight of the per-layer hidden-state MSE (the teacher then runs every step)
+    teacher_topk: int = 0  # 0: the teacher runs every step; k: its top-k logits are cached on disk once
+    eval_windows: int = 2  # held-out windows whose KL is reported
+    eval_every: int = 25  # steps between held-out KL measurements
+    checkpoint_every: int = 25  # steps between resumable checkpoints (0: none)
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "train", tuple(self.train or ()))
+        unknown = sorted(set(self.train) - set(DISTILL_PARTS))
+        _check(not unknown, f"distill.train: unknown part(s) {unknown}; parts: {', '.join(DISTILL_PARTS)}.")
+        _check(bool(self.train), f"distill.train is empty: name what trains ({', '.join(DISTILL_PARTS)}).")
+        _check(self.tokens >= 2 and self.seq_len >= 2, "distill.tokens and distill.seq_len must be >= 2.")
+        _check(
+            self.tokens >= self.seq_len, f"distill.tokens ({self.tokens}) must cover one window of seq_len."
+        )
+        _check(self.batch_size >= 1, f"distill.batch_size must be >= 1, got {self.batch_size}.")
+        _check(self.max_minutes is None or self.max_minutes > 0, "distill.max_minutes must be > 0 or null.")
+        _check(self.lr > 0, f"distill.lr must be > 0, got {self.lr}.")
+        _check(self.lora_r >= 0, f"distill.lora_r must be >= 0, got {self.lora_r}.")
+        _check(self.hidden_weight >= 0, f"distill.hidden_weight must be >= 0, got {self.hidden_weight}.")
+        _check(self.teacher_topk >= 0, f"distill.teacher_topk must be >= 0, got {self.teacher_topk}.")
+        _check(
+            self.eval_windows >= 1 and self.eval_every >= 1,
+            "distill.eval_windows and eval_every must be >= 1.",
+        )
+        _check(
+            self.checkpoint_every >= 0, f"distill.checkpoint_every must be >= 0, got {self.checkpoint_every}."
+        )
+
+
+@dataclass(frozen=True)
 class ConvertRun:
     """Root config of `python -m moe_core convert`: the method named by `method` reads its own section."""
 
@@ -446,6 +575,8 @@ class ConvertRun:
     cmoe: CMoEConfig = field(default_factory=CMoEConfig)
     ladimo: LaDiMoConfig = field(default_factory=LaDiMoConfig)
     dive: DIVEConfig = field(default_factory=DIVEConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     out: str = "outputs/convert"
 
@@ -468,6 +599,8 @@ _NESTED = {
     "DIVEConfig": DIVEConfig,
     "DIVERetrainConfig": DIVERetrainConfig,
     "FinetuneConfig": FinetuneConfig,
+    "RoutingConfig": RoutingConfig,
+    "DistillConfig": DistillConfig,
 }
 
 

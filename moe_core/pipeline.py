@@ -9,7 +9,7 @@ from __future__ import annotations
 import shlex
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -46,17 +46,34 @@ def convert_run(
     folder: str | Path | None = None,
     progress: Progress = None,
     cancel: Cancel = None,
+    on_step=None,
 ) -> ConvertOutcome:
-    """Convert ``dense`` (already loaded, untouched) as ``cfg`` says; ``active``: routed experts per layer
-    (top-k) set after conversion; ``folder``: where to save the checkpoint (save_converted), or None."""
+    """Convert ``dense`` (already loaded, untouched) as ``cfg`` says: a per-layer budget's allocation first
+    (cmoe.budget), the method and its routing step, then distillation or fine-tuning when enabled.
+
+    active: routed experts per layer (top-k) set after conversion; folder: where to save the checkpoint
+    (save_converted), or None; on_step: distillation's per-step records (a live loss curve). A distillation
+    killed part-way resumes from its checkpoint (next to ``folder``) when the same run is started again."""
     from .checkpoint import save_converted
     from .evaluate import param_report
     from .methods import convert
     from .moe import RoutingPolicy
+    from .plumbing import span
 
     ids, _ = calibration(dense, cfg.data)
     start = time.perf_counter()
-    moe = convert(dense, ids, cfg.section(), method=cfg.method, progress=progress, cancel=cancel)
+    cut = 0.35 if cfg.distill.enabled else 1.0  # share of the progress bar before distillation
+    budget = None
+    if cfg.method == "cmoe" and cfg.cmoe.budget is not None and cfg.cmoe.layer_experts is None:
+        from .budget import plan_budget
+
+        budget = plan_budget(dense, cfg, ids, span(progress, 0, cut / 2), cancel)
+        cfg = replace(cfg, cmoe=replace(cfg.cmoe, layer_experts=tuple(budget["layer_experts"])))
+    lo = cut / 2 if budget is not None else 0.0
+    moe = convert(
+        dense, ids, cfg.section(), method=cfg.method, routing=cfg.routing, progress=span(progress, lo, cut),
+        cancel=cancel,
+    )  # fmt: skip
     run = to_dict(cfg)
     if active is not None:
         blocks = {i: moe.mlp(i) for i in range(moe.n_layers) if hasattr(moe.mlp(i), "set_policy")}
@@ -65,6 +82,16 @@ def convert_run(
         run["active_per_layer"] = [int(a) for a in active]
     seconds = round(time.perf_counter() - start, 2)
     metrics = {"convert_seconds": seconds, "calibration_tokens": ids.numel()}
+    if budget is not None:
+        metrics["budget"] = budget
+    if cfg.distill.enabled:
+        from .distill import distill
+
+        checkpoint = None if folder is None else Path(folder).with_name(f".{Path(folder).name}.distill")
+        metrics["distill"] = distill(
+            moe, dense, cfg.distill, checkpoint=checkpoint, progress=span(progress, cut, 1.0), cancel=cancel,
+            on_step=on_step,
+        )  # fmt: skip
     if cfg.finetune.enabled:  # as `convert --finetune`: the saved model is the tuned one
         from .finetune import finetune, training_ids
 
