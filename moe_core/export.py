@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -204,25 +205,38 @@ def write_exact(moe, folder: Path) -> None:
     from safetensors.torch import save_file
 
     model = moe.model
+    source = modeling_source(model)  # first: refuses classes transformers does not define
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # tied: safetensors refuses shared storage, the loader re-ties
+    for name in tied_head(model):
+        state.pop(name, None)  # tied: safetensors refuses shared storage, the loader re-ties
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(exact_config(model), indent=2, default=str))
-    (folder / MODELING_FILE).write_text(modeling_source(model))
+    (folder / "config.json").write_text(json.dumps(exact_config(model, moe.adapter), indent=2, default=str))
+    (folder / MODELING_FILE).write_text(source)
     _save_tokenizer(moe, folder)
 
 
-def exact_config(model) -> dict:
-    """The source config with model_type moe_studio, auto_map and every MoE layer's spec."""
+def tied_head(model) -> list[str]:
+    """State-dict names of an LM head that shares its weight with the input embeddings (none when untied)."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embed is None or head.weight.data_ptr() != embed.weight.data_ptr():
+        return []
+    return [f"{name}.weight" for name, module in model.named_modules() if module is head]
+
+
+def exact_config(model, adapter) -> dict:
+    """The source config with model_type moe_studio, auto_map, every MoE layer's spec, and where the
+    family keeps its layers and MLPs (``adapter``: the model's ArchAdapter)."""
     cfg = model.config.to_dict()
     for key in ("architectures", "auto_map", "transformers_version", "model_type"):
         cfg.pop(key, None)
-    layers = model.model.layers
-    cfg["moe_layers"] = {
-        str(i): layer.mlp.spec() for i, layer in enumerate(layers) if isinstance(layer.mlp, MoEMLP)
+    mlps = [adapter.mlp(model, i) for i in range(len(adapter.layers(model)))]
+    cfg["moe_layers"] = {str(i): mlp.spec() for i, mlp in enumerate(mlps) if isinstance(mlp, MoEMLP)}
+    cfg["moe_studio_base"] = {
+        "model_type": model.config.model_type,
+        "class": type(model).__name__,
+        "layers": adapter.layers_path,  # e.g. model.layers, model.language_model.layers
+        "mlp": adapter.mlp_name,  # e.g. mlp, feed_forward
     }
-    cfg["moe_studio_base"] = {"model_type": model.config.model_type, "class": type(model).__name__}
     return {
         "model_type": "moe_studio",  # not the family's: a loader without the modeling file must fail, not guess
         "architectures": ["MoEStudioForCausalLM"],
@@ -235,10 +249,25 @@ def exact_config(model) -> dict:
 
 
 def modeling_source(model) -> str:
-    """The template with its base classes set to the source family's config and CausalLM classes."""
+    """The template with its base classes set to the source family's config and CausalLM classes, imported
+    from the transformers modules that define them (composite families included, e.g. Gemma-3's
+    Gemma3ForConditionalGeneration with Gemma3Config)."""
     text = TEMPLATE.read_text()
-    text = text.replace("LlamaConfig as BaseConfig", f"{type(model.config).__name__} as BaseConfig")
-    return text.replace("LlamaForCausalLM as BaseForCausalLM", f"{type(model).__name__} as BaseForCausalLM")
+    for cls, alias in ((type(model.config), "BaseConfig"), (type(model), "BaseForCausalLM")):
+        if not cls.__module__.startswith("transformers."):
+            raise ExportError(
+                f"{cls.__name__} comes from the model's own code ({cls.__module__}), not from transformers: "
+                "the exact export's modeling file can only build on classes transformers defines. Use "
+                "--format portable."
+            )
+        text = re.sub(
+            rf"^from \S+ import \w+ as {alias}(?=  # moe-studio)",
+            f"from {cls.__module__} import {cls.__name__} as {alias}",
+            text,
+            count=1,
+            flags=re.MULTILINE,
+        )
+    return text
 
 
 def _save_tokenizer(moe, folder: Path) -> None:

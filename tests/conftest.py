@@ -7,9 +7,9 @@ import socket
 import pytest
 import torch
 
-from moe_core.model_io import TINY_CONFIGS, tiny_model
+from moe_core.model_io import TINY_FAMILIES, tiny_model
 
-FAMILIES = list(TINY_CONFIGS)
+FAMILIES = list(TINY_FAMILIES)
 
 
 @pytest.fixture(params=FAMILIES)

@@ -71,8 +71,42 @@ def test_corrupt_gguf_is_a_clear_error(tmp_path):
 
 
 def test_unknown_tiny_family():
-    with pytest.raises(ModelLoadError, match="Families"):
+    with pytest.raises(ModelLoadError, match="No tiny model for 'nope'.*Families: llama"):
+        tiny_model("nope")
+    with pytest.raises(UnsupportedArchitecture, match="GPT-2 uses a plain two-layer MLP"):
         tiny_model("gpt2")
+
+
+@pytest.mark.parametrize(
+    ("family", "names"),
+    [
+        ("lfm2", ("feed_forward", "w1", "w3", "w2", None, "silu")),  # w1/w3/w2, F.silu in its forward
+        ("modernbert-decoder", ("mlp", "Wi", None, "Wo", "act", "gelu")),  # fused Wi: act on its first half
+        ("moshi", ("mlp", "fc1", None, "fc2", "activation_fn", "silu")),  # fused fc1, gate half first
+        ("gemma3", ("mlp", "gate_proj", "up_proj", "down_proj", "act_fn", "gelu_pytorch_tanh")),
+    ],
+)
+def test_adapter_finds_the_mlp_from_the_module_structure(family, names):
+    """Names the model's own modules; gate/up/down from it rebuild the MLP output on every layer."""
+    dense = tiny_model(family, intermediate_size=128)
+    a = dense.adapter
+    assert (a.mlp_name, a.gate_name, a.up_name, a.down_name, a.act_attr, a.act_key) == names
+    for i in range(dense.n_layers):
+        mlp = dense.mlp(i)
+        w_gate, w_up, w_down = a.weights(mlp)
+        x = torch.randn(1, 5, 64)
+        manual = (a.act_fn(mlp)(x @ w_gate.T) * (x @ w_up.T)) @ w_down.T
+        torch.testing.assert_close(manual, mlp(x), rtol=1e-5, atol=1e-6)
+
+
+def test_an_mlp_that_computes_more_than_the_gated_formula_is_refused_after_loading_too():
+    """The structure looks right, the forward is not: check() (run by every loader) names the layer."""
+    dense = tiny_model("llama")
+    mlp = dense.mlp(1)
+    plain = mlp.forward
+    mlp.forward = lambda x: 2 * plain(x)  # a multiplier the module tree does not show
+    with pytest.raises(UnsupportedArchitecture, match="layer 1's MLP .* computes something other"):
+        dense.adapter.check(dense.model)
 
 
 @pytest.mark.slow

@@ -3,8 +3,10 @@
 Written by moe_core.export (MoE Studio); self-contained: it imports only torch and transformers, never
 moe_core. Load it with ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``.
 
-config.json keeps the source family's config, plus ``moe_layers`` {layer index: block spec}. Each listed
-layer's ``mlp`` becomes a MoEBlock with exactly MoE Studio's maths:
+config.json keeps the source family's config, plus ``moe_layers`` {layer index: block spec} and
+``moe_studio_base`` (the family's class, and where it keeps its decoder layers and their MLP: ``layers``, e.g.
+model.layers or model.language_model.layers, and ``mlp``, e.g. mlp or feed_forward). Each listed layer's MLP
+becomes a MoEBlock with exactly MoE Studio's maths:
 
     y = shared(x) + sum_{e in S(x)} g_e(x) * (W_down^e (act(W_gate^e x) * W_up^e x) + b^e)
 
@@ -19,9 +21,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaConfig as BaseConfig  # moe-studio: base config
-from transformers import LlamaForCausalLM as BaseForCausalLM  # moe-studio: base model
 from transformers.activations import ACT2FN
+from transformers.models.llama.configuration_llama import LlamaConfig as BaseConfig  # moe-studio
+from transformers.models.llama.modeling_llama import LlamaForCausalLM as BaseForCausalLM  # moe-studio
 
 
 class MoEStudioConfig(BaseConfig):
@@ -124,8 +126,17 @@ class MoEStudioForCausalLM(BaseForCausalLM):
 
     config_class = MoEStudioConfig
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # This file is the family's own transformers class plus MoE blocks that _init_weights leaves alone: load
+        # it as transformers loads that class. As "custom code" it would skip initialising modules that hold no
+        # weights of their own, and so leave the family's non-persistent buffers (Falcon-H1's mup_vector) empty.
+        return False
+
     def __init__(self, config):
         super().__init__(config)
+        base = getattr(config, "moe_studio_base", None) or {}
+        layers = self.get_submodule(base.get("layers", "model.layers"))
         for i, spec in (getattr(config, "moe_layers", None) or {}).items():
-            self.model.layers[int(i)].mlp = MoEBlock(spec)
+            setattr(layers[int(i)], base.get("mlp", "mlp"), MoEBlock(spec))
         self.post_init()
