@@ -164,18 +164,29 @@ class LaDiMoConfig:
     """LaDiMo layer-wise distillation (arXiv 2408.04278); the paper gives none of these: see methods/ladimo.py."""
 
     n_experts: int = 8  # E slices of each FFN (192 neurons each on SmolLM2-135M)
-    n_shared: int = 0  # slices kept always on as a shared expert (the paper names none)
-    top_k: int | None = None  # uniform policy after conversion; None: 3/4 of the routed experts (6 of 8)
+    n_shared: int = 2  # slices kept always on as a shared expert (the paper names none; measured better)
+    top_k: int | None = None  # uniform policy after conversion; None: 3/4 of the FFN active (S + A = 6 of 8)
     threshold: float | None = None  # set it for a dynamic policy: experts until their summed p reaches it
-    partition: Literal["contiguous", "cmoe"] = "contiguous"  # the paper splits; cmoe = co-activation clusters
-    router_init: Literal["random", "representative"] = "random"  # random: near uniform, starts at dense
-    gate_mode: Literal["prob", "renorm"] = "prob"  # prob: one block serves every k (see methods/ladimo.py)
+    # the paper splits the weights; contiguous: equal slices in order; cmoe: ATopK co-activation clusters;
+    # magnitude: clusters of |h_i| ||W_down,i|| (moe_core.methods.cmoe.magnitude_features)
+    partition: Literal["contiguous", "cmoe", "magnitude"] = "magnitude"
+    # oracle: a linear router trained on each token's best experts, then a least-squares refit of the down
+    # projections, in Qwen2-MoE's form (moe_core.reconstruct); random: near uniform, E-scaled experts (starts
+    # at dense with every expert on); representative: from representative gate rows, E-scaled
+    router_init: Literal["random", "representative", "oracle"] = "oracle"
+    gate_mode: Literal["prob", "renorm"] = (
+        "prob"  # random/representative inits; oracle is always prob (native)
+    )
     steps: int = 100  # Adam steps per layer (~15 s per SmolLM2 layer on a busy 2-core CPU)
     batch_tokens: int = 512  # calibration tokens per step
     lr: float = 1e-3  # experts (1e-4 barely moves them in 100 steps; 3e-3 hurts k = E)
     router_lr: float = 1e-2
     aux_weight: float = 0.01  # Switch Transformer's load-balancing weight
-    train_k_min: int = 1  # each token trains with a random k in [train_k_min, E]: one block for every policy
+    # deployed: every token trains at the block's top-k (what it will run); range: a random k in
+    # [train_k_min, E] per token, so that one block serves every policy the adaptive router may pick
+    train_k: Literal["deployed", "range"] = "deployed"
+    train_k_min: int = 1
+    sequential: bool = True  # each layer trains on what the converted layers before it produce (else dense)
     holdout: float = 0.1  # share of calibration tokens kept to report the relative MSE
     k_act: int = 10  # CMoE ATopK neurons per token (cmoe partition, shared-neuron choice)
     layers: tuple[int, ...] | None = None  # layers to convert; None = all
@@ -190,7 +201,7 @@ class LaDiMoConfig:
         )
         n_routed = self.n_experts - self.n_shared
         if self.top_k is None:
-            object.__setattr__(self, "top_k", max(1, round(0.75 * n_routed)))
+            object.__setattr__(self, "top_k", max(1, round(0.75 * self.n_experts) - self.n_shared))
         _check(
             1 <= self.top_k <= n_routed,
             f"ladimo.top_k must be 1..{n_routed} (routed experts), got {self.top_k}.",
@@ -200,12 +211,16 @@ class LaDiMoConfig:
             f"ladimo.threshold must be null (top-k) or in (0, 1], got {self.threshold}.",
         )
         _check(
-            self.partition in ("contiguous", "cmoe"),
-            f"ladimo.partition is contiguous or cmoe, not '{self.partition}'.",
+            self.partition in ("contiguous", "cmoe", "magnitude"),
+            f"ladimo.partition is contiguous, cmoe or magnitude, not '{self.partition}'.",
         )
         _check(
-            self.router_init in ("random", "representative"),
-            f"ladimo.router_init is random or representative, not '{self.router_init}'.",
+            self.router_init in ("random", "representative", "oracle"),
+            f"ladimo.router_init is random, representative or oracle, not '{self.router_init}'.",
+        )
+        _check(
+            self.train_k in ("deployed", "range"),
+            f"ladimo.train_k is deployed or range, not '{self.train_k}'.",
         )
         _check(
             self.gate_mode in ("prob", "renorm"),

@@ -140,7 +140,9 @@ def test_cached_teacher_top_k(dense, tmp_path, monkeypatch):
     finally:
         handle.remove()
     assert len(calls) == 2
-    assert not torch.equal(before["model.layers.0.mlp.down_proj"], weights(moe)["model.layers.0.mlp.down_proj"])
+    assert not torch.equal(
+        before["model.layers.0.mlp.down_proj"], weights(moe)["model.layers.0.mlp.down_proj"]
+    )
 
 
 def test_hidden_state_term_runs(dense):

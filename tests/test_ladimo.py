@@ -33,7 +33,12 @@ def calib_x(dense, n=256, seed=0):
     return torch.randn(n, dense.model.config.hidden_size, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("cfg", [LaDiMoConfig(n_experts=4), LaDiMoConfig(n_experts=5, n_shared=1)])
+SPLIT = {"router_init": "random", "partition": "contiguous"}  # the E-scaled start: dense with every expert on
+
+
+@pytest.mark.parametrize(
+    "cfg", [LaDiMoConfig(n_experts=4, n_shared=0, **SPLIT), LaDiMoConfig(n_experts=5, n_shared=1, **SPLIT)]
+)
 def test_all_experts_with_uniform_router_equals_dense(tiny, cfg):
     """Every expert on and p = 1/E: the E-scaled experts sum to the dense FFN, on every family."""
     x = calib_x(tiny)
@@ -44,10 +49,10 @@ def test_all_experts_with_uniform_router_equals_dense(tiny, cfg):
     assert sum(block.expert_sizes) + block.shared_size == tiny.model.config.intermediate_size
 
 
-@pytest.mark.parametrize("partition", ["contiguous", "cmoe"])
+@pytest.mark.parametrize("partition", ["contiguous", "cmoe", "magnitude"])
 def test_split_covers_every_neuron_once(partition):
     dense = tiny_model("llama", intermediate_size=190)
-    cfg = LaDiMoConfig(n_experts=8, n_shared=2, partition=partition, k_act=4)
+    cfg = LaDiMoConfig(n_experts=8, n_shared=2, partition=partition, k_act=4, router_init="random")
     block = build_block(dense, 1, calib_x(dense), cfg, torch.Generator().manual_seed(0))
     assert block.shared_size + sum(block.expert_sizes) == 190 and max(block.expert_sizes) <= 24
     torch.nn.init.zeros_(block.router.weight)
@@ -60,7 +65,7 @@ def test_split_covers_every_neuron_once(partition):
 @pytest.mark.parametrize("gate_mode", ["prob", "renorm"])
 def test_training_forward_equals_block_reference(gate_mode):
     dense = tiny_model("qwen3")
-    cfg = LaDiMoConfig(n_experts=6, n_shared=1, gate_mode=gate_mode)
+    cfg = LaDiMoConfig(n_experts=6, n_shared=1, gate_mode=gate_mode, **SPLIT)
     block = build_block(dense, 0, calib_x(dense), cfg, torch.Generator().manual_seed(0))
     torch.nn.init.normal_(block.router.weight, std=0.3)
     x = calib_x(dense, 40, seed=2)
@@ -84,19 +89,29 @@ def test_selection_mask_takes_each_tokens_top_k():
 def test_training_reduces_held_out_mse():
     dense = tiny_model("llama")
     moe = convert(
-        dense, ids(8, 64), LaDiMoConfig(n_experts=4, top_k=2, steps=40, batch_tokens=128), method="ladimo"
+        dense,
+        ids(8, 64),
+        LaDiMoConfig(n_experts=4, n_shared=0, top_k=2, steps=40, batch_tokens=128),
+        method="ladimo",
     )
     for layer in moe.conversion.layers:
         assert layer["val_mse"] < 0.97 * layer["val_mse_init"]
         assert layer["loss_last"] < layer["loss_first"]
-        assert layer["val_mse_all"] < layer["val_mse"]  # more experts, closer to the FFN
+
+
+def test_training_over_every_k_serves_every_policy():
+    """train_k range (one block for every policy the adaptive router may pick): more experts, closer to the FFN."""
+    cfg = LaDiMoConfig(n_experts=4, n_shared=0, top_k=2, steps=40, batch_tokens=128, train_k="range", **SPLIT)
+    moe = convert(tiny_model("llama"), ids(8, 64), cfg, method="ladimo")
+    for layer in moe.conversion.layers:
+        assert layer["val_mse_all"] < layer["val_mse"]
 
 
 def test_block_trained_on_a_layer_beats_its_init():
     dense = tiny_model("gemma")
     x = calib_x(dense, 512)
     y = dense.mlp(1)(x).detach()
-    cfg = LaDiMoConfig(n_experts=4, top_k=1, steps=60, batch_tokens=128, train_k_min=1)
+    cfg = LaDiMoConfig(n_experts=4, n_shared=0, top_k=1, steps=60, batch_tokens=128, train_k="range", **SPLIT)
     gen = torch.Generator().manual_seed(0)
     block = build_block(dense, 1, x, cfg, gen)
     before = [relative_mse(block, x, y, k) for k in (1, 2)]
@@ -130,7 +145,16 @@ def test_aux_loss_balances_a_skewed_router():
             train_block(block, x, y, cfg, gen)
         return float(before), float(torch.bincount(block.router(x).argmax(-1), minlength=4).max() / len(x))
 
-    common = {"n_experts": 4, "top_k": 1, "steps": 60, "batch_tokens": 128, "train_k_min": 1, "lr": 1e-6}
+    common = {
+        "n_experts": 4,
+        "n_shared": 0,
+        "top_k": 1,
+        "steps": 60,
+        "batch_tokens": 128,
+        "lr": 1e-6,
+        "train_k": "range",
+        **SPLIT,
+    }
     before, balanced = top1_share(LaDiMoConfig(aux_weight=1.0, **common))
     _, skewed = top1_share(LaDiMoConfig(aux_weight=0.0, **common))
     assert before == 1.0 and balanced < 0.5 and balanced < skewed
@@ -139,7 +163,7 @@ def test_aux_loss_balances_a_skewed_router():
 def test_convert_through_the_registry_leaves_the_source_untouched():
     dense = tiny_model("qwen2", n_layers=3)
     before = {k: v.clone() for k, v in dense.model.state_dict().items()}
-    cfg = LaDiMoConfig(n_experts=4, top_k=3, layers=(1,), **FAST)
+    cfg = LaDiMoConfig(n_experts=4, n_shared=0, top_k=3, layers=(1,), **FAST)
     moe = METHODS["ladimo"](dense, ids(), cfg)
     assert [type(moe.mlp(i)).__name__ for i in range(3)] == ["Qwen2MLP", "MoEMLP", "Qwen2MLP"]
     assert moe.mlp(1).policy == RoutingPolicy("topk", k=3) and moe.mlp(1).gate_mode == "prob"
@@ -161,7 +185,7 @@ def test_dynamic_policy_and_run_config_section():
 @pytest.mark.parametrize(
     "bad,message",
     [
-        ({"n_experts": 4, "top_k": 5}, "top_k must be 1..4"),
+        ({"n_experts": 4, "n_shared": 0, "top_k": 5}, "top_k must be 1..4"),
         ({"n_experts": 4, "n_shared": 4}, "n_shared"),
         ({"partition": "random"}, "partition"),
         ({"gate_mode": "cmoe"}, "gate_mode"),
@@ -208,7 +232,7 @@ def test_cli_convert_then_sweep_with_a_target(tmp_path, capsys):
     from moe_core.cli import main
 
     common = ["--model", "builtin:tiny-llama", "--text", "builtin:pydoc", "--n-sequences", "2"]
-    common += ["--seq-len", "48", "--n-experts", "4", "--top-k", "2", "--steps", "10"]
+    common += ["--seq-len", "48", "--n-experts", "8", "--top-k", "2", "--steps", "10"]
     assert main(["convert", "--method", "ladimo", *common, "--out", str(tmp_path / "conv")]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["method"] == "ladimo" and summary["active_ffn_share"] < 0.6
@@ -221,3 +245,23 @@ def test_cli_convert_then_sweep_with_a_target(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["plan"]["predicted"]["active_ffn_reduction"] >= 0.3
     assert {p.name for p in (tmp_path / "sw").iterdir()} >= {"sweep.json", "points.csv", "plan.json", "model"}
+
+
+def test_oracle_start_is_native_and_training_keeps_it_native():
+    """The default start: router on oracle labels, refitted down projections, Qwen2-MoE's form."""
+    dense = tiny_model("llama")
+    x = calib_x(dense, 512)
+    y = dense.mlp(1)(x).detach()
+    cfg = LaDiMoConfig(n_experts=8, n_shared=2, top_k=2, steps=40, batch_tokens=128)
+    gen = torch.Generator().manual_seed(0)
+    block = build_block(dense, 1, x, cfg, gen, y)
+    assert block.gate_mode == "prob" and block.router.kind == "linear" and block.shared_gate is not None
+    k_T = torch.full((64,), 2)
+    torch.testing.assert_close(
+        masked_forward(block, x[:64], k_T)[0], block.forward_reference(x[:64]), rtol=1e-5, atol=1e-5
+    )
+    before = relative_mse(block, x, y, 2)
+    with torch.enable_grad():
+        train_block(block, x, y, cfg, gen)
+    assert relative_mse(block, x, y, 2) < before
+    assert block.gate_mode == "prob" and block.selection_bias.abs().max() == 0

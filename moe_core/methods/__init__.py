@@ -49,7 +49,8 @@ def convert(
         torch.manual_seed(getattr(cfg, "seed", 0))
         if method == "cmoe":
             return cmoe.convert(dense, input_ids, cfg, progress=progress, cancel=cancel, routing=settings)
-        moe = METHODS[method](dense, input_ids, cfg, progress=span(progress, 0, 0.9), cancel=cancel)
+        end = 1.0 if settings is None else 0.9  # the routing pass takes the last tenth of the bar
+        moe = METHODS[method](dense, input_ids, cfg, progress=span(progress, 0, end), cancel=cancel)
         if settings is not None:
             reports = reconstruct_model(
                 moe, dense, input_ids, settings, progress=span(progress, 0.9, 1.0), cancel=cancel

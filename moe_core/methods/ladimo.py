@@ -56,14 +56,16 @@ import copy
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
 from ..config import LaDiMoConfig
-from ..layerwise import LayerInputs, capture_layer_inputs, run_layer
+from ..layerwise import convert_layers
 from ..moe import MoEMLP, Router, RoutingPolicy
 from ..profiling import check_cancel
-from .cmoe import ConversionReport, atopk_markers, carve, expert_sizes
+from ..reconstruct import ReconstructSettings, reconstruct_block
+from .cmoe import ConversionReport, atopk_markers, carve, carve_features, expert_sizes, magnitude_features
 
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)  # dynamic-policy thresholds profiled per layer (routing distribution)
 
@@ -72,16 +74,21 @@ THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)  # dynamic-policy thresholds profiled pe
 # Stage 1a: the split and the block
 
 
-def split_experts(x, w_gate, w_up, act, cfg: LaDiMoConfig):
+def split_experts(x, w_gate, w_up, act, cfg: LaDiMoConfig, w_down=None):
     """Neuron index sets of one FFN: (shared (S,), experts: E - n_shared tensors, representatives or None).
 
-    x (T, H) calibration inputs (used by the CMoE partition and to pick shared neurons by activation rate).
+    x (T, H) calibration inputs (used by the clustered partitions and to pick shared neurons); w_down (H, I)
+    is needed by the magnitude partition.
     """
     n_neurons = w_gate.shape[0]
     shared_size, sizes = expert_sizes(n_neurons, cfg.n_shared, cfg.n_experts)
     if cfg.partition == "cmoe":
         markers = atopk_markers(x, w_gate, w_up, act, cfg.k_act, normalise=True)
         cut = carve(markers, cfg.n_shared, cfg.n_experts, iters=1, metric="l1")
+        return cut.shared, cut.experts, cut.representatives
+    if cfg.partition == "magnitude":
+        feats = magnitude_features(x, w_gate, w_up, w_down, act)  # (I, T)
+        cut = carve_features(feats, feats.mean(1), cfg.n_shared, cfg.n_experts, iters=1, metric="cosine")
         return cut.shared, cut.experts, cut.representatives
     if shared_size == 0:
         return torch.zeros(0, dtype=torch.long), list(torch.arange(n_neurons).split(sizes)), None
@@ -108,13 +115,28 @@ def init_router(x, w_gate, experts, representatives, how: str, generator) -> Rou
     return router
 
 
-def build_block(dense, layer_idx: int, x, cfg: LaDiMoConfig, generator) -> MoEMLP:
-    """Split FFN ``layer_idx`` of ``dense`` into an MoEMLP (float32) whose all-experts, uniform-router output is
-    the dense FFN: routed down_proj scaled by E (see the module docstring). x (T, H) calibration inputs."""
+def build_block(dense, layer_idx: int, x, cfg: LaDiMoConfig, generator, y=None) -> MoEMLP:
+    """Split FFN ``layer_idx`` of ``dense`` into an MoEMLP (float32) ready for training. x (T, H) calibration
+    inputs; y (T, H) the dense FFN's outputs on them (needed by the oracle router init).
+
+    oracle: the router is trained on each token's best experts and the down projections refitted, in
+    Qwen2-MoE's form (moe_core.reconstruct), so training starts where the layer-wise routing step ends.
+    random / representative: routed down_proj scaled by E, so that every expert on under a uniform router
+    is the dense FFN (see the module docstring)."""
     mlp = dense.mlp(layer_idx)
     w_gate, w_up, w_down = (w.float() for w in dense.adapter.weights(mlp))
     act, act_name = dense.adapter.act_fn(mlp), dense.adapter.act_name(dense.model)
-    shared, experts, reps = split_experts(x, w_gate, w_up, act, cfg)
+    shared, experts, reps = split_experts(x, w_gate, w_up, act, cfg, w_down)
+    if cfg.router_init == "oracle":
+        if y is None:
+            raise ValueError("ladimo.router_init 'oracle' needs the dense FFN's outputs y.")
+        router = Router(w_gate.shape[1], len(experts), "linear")
+        block = MoEMLP.from_dense(
+            w_gate, w_up, w_down, act_name, shared, experts, router, _policy(cfg), "cmoe"
+        )
+        settings = ReconstructSettings(router="trained", form="native", refit=True, seed=cfg.seed)
+        reconstruct_block(block, x.float(), y.float(), replace(settings, max_tokens=len(x)), layer_idx)
+        return block
     router = init_router(x, w_gate, experts, reps, cfg.router_init, generator)
     block = MoEMLP.from_dense(
         w_gate, w_up, w_down, act_name, shared, experts, router, _policy(cfg), cfg.gate_mode
@@ -159,7 +181,7 @@ def masked_forward(block: MoEMLP, x, k_T):
     down = block.down_proj.permute(1, 0, 2).reshape(hidden, -1)  # (H, E*W)
     y = h.reshape(n_tokens, -1) @ down.T  # (T, H)
     if block.shared_expert is not None:
-        y = y + block.shared_expert(x)
+        y = y + block.shared(x)
     return y, probs, mask
 
 
@@ -199,7 +221,10 @@ def train_block(block: MoEMLP, x, y, cfg: LaDiMoConfig, generator, cancel=None, 
             check_cancel(cancel)
             if on_step is not None and step:
                 on_step(step, cfg.steps)
-        k_T = torch.randint(cfg.train_k_min, block.n_experts + 1, (len(rows),), generator=generator)
+        if cfg.train_k == "deployed":
+            k_T = torch.full((len(rows),), _deployed_k(block), dtype=torch.long)
+        else:
+            k_T = torch.randint(cfg.train_k_min, block.n_experts + 1, (len(rows),), generator=generator)
         out, probs, mask = masked_forward(block, x[rows], k_T)
         mse = (out - y[rows]).pow(2).mean() / scale
         aux = balance_loss(probs, mask)
@@ -215,6 +240,11 @@ def train_block(block: MoEMLP, x, y, cfg: LaDiMoConfig, generator, cancel=None, 
         "loss_last": _mean(losses[-10:]),
         "aux_last": _mean(aux_seen[-10:]),
     }
+
+
+def _deployed_k(block: MoEMLP) -> int:
+    """The experts per token the block will run: its top-k (every expert under a dynamic policy)."""
+    return block.policy.k if block.policy.mode == "topk" else block.n_experts
 
 
 def _minibatches(n_rows: int, batch: int, steps: int, generator) -> list[torch.Tensor]:
@@ -253,23 +283,6 @@ def routing_profile(block: MoEMLP, x, thresholds=THRESHOLDS) -> dict:
 # One layer and the pipeline
 
 
-@torch.no_grad()
-def ffn_io(layer, mlp, inputs: LayerInputs) -> tuple[torch.Tensor, torch.Tensor, LayerInputs]:
-    """Run a layer on every micro-batch and keep what its MLP saw and returned: (X (N*T, H), Y (N*T, H), outputs)."""
-    xs, ys = [], []
-
-    def keep(module, args, out):
-        xs.append(args[0].reshape(-1, args[0].shape[-1]).float())
-        ys.append(out.reshape(-1, out.shape[-1]).float())
-
-    handle = mlp.register_forward_hook(keep)
-    try:
-        outputs = run_layer(layer, inputs)
-    finally:
-        handle.remove()
-    return torch.cat(xs), torch.cat(ys), outputs
-
-
 def distill_layer(
     dense, layer_idx: int, x, y, cfg: LaDiMoConfig, cancel=None, on_step=None
 ) -> tuple[MoEMLP, dict]:
@@ -279,7 +292,7 @@ def distill_layer(
     held = torch.randperm(x.shape[0], generator=generator)
     n_val = max(1, int(cfg.holdout * x.shape[0]))
     val, train = held[:n_val], held[n_val:]
-    block = build_block(dense, layer_idx, x[train], cfg, generator)
+    block = build_block(dense, layer_idx, x[train], cfg, generator, y[train])
     k = cfg.top_k if cfg.threshold is None else block.n_experts
     before = {"val_mse_init": relative_mse(block, x[val], y[val], k)}
     with torch.enable_grad():
@@ -321,9 +334,10 @@ def convert(
 ):
     """Distil a copy of ``dense`` into LaDiMo MoE layers on calibration input_ids (N, T); ``dense`` is untouched.
 
-    Layers are trained one at a time on the dense model's own FFN inputs (teacher forcing). Returns a
-    DenseModel with MoEMLP blocks (uniform policy from cfg; moe_core.sweep picks one per layer) and a
-    ``conversion`` report: per layer the relative MSE before / after, losses, routing profile, seconds.
+    Layers are trained one at a time, each on what the converted layers before it produce (``sequential``)
+    or on the dense model's own FFN inputs (teacher forcing). Returns a DenseModel with MoEMLP blocks (uniform
+    policy from cfg; moe_core.sweep picks one per layer) and a ``conversion`` report: per layer the relative
+    MSE before / after, losses, routing profile, seconds.
     """
     from ..model_io import DenseModel
 
@@ -332,27 +346,20 @@ def convert(
     targets = _target_layers(cfg, moe.n_layers)
     _check_shape(moe, cfg)
     report = ConversionReport("ladimo", _config_dict(cfg))
-    inputs, last, layers = (
-        capture_layer_inputs(moe, input_ids, cfg.batch_size),
-        targets[-1],
-        moe.adapter.layers(moe.model),
-    )
-    for i in range(last + 1):
-        check_cancel(cancel)
-        if i in targets:
-            x, y, inputs = ffn_io(layers[i], moe.mlp(i), inputs)  # dense MLP still in place: teacher forcing
-            on_step = None
-            if progress:
-                on_step = lambda s, n, i=i: progress(  # noqa: E731
-                    (i + s / n) / (last + 1), f"LaDiMo: layer {i + 1}/{last + 1}, step {s}/{n}"
-                )
-            block, info = distill_layer(moe, i, x, y, cfg, cancel, on_step)
-            moe.adapter.set_mlp(moe.model, i, block)
-            report.layers.append(info)
-        else:
-            inputs = run_layer(layers[i], inputs)
+    last = targets[-1]
+
+    def build(i, x, y):
+        on_step = None
         if progress:
-            progress((i + 1) / (last + 1), f"LaDiMo: layer {i + 1}/{last + 1}")
+            on_step = lambda s, n: progress(  # noqa: E731
+                (i + s / n) / (last + 1), f"LaDiMo: layer {i + 1}/{last + 1}, step {s}/{n}"
+            )
+        return distill_layer(moe, i, x.float(), y.float(), cfg, cancel, on_step)
+
+    report.layers = convert_layers(
+        moe, input_ids, targets, build, batch_size=cfg.batch_size, sequential=cfg.sequential,
+        progress=progress, cancel=cancel, label="LaDiMo",
+    )  # fmt: skip
     report.seconds = round(time.perf_counter() - start, 2)
     moe.conversion = report
     return moe
