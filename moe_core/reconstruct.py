@@ -196,9 +196,9 @@ def refit_down(block: MoEMLP, x, y, ridge: float = 1e-2, chunk: int = 4096) -> N
     gram = torch.zeros(n_feat, n_feat, dtype=torch.float64, device=x.device)
     rhs = torch.zeros(n_feat, y.shape[1], dtype=torch.float64, device=x.device)
     for xs, ys in zip(x.split(chunk), y.split(chunk), strict=True):
-        phi = _features(block, xs).double()  # (t, D)
-        gram += phi.T @ phi
-        rhs += phi.T @ ys.double()
+        phi = _features(block, xs).float()  # (t, D): float32 products per chunk, float64 sums across chunks
+        gram += (phi.T @ phi).double()
+        rhs += (phi.T @ ys.float()).double()
     gram.diagonal().add_(ridge * gram.diagonal().mean().clamp(min=1e-30))
     _set_down(block, torch.linalg.solve(gram, rhs).T)  # (H, D)
 
