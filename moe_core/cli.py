@@ -337,7 +337,7 @@ def _sweep_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args) -> int:
-    """Export a converted folder as portable Qwen2-MoE, exact remote-code, or llama.cpp-compatible."""
+    """Export a converted folder as portable Qwen2-MoE, exact remote-code, llama.cpp-compatible or GGUF."""
     from .checkpoint import load_converted, read_json
     from .export import ExportConfig, export_model
 
@@ -348,7 +348,9 @@ def cmd_export(args) -> int:
     data = from_dict(DataConfig, _merge(run_config.get("data", {}), _overrides(args).get("data", {})))
     ids = _calibration_ids(moe, data)
     fmt = args.format or "portable"
-    cfg = ExportConfig(format=fmt, fit_router=not args.no_fit, zip=bool(args.zip))
+    cfg = ExportConfig(
+        format=fmt, fit_router=not args.no_fit, zip=bool(args.zip), gguf_type=args.gguf_type or "f16"
+    )
     result = export_model(
         moe, args.out or f"outputs/export-{fmt}", cfg, calib_ids=ids, calib_text=data.text,
         run_config=run_config, source_metrics=metrics, progress=_progress,
@@ -356,6 +358,8 @@ def cmd_export(args) -> int:
     f = result.fidelity
     keys = ("max_abs_logit_diff", "kl", "top1_agreement", "ppl_internal", "ppl_export", "identical")
     summary = {"format": fmt, "out": str(result.folder), "zip": str(result.zip_path or "")}
+    if fmt == "gguf":
+        summary |= {"gguf": str(next(result.folder.glob("*.gguf"))), "gguf_type": cfg.gguf_type}
     print(json.dumps(summary | {k: f.get(k) for k in keys}))
     return 0
 
@@ -369,14 +373,15 @@ def _calibration_ids(moe, data: DataConfig):
 
 
 def _export_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format", choices=["portable", "exact", "llamacpp"], help="default: portable")
+    p.add_argument("--format", choices=["portable", "exact", "llamacpp", "gguf"], help="default: portable")
+    p.add_argument("--gguf-type", choices=["f16", "q8_0", "f32"], help="gguf: matrix type (default f16)")
     p.add_argument("--zip", action="store_true", help="also write <out>.zip")
     p.add_argument("--no-fit", action="store_true", help="portable: naive router, no calibration fit")
 
 
 COMMANDS = {
     "prepare": (cmd_prepare, "cache the default model (de-quantise the GGUF once)", None),
-    "export": (cmd_export, "converted folder -> portable / exact / llama.cpp + card", _export_flags),
+    "export": (cmd_export, "converted folder -> portable / exact / llama.cpp / GGUF + card", _export_flags),
     "eval": (cmd_eval, "perplexity, KL and agreement vs dense, parameters, expert load", _eval_flags),
     "convert": (
         cmd_convert,

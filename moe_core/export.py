@@ -10,10 +10,13 @@ Formats (``ExportConfig.format``):
 - ``llamacpp``: Qwen2-MoE in the subset llama.cpp's ``qwen2moe`` graph runs (reference/ecosystem.md §A.6.3):
   untied embeddings, raw-softmax weights (``norm_topk_prob=false``), dense layers as shared-only MoE layers;
   refused with the reason where llama.cpp cannot run the source model (e.g. llama3 RoPE scaling).
+- ``gguf``: that llama.cpp layout written as one ``<name>.gguf`` (f16, q8_0 or f32: ``gguf_type``) by
+  export_gguf.py, next to config.json and the tokenizer; run it with ``llama-cli -m`` / ``llama-server -m``.
 
 Every export is reloaded with ``AutoModelForCausalLM.from_pretrained`` in a clean Python process (no moe_core
 import) and compared with the internal model on fixed tokens: max |logit difference|, KL, top-1 agreement,
-perplexity, greedy generation. The numbers go into README.md (the model card) and metrics.json; the folder
+perplexity, greedy generation (a GGUF through transformers' GGUF loader, and read back with GGUFReader: names,
+shapes, metadata, de-quantised weights). The numbers go into README.md (the model card) and metrics.json; the folder
 is written as ``<out>.partial`` and renamed when complete; :func:`make_zip` packs it for download.
 """
 
@@ -31,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -44,7 +47,8 @@ from .profiling import check_cancel
 
 __all__ = ["ExportConfig", "ExportError", "ExportResult", "export_model", "make_zip", "reload_logits"]
 
-FORMATS = ("portable", "exact", "llamacpp")
+FORMATS = ("portable", "exact", "llamacpp", "gguf")
+GGUF_TYPES = ("f16", "q8_0", "f32")  # export_gguf.QTYPES, named here so that importing export stays light
 MODELING_FILE = "modeling_moe_studio.py"
 TEMPLATE = Path(__file__).parent / "templates" / MODELING_FILE
 EXACT_TOL = 1e-4  # max |logit difference| that counts as identical (float32 summation order: ~1e-6)
@@ -65,15 +69,18 @@ PAPERS = {
 
 @dataclass(frozen=True)
 class ExportConfig:
-    format: Literal["portable", "exact", "llamacpp"] = "portable"
+    format: Literal["portable", "exact", "llamacpp", "gguf"] = "portable"
     fit_router: bool = True  # approximated layers: fit a linear router on calibration tokens (else naive)
     fit_steps: int = 0  # extra Adam steps on the selection cross-entropy (measured no better: off)
     verify: bool = True  # reload in a clean process and measure; the model card reports it
     zip: bool = False  # also write <out>.zip
+    gguf_type: Literal["f16", "q8_0", "f32"] = "f16"  # gguf: matrix type (f16: what llama.cpp users expect)
 
     def __post_init__(self):
         if self.format not in FORMATS:
             raise ValueError(f"export format must be one of {', '.join(FORMATS)}, got '{self.format}'.")
+        if self.gguf_type not in GGUF_TYPES:
+            raise ValueError(f"gguf_type must be one of {', '.join(GGUF_TYPES)}, got '{self.gguf_type}'.")
         if not 0 <= self.fit_steps <= 100_000:
             raise ValueError(f"fit_steps must be 0..100000, got {self.fit_steps}.")
 
@@ -90,6 +97,7 @@ class ExportResult:
     fidelity: dict = field(default_factory=dict)
     routing: dict = field(default_factory=dict)
     zip_path: Path | None = None
+    gguf: dict = field(default_factory=dict)  # gguf: the file read back (export_gguf.check_gguf)
 
     def summary(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k not in ("folder", "zip_path")}
@@ -193,6 +201,8 @@ def _write(moe, folder: Path, cfg: ExportConfig, calib_ids, progress, cancel) ->
     if cfg.format == "exact":
         write_exact(moe, folder)
         return ExportResult(folder, "exact", "MoEStudioForCausalLM", True, ["needs trust_remote_code=True"])
+    if cfg.format == "gguf":
+        return write_gguf_export(moe, folder, cfg, calib_ids, progress, cancel)
     return write_native(moe, folder, cfg, calib_ids, progress, cancel)
 
 
@@ -319,10 +329,7 @@ def native_notes(model, routing_notes: list[str], llamacpp: bool) -> list[str]:
     notes = list(routing_notes) + [n for n in [head_dim_note(model)] if n]
     if not llamacpp:
         return notes
-    notes.append(
-        "llama.cpp was not run on this export; `benchmarks/llamacpp_check.py --export <folder>` runs it and "
-        "compares logits (SmolLM2-135M CMoE S2A2E8, llama-cpp-python 0.3.36: KL 7.4e-3 vs transformers)"
-    )
+    notes.append(LLAMACPP_NOTE)
     dense = [i for i, layer in enumerate(model.model.layers) if not isinstance(layer.mlp, MoEMLP)]
     if dense:
         notes.append(
@@ -330,6 +337,41 @@ def native_notes(model, routing_notes: list[str], llamacpp: bool) -> list[str]:
             "every shared expert is zero-padded to that width, which costs compute"
         )
     return notes
+
+
+LLAMACPP_NOTE = (
+    "llama.cpp was not run on this export; `benchmarks/llamacpp_check.py --export <folder>` runs it and "
+    "compares logits (SmolLM2-135M CMoE S2A2E8, llama-cpp-python 0.3.36: KL 7.4e-3 vs transformers)"
+)
+GGUF_NOTE = (
+    "llama.cpp was not run on this export; `benchmarks/gguf_check.py --export <folder>` runs the GGUF with "
+    "llama-cpp-python and compares its logits with transformers on the same file"
+)
+
+
+def write_gguf_export(moe, folder: Path, cfg: ExportConfig, calib_ids, progress, cancel) -> ExportResult:
+    """The llama.cpp layout built in a temporary folder, written here as ``<name>.gguf`` with its
+    config.json (transformers reads the GGUF with it) and tokenizer; the file is read back and compared."""
+    from .export_gguf import check_gguf, write_gguf
+
+    name = folder.name.removesuffix(".partial")
+    with tempfile.TemporaryDirectory(prefix=".gguf-layout-", dir=folder.parent) as tmp:
+        layout = Path(tmp)
+        result = write_native(moe, layout, replace(cfg, format="llamacpp"), calib_ids, progress, cancel)
+        _progress(progress, 0.7, f"Writing {name}.gguf ({cfg.gguf_type})")
+        written = write_gguf(layout, folder / f"{name}.gguf", cfg.gguf_type, name=name, cancel=cancel)
+        if cfg.verify:
+            _progress(progress, 0.75, "Reading the GGUF back")
+            result.gguf = check_gguf(written.path, layout)
+            if not result.gguf["ok"]:
+                raise ExportError(f"The GGUF read back differs from the weights written: {result.gguf}")
+        for path in layout.iterdir():
+            if path.is_file() and ".safetensors" not in path.name:  # the weights are in the GGUF
+                shutil.copy2(path, folder / path.name)
+    notes = [GGUF_NOTE if n == LLAMACPP_NOTE else n for n in result.notes] + written.notes
+    result.folder, result.format, result.notes = folder, "gguf", notes
+    result.architecture = f"qwen2moe GGUF {cfg.gguf_type}"
+    return result
 
 
 def _scaled(progress, lo: float, hi: float):
@@ -357,18 +399,24 @@ def add_legacy_keys(path: Path) -> None:
 
 _RELOAD_SCRIPT = r"""
 import json, sys, torch
-from transformers import AutoModelForCausalLM
+from pathlib import Path
+from transformers import AutoConfig, AutoModelForCausalLM
 jobs = json.load(open(sys.argv[1]))
 data = torch.load(jobs["tokens"], weights_only=True)
 results = []
 for job in jobs["folders"]:
-    model = AutoModelForCausalLM.from_pretrained(job["folder"], trust_remote_code=job["remote"], dtype="auto")
+    folder = Path(job["folder"])
+    ggufs = [] if any(folder.glob("*.safetensors")) else sorted(p.name for p in folder.glob("*.gguf"))
+    # config.json gives the expert widths, which transformers' GGUF reader does not map for qwen2moe
+    extra = {"gguf_file": ggufs[0], "config": AutoConfig.from_pretrained(folder)} if ggufs else {}
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=job["remote"], dtype="auto", **extra)
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=data["ids"]).logits.float()
         gen = model.generate(data["prompt"], max_new_tokens=data["new_tokens"], do_sample=False)
     torch.save({"logits": logits, "generated": gen}, job["out"])
-    results.append({"class": type(model).__name__, "moe_core_imported": "moe_core" in sys.modules})
+    results.append({"class": type(model).__name__, "moe_core_imported": "moe_core" in sys.modules,
+                    "gguf_file": ggufs[0] if ggufs else None})
 print(json.dumps(results))
 """
 
@@ -429,6 +477,8 @@ def verify(moe, folders: list[tuple[Path, bool]], text: str = EVAL_TEXT) -> list
         metrics["generated_text"] = moe.tokenizer.decode(loaded["generated"][0, prompt.shape[1] :])
         metrics["loaded_class"] = loaded["class"]
         metrics["clean_process"] = not loaded["moe_core_imported"]
+        if loaded.get("gguf_file"):
+            metrics["gguf_file"] = loaded["gguf_file"]
         results.append(metrics)
     return results
 
@@ -494,6 +544,7 @@ def _write_reports(folder: Path, result: ExportResult, meta: dict) -> None:
         "exact_by_construction": result.exact_by_construction,
         "fidelity": result.fidelity,
         "routing": result.routing,
+        **({"gguf": result.gguf} if result.gguf else {}),
         "notes": result.notes,
         **{
             k: meta[k]
@@ -520,7 +571,7 @@ def model_card(result: ExportResult, meta: dict) -> str:
         f"Written by MoE Studio {meta['versions']['moe_studio']} as **{result.format}** "
         f"(`{result.architecture}`).",
         "",
-        *_load_section(remote),
+        *(_gguf_section(result, meta["name"]) if result.format == "gguf" else _load_section(remote)),
         *(_llamacpp_section() if result.format == "llamacpp" else []),
         *_fidelity_section(result),
         *_routing_section(result),
@@ -581,6 +632,52 @@ def _llamacpp_section() -> list[str]:
         "routing flips near-ties when the summation order changes). `python benchmarks/llamacpp_check.py "
         "--llama-cpp <llama.cpp> --export <this folder>` checks this export the same way.",
         "",
+        "`python -m moe_core export --format gguf` writes the GGUF itself, no conversion script needed.",
+        "",
+    ]
+
+
+def _gguf_section(result: ExportResult, name: str) -> list[str]:
+    """How to run the GGUF, and what reading it back found."""
+    g, file = result.gguf, f"{name}.gguf"
+    lines = [
+        "## Run with llama.cpp",
+        "",
+        f"`{file}` is a GGUF for llama.cpp's `qwen2moe` architecture, written by MoE Studio (no conversion script).",
+        "",
+        "```bash",
+        f'llama-cli -m {file} -p "The history of the city"',
+        f"llama-server -m {file} --port 8080",
+        "```",
+        "",
+        "transformers reads it too (config.json here carries the expert widths its GGUF reader does not map):",
+        "",
+        "```python",
+        "from transformers import AutoConfig, AutoModelForCausalLM",
+        f'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", gguf_file="{file}",',
+        '                                             config=AutoConfig.from_pretrained("path/to/this/folder"))',
+        "```",
+        "",
+        "Checked on SmolLM2-135M CMoE S2A2E8 with llama-cpp-python 0.3.36, llama.cpp against transformers on the "
+        "same file (8 x 256 WikiText-2 tokens): top-1 agreement 97.1% f32, 93.8% f16, 80.1% q8_0 (KL 8.5e-3, "
+        "1.8e-2, 0.10 per token; perplexity 340.9, 340.0, 338.7 vs 340.0, 340.4, 339.7). Rounding the weights "
+        "moves transformers itself about as far (f16 96.1%, q8_0 81.4% top-1 against the f32 weights): top-k "
+        "routing flips near-ties. llama.cpp's own quantiser turns the f32 file into bit-identical f16 and q8_0 "
+        "files. `python benchmarks/gguf_check.py --export <this folder>` checks this export the same way.",
+        "",
+    ]
+    if not g:
+        return lines
+    errors = ", ".join(
+        f"{k} {v:.2g} (tolerance {g['tolerance'][k]:.2g})" for k, v in g["max_rel_error"].items()
+    )
+    types = ", ".join(f"{n} {k}" for k, n in g["tensor_types"].items())
+    return lines + [
+        f"Read back with gguf's GGUFReader: {g['tensors']} tensors ({types}), names, shapes and "
+        f"metadata {'as written' if g['names_match'] and g['shapes_match'] and g['metadata_match'] else 'DIFFERENT'}"
+        f"; vocabulary {g['vocab']} tokens, pre-tokenizer `{g['pre_tokenizer']}`; worst "
+        f"max |de-quantised - source| / max |source| per type: {errors}; {g['bytes'] / 2**20:.1f} MiB.",
+        "",
     ]
 
 
@@ -600,7 +697,7 @@ def _fidelity_section(result: ExportResult) -> list[str]:
     return [
         "## Fidelity (measured)",
         "",
-        f"Reloaded with `AutoModelForCausalLM.from_pretrained` in a clean process (loaded class "
+        f"Reloaded with `AutoModelForCausalLM.from_pretrained`{_from_gguf(f)} in a clean process (loaded class "
         f"`{f['loaded_class']}`) and compared with MoE Studio's internal model on {f['tokens']} fixed tokens "
         f"of a short English text: this export is **{verdict}** the internal model "
         f"(identical means max |Δlogit| <= {EXACT_TOL:g}).",
@@ -610,6 +707,10 @@ def _fidelity_section(result: ExportResult) -> list[str]:
         *[f"| {name} | {value} |" for name, value in rows],
         "",
     ]
+
+
+def _from_gguf(f: dict) -> str:
+    return f" from `{f['gguf_file']}` (de-quantised)" if f.get("gguf_file") else ""
 
 
 def _routing_section(result: ExportResult) -> list[str]:

@@ -17,12 +17,20 @@ FORMATS = [
     ("portable: Qwen2-MoE, stock transformers and vLLM, no remote code", "portable"),
     ("exact: identical logits, needs trust_remote_code", "exact"),
     ("llama.cpp: Qwen2-MoE laid out for convert_hf_to_gguf", "llamacpp"),
+    ("GGUF: one file for llama.cpp (llama-cli, llama-server), no conversion script", "gguf"),
+]
+GGUF_TYPES = [
+    ("f16: half the size of f32", "f16"),
+    ("q8_0: about a quarter of f32 (8-bit blocks); its rounding flips more routing choices", "q8_0"),
+    ("f32: full size, the closest to transformers", "f32"),
 ]
 
 
 def result_html(r) -> str:
     f = r.fidelity or {}
     tiles = [widgets.tile(r.format, f"format ({r.architecture})")]
+    if r.gguf:
+        tiles.append(widgets.tile(f"{r.gguf['bytes'] / 2**20:.0f} MiB", f"{r.gguf['file']}, read back"))
     if f:
         tiles += [
             widgets.tile("identical" if f["identical"] else "approximate", "vs the internal model"),
@@ -36,7 +44,9 @@ def result_html(r) -> str:
 
 
 @widgets.guarded("Could not export", outputs=4)
-def build_export(session: Session, fmt: str, fit_router: bool, progress=gr.Progress()):
+def build_export(
+    session: Session, fmt: str, fit_router: bool, gguf_type: str = "f16", progress=gr.Progress()
+):
     """Export the session's converted model: (Session, result card, model card markdown, zip path)."""
     from moe_core.export import ExportConfig, export_model
 
@@ -47,7 +57,7 @@ def build_export(session: Session, fmt: str, fit_router: bool, progress=gr.Progr
     if session.plan is not None:
         run["plan"] = session.plan.to_dict()
     result = export_model(
-        session.moe, session.workspace.path(f"export-{fmt}"), ExportConfig(format=fmt, fit_router=bool(fit_router), zip=True),
+        session.moe, session.workspace.path(f"export-{fmt}"), ExportConfig(format=fmt, fit_router=bool(fit_router), zip=True, gguf_type=gguf_type),
         calib_ids=session.calib_ids, calib_text=run.get("data", {}).get("text"), run_config=run,
         source_metrics=session.metrics, progress=lambda f, m: progress(f, desc=m), cancel=session.cancel,
     )  # fmt: skip
@@ -79,6 +89,9 @@ def build(state: gr.State) -> gr.Markdown:
                     label="Fit routers where the format approximates them",
                     info="portable / llama.cpp: a linear router fitted on the calibration tokens (else naive).",
                 )
+                gguf_type = gr.Radio(
+                    GGUF_TYPES, value="f16", label="GGUF type", info="GGUF: the matrices' type"
+                )
                 with gr.Row():
                     button = gr.Button("Build export", variant="primary")
                     stop = gr.Button("Cancel", variant="stop")
@@ -91,7 +104,7 @@ def build(state: gr.State) -> gr.Markdown:
             )
     button.click(
         build_export,
-        [state, fmt, fit],
+        [state, fmt, fit, gguf_type],
         [state, result, card, download],
         api_name="export",
         show_progress_on=result,
