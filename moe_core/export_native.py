@@ -250,19 +250,23 @@ def qwen2moe_config(model, *, n_experts, top_k, norm_topk_prob, width, shared, m
     )
 
 
-def build_qwen2moe(dense, routing, *, top_k: int, norm_topk_prob: bool, llamacpp: bool = False):
+def build_qwen2moe(
+    dense, routing, *, top_k: int, norm_topk_prob: bool, llamacpp: bool = False, width_align: int = WIDTH_ALIGN
+):
     """A Qwen2MoeForCausalLM equal to ``dense`` (a converted DenseModel) under ``routing``.
 
-    routing: {layer: (router weight (E, H), scales (E,))} for every MoE layer. With ``llamacpp`` the
-    embeddings are untied and dense layers become shared-only MoE layers (llama.cpp's qwen2moe needs both).
+    routing: {layer: (router weight (E, H), scales (E,))} for every MoE layer. The LM head is always written
+    (untied: SGLang does not tie it and llama.cpp needs output.weight). With ``llamacpp`` dense layers become
+    shared-only MoE layers (llama.cpp's qwen2moe needs every layer MoE). width_align: expert and shared
+    widths are zero-padded to a multiple of it (exact; 128 suits vLLM's fused MoE kernels).
     """
     from transformers import Qwen2MoeForCausalLM
 
     model, adapter = dense.model, dense.adapter
     blocks = {i: layer.mlp for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoEMLP)}
-    n_experts, width, shared = _common_shape(blocks)
+    n_experts, width, shared = _common_shape(blocks, width_align)
     dense_layers = [i for i in range(len(model.model.layers)) if i not in blocks]
-    untie = llamacpp or model.config.model_type == "gemma"
+    untie = True
     if llamacpp and dense_layers:
         shared = max(shared, model.config.intermediate_size)
     mlp_only = [] if llamacpp else dense_layers
@@ -289,8 +293,9 @@ def build_qwen2moe(dense, routing, *, top_k: int, norm_topk_prob: bool, llamacpp
     return native.to(next(model.parameters()).dtype).eval()
 
 
-def _common_shape(blocks: dict[int, MoEMLP]) -> tuple[int, int, int]:
-    """(experts, common expert width, common shared width >= 1) of all MoE layers."""
+def _common_shape(blocks: dict[int, MoEMLP], align: int = WIDTH_ALIGN) -> tuple[int, int, int]:
+    """(experts, common expert width, common shared width >= 1) of all MoE layers, widths padded to a
+    multiple of ``align`` (the shared width too when align is above the kernel minimum)."""
     if not blocks:
         raise ExportError("The model has no MoE layers: convert it first (python -m moe_core convert).")
     counts = {b.n_experts for b in blocks.values()}
@@ -301,8 +306,11 @@ def _common_shape(blocks: dict[int, MoEMLP]) -> tuple[int, int, int]:
         )
     width = max(max(b.expert_sizes) for b in blocks.values())
     # transformers' default grouped_mm expert kernel needs 16-byte strides: pad the width to a multiple of 8
-    width = -(-width // WIDTH_ALIGN) * WIDTH_ALIGN
+    align = max(align, WIDTH_ALIGN)
+    width = -(-width // align) * align
     shared = max(max(b.shared_size for b in blocks.values()), 1)  # a zero-width Linear breaks some loaders
+    if align > WIDTH_ALIGN:
+        shared = -(-shared // align) * align
     return counts.pop(), width, shared
 
 

@@ -61,3 +61,10 @@ def test_analytic_cmoe_is_approximated_and_says_so(dense, tmp_path):
     result = export_model(moe, tmp_path / "out", ExportConfig(format="portable"), calib_ids=ids(2, seed=3))
     assert not result.exact_by_construction and not result.fidelity["identical"]
     assert "approximation of" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_native_form_exports_exactly_to_the_exact_format_too(dense, tmp_path):
+    """The remote-code template runs the shared expert's sigmoid gate as MoEMLP does."""
+    moe = native_model(dense, "cmoe")
+    result = export_model(moe, tmp_path / "out", ExportConfig(format="exact"), calib_ids=ids(2, seed=3))
+    assert result.fidelity["identical"] and result.fidelity["max_abs_logit_diff"] <= 1e-4

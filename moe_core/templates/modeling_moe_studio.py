@@ -75,6 +75,8 @@ class MoEBlock(nn.Module):
         self.policy, self.temperature = spec["policy"], float(spec.get("temperature", 1.0))
         shared = spec["shared_size"]
         self.shared_expert = GatedMLP(hidden, shared, act) if shared > 0 else None
+        gated = spec.get("shared_gate", False) and shared > 0  # Qwen2-MoE's sigmoid gate on the shared expert
+        self.shared_gate = nn.Linear(hidden, 1, bias=False) if gated else None
         self.gate_up_proj = nn.Parameter(torch.zeros(n_experts, 2 * width, hidden))
         self.down_proj = nn.Parameter(torch.zeros(n_experts, hidden, width))
         self.expert_bias = nn.Parameter(torch.zeros(n_experts, hidden)) if spec["expert_bias"] else None
@@ -114,6 +116,8 @@ class MoEBlock(nn.Module):
         x2 = x.reshape(-1, shape[-1])  # (T, H)
         idx, gates = self.route(x2)
         out = self.shared_expert(x2) if self.shared_expert is not None else torch.zeros_like(x2)
+        if self.shared_gate is not None:
+            out = out * torch.sigmoid(self.shared_gate(x2))
         for e in idx[idx >= 0].unique().tolist():
             tokens, slots = torch.where(idx == e)
             y = self.expert(e, x2[tokens]) * gates[tokens, slots].unsqueeze(-1).to(x2.dtype)
