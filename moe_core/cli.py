@@ -226,13 +226,8 @@ def cmd_convert(args) -> int:
     from .config import ConvertRun
     from .pipeline import convert_run
 
-    cmoe = {"experts": args.experts, "variant": args.variant, "k_act": args.k_act}
-    ladimo = {"n_experts": args.n_experts, "top_k": args.top_k, "steps": args.steps}
-    extra = {"method": args.method, "cmoe": {k: v for k, v in cmoe.items() if v is not None}}
-    extra["ladimo"] = {k: v for k, v in ladimo.items() if v is not None}
-    extra["dive"] = _dive_overrides(args)
-    extra["finetune"] = {"enabled": True} if args.finetune else {}
-    cfg = _run_config(ConvertRun, args, {k: v for k, v in extra.items() if v})
+    base = load_config_file(args.config) if args.config else {}
+    cfg = _run_config(ConvertRun, args, convert_overrides(args, args.method or base.get("method") or "cmoe"))
     outcome = convert_run(load_dense(cfg.model), cfg, folder=cfg.out, progress=_progress)
     metrics = outcome.metrics
     summary = {"method": cfg.method, "seconds": metrics["convert_seconds"], "out": str(outcome.folder)}
@@ -241,10 +236,48 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def _dive_overrides(args) -> dict:
+def convert_overrides(args, method: str = "cmoe") -> dict:
+    """The convert flags the user gave, as a nested config dict (the model, data and out flags aside).
+
+    method: the run's method (from --method or the config file): --n-experts, --top-k and --steps belong to
+    its section only, so `--method cmoe --top-k 9` is not read as a LaDiMo setting."""
+    cmoe = {"experts": args.experts, "variant": args.variant, "k_act": args.k_act, "budget": args.budget}
+    cmoe |= {"shared_by": args.shared_by, "cluster_on": args.cluster_on}
+    ladimo = (
+        {"n_experts": args.n_experts, "top_k": args.top_k, "steps": args.steps} if method == "ladimo" else {}
+    )
+    extra = {"method": args.method, "cmoe": {k: v for k, v in cmoe.items() if v is not None}}
+    extra["ladimo"] = {k: v for k, v in ladimo.items() if v is not None}
+    extra["dive"] = _dive_overrides(args, method)
+    extra["routing"] = _pick({"router": args.router, "form": args.routing_form, "refit": args.refit})
+    extra["distill"] = _distill_overrides(args)
+    extra["finetune"] = {"enabled": True} if args.finetune else {}
+    return {k: v for k, v in extra.items() if v}
+
+
+def _pick(flags: dict) -> dict:
+    """The flags the user gave (not None)."""
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def _distill_overrides(args) -> dict:
+    """The distill section from its flags; any distill flag turns distillation on."""
+    train = (
+        None
+        if args.distill_train is None
+        else [p.strip() for p in args.distill_train.split(",") if p.strip()]
+    )
+    flags = _pick({"tokens": args.distill_tokens, "max_minutes": args.distill_minutes, "lr": args.distill_lr})
+    flags |= _pick({"train": train, "lora_r": args.distill_lora_r})
+    if args.distill is False:
+        return {"enabled": False}
+    return ({"enabled": True} | flags) if (args.distill or flags) else {}
+
+
+def _dive_overrides(args, method: str) -> dict:
     """The dive section from its flags; --n-experts / --top-k serve it too when the method is dive."""
     flags = {"prune_ratio": args.prune_ratio, "shared_share": args.shared_share}
-    if args.method == "dive":
+    if method == "dive":
         flags |= {"n_experts": args.n_experts, "top_k": args.top_k}
     if args.domains is not None:
         flags["domains"] = [d.strip() for d in args.domains.split(",") if d.strip()]
@@ -261,6 +294,46 @@ def _convert_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts", help="CMoE SxAyEz: x shared + y active routed of z experts, e.g. S2A2E8")
     p.add_argument("--variant", choices=["paper", "code"], help="CMoE variant (see moe_core/methods/cmoe.py)")
     p.add_argument("--k-act", type=int, help="CMoE K_a: neurons marked active per token when profiling")
+    p.add_argument(
+        "--shared-by",
+        choices=["rate", "magnitude"],
+        help="CMoE: shared neurons by ATopK rate or |h| ||W_down||",
+    )
+    p.add_argument(
+        "--cluster-on", choices=["markers", "magnitude"], help="CMoE: cluster ATopK markers or |h| ||W_down||"
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        help="CMoE: active FFN share (e.g. 0.5), allocated per layer by measured sensitivity",
+    )
+    p.add_argument(
+        "--router", choices=["method", "trained"], help="routing step: keep the method's router or train one"
+    )
+    p.add_argument(
+        "--routing-form",
+        choices=["analytic", "native"],
+        help="native: Qwen2-MoE's routing, exact portable export",
+    )
+    p.add_argument(
+        "--refit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="least-squares refit of down projections",
+    )
+    p.add_argument(
+        "--distill",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="distil from the dense model after converting (distill section)",
+    )
+    p.add_argument("--distill-tokens", type=int, help="distillation token budget")
+    p.add_argument("--distill-minutes", type=float, help="distillation time budget")
+    p.add_argument("--distill-lr", type=float, help="distillation learning rate")
+    p.add_argument(
+        "--distill-train", help="parts that train, comma-separated: experts,shared,routers,norms,..."
+    )
+    p.add_argument("--distill-lora-r", type=int, help="0: parts train in full; r > 0: LoRA of rank r")
     _ladimo_flags(p)
     p.add_argument(
         "--domains",

@@ -111,11 +111,10 @@ def _flag_values(cfg: ConvertRun) -> list[tuple[str, object]]:
     flags += [("--text", cfg.data.text), ("--n-sequences", cfg.data.n_sequences)]
     flags += [("--seq-len", cfg.data.seq_len), ("--seed", cfg.data.seed), ("--method", cfg.method)]
     if cfg.method == "cmoe":
-        flags += [
-            ("--experts", cfg.cmoe.experts),
-            ("--variant", cfg.cmoe.variant),
-            ("--k-act", cfg.cmoe.k_act),
-        ]
+        c = cfg.cmoe
+        flags += [("--experts", c.experts), ("--variant", c.variant), ("--k-act", c.k_act)]
+        flags += [("--shared-by", c.shared_by), ("--cluster-on", c.cluster_on)]
+        flags += [("--budget", c.budget)] if c.budget is not None else []
     if cfg.method == "ladimo":
         l = cfg.ladimo  # noqa: E741
         flags += [("--n-experts", l.n_experts), ("--top-k", l.top_k), ("--steps", l.steps)]
@@ -124,6 +123,15 @@ def _flag_values(cfg: ConvertRun) -> list[tuple[str, object]]:
         flags += [("--domains", ",".join(f"{n}={s}" for n, s in d.domains)), ("--n-experts", d.n_experts)]
         flags += [("--top-k", d.top_k), ("--prune-ratio", d.prune_ratio), ("--shared-share", d.shared_share)]
         flags += [("--stage1-steps", d.retrain.stage1_steps), ("--stage2-steps", d.retrain.stage2_steps)]
+    r = cfg.routing
+    flags += [("--router", r.router), ("--routing-form", r.form)]
+    flags += [("--refit" if r.refit else "--no-refit", None)]
+    flags += [("--distill" if cfg.distill.enabled else "--no-distill", None)]
+    if cfg.distill.enabled:
+        d = cfg.distill
+        flags += [("--distill-tokens", d.tokens), ("--distill-lr", d.lr)]
+        flags += [("--distill-minutes", d.max_minutes)] if d.max_minutes is not None else []
+        flags += [("--distill-train", ",".join(d.train)), ("--distill-lora-r", d.lora_r)]
     return flags + [("--out", cfg.out)]
 
 
@@ -135,7 +143,15 @@ def command_line(cfg: ConvertRun, config_file: str = "run_config.yaml") -> str:
     tree["data"] = to_dict(cfg.data)
     tree["out"] = cfg.out
     if cfg.method == "cmoe":
-        tree["cmoe"] = {"experts": cfg.cmoe.experts, "variant": cfg.cmoe.variant, "k_act": cfg.cmoe.k_act}
+        c = cfg.cmoe
+        tree["cmoe"] = {"experts": c.experts, "variant": c.variant, "k_act": c.k_act, "budget": c.budget}
+        tree["cmoe"] |= {"shared_by": c.shared_by, "cluster_on": c.cluster_on}
+    tree["routing"] = {"router": cfg.routing.router, "form": cfg.routing.form, "refit": cfg.routing.refit}
+    d = cfg.distill
+    tree["distill"] = {"enabled": d.enabled}
+    if d.enabled:
+        tree["distill"] |= {"tokens": d.tokens, "lr": d.lr, "max_minutes": d.max_minutes}
+        tree["distill"] |= {"train": list(d.train), "lora_r": d.lora_r}
     if cfg.method == "ladimo":
         l = cfg.ladimo  # noqa: E741
         tree["ladimo"] = {"n_experts": l.n_experts, "top_k": l.top_k, "steps": l.steps}
@@ -161,7 +177,7 @@ def command_line(cfg: ConvertRun, config_file: str = "run_config.yaml") -> str:
     if cfg.finetune.enabled:
         args.append("--finetune")
     for flag, value in flags:
-        args += [flag, str(value)]
+        args += [flag] if value is None else [flag, str(value)]
     return shlex.join(args)
 
 
@@ -171,8 +187,11 @@ def config_yaml(cfg: ConvertRun) -> str:
     import yaml
 
     full = to_dict(cfg)
-    keys = (
-        ("model", "data", "method", cfg.method) + (("finetune",) if cfg.finetune.enabled else ()) + ("out",)
+    keys = ("model", "data", "method", cfg.method, "routing")
+    keys += (
+        (("distill",) if cfg.distill.enabled else ())
+        + (("finetune",) if cfg.finetune.enabled else ())
+        + ("out",)
     )
     data = {k: full[k] for k in keys}
     return yaml.safe_dump(_plain(data), sort_keys=False)

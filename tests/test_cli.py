@@ -58,3 +58,42 @@ def test_module_entry_point_help():
         [sys.executable, "-m", "moe_core", "--help"], capture_output=True, text=True, check=True
     )
     assert "profile" in out.stdout
+
+
+def test_convert_flags_express_routing_budget_and_distillation():
+    """The command line the app shows reproduces the run config, new sections included, without --config."""
+    import shlex
+
+    from moe_core.cli import _run_config, build_parser, convert_overrides
+    from moe_core.config import ConvertRun, from_dict
+    from moe_core.pipeline import command_line
+
+    tree = {
+        "model": {"spec": "builtin:tiny-llama"},
+        "data": {"text": "builtin:pydoc", "n_sequences": 2, "seq_len": 32},
+        "cmoe": {"experts": "S2A2E8", "budget": 0.5, "shared_by": "magnitude", "cluster_on": "magnitude"},
+        "routing": {"router": "trained", "form": "native", "refit": True},
+        "distill": {
+            "enabled": True,
+            "tokens": 4096,
+            "lr": 3e-4,
+            "max_minutes": 5.0,
+            "train": ["experts", "routers"],
+        },
+        "out": "outputs/x",
+    }
+    cfg = from_dict(ConvertRun, tree)
+    argv = shlex.split(command_line(cfg))
+    assert "--config" not in argv and "--budget" in argv and "--routing-form" in argv and "--distill" in argv
+    args = build_parser().parse_args(argv[3:])
+    assert _run_config(ConvertRun, args, convert_overrides(args, "cmoe")) == cfg
+
+
+def test_top_k_of_another_method_does_not_reach_ladimo():
+    """`--method cmoe --top-k 9`: --top-k is LaDiMo's or DIVE's flag, not read into their sections for CMoE."""
+    from moe_core.cli import build_parser, convert_overrides
+
+    args = build_parser().parse_args(["convert", "--method", "cmoe", "--top-k", "9", "--n-experts", "3"])
+    extra = convert_overrides(args, "cmoe")
+    assert "ladimo" not in extra and "dive" not in extra
+    assert convert_overrides(args, "ladimo")["ladimo"] == {"n_experts": 3, "top_k": 9}
