@@ -422,7 +422,11 @@ def cmd_export(args) -> int:
     ids = _calibration_ids(moe, data)
     fmt = args.format or "portable"
     cfg = ExportConfig(
-        format=fmt, fit_router=not args.no_fit, zip=bool(args.zip), gguf_type=args.gguf_type or "f16"
+        format=fmt,
+        fit_router=not args.no_fit,
+        zip=bool(args.zip),
+        gguf_type=args.gguf_type or "f16",
+        width_align=args.width_align or 8,
     )
     result = export_model(
         moe, args.out or f"outputs/export-{fmt}", cfg, calib_ids=ids, calib_text=data.text,
@@ -448,6 +452,11 @@ def _calibration_ids(moe, data: DataConfig):
 def _export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["portable", "exact", "llamacpp", "gguf"], help="default: portable")
     p.add_argument("--gguf-type", choices=["f16", "q8_0", "f32"], help="gguf: matrix type (default f16)")
+    p.add_argument(
+        "--width-align",
+        type=int,
+        help="portable/llamacpp: pad expert widths to a multiple (128 for vLLM kernels)",
+    )
     p.add_argument("--zip", action="store_true", help="also write <out>.zip")
     p.add_argument("--no-fit", action="store_true", help="portable: naive router, no calibration fit")
 

@@ -75,8 +75,13 @@ class ExportConfig:
     verify: bool = True  # reload in a clean process and measure; the model card reports it
     zip: bool = False  # also write <out>.zip
     gguf_type: Literal["f16", "q8_0", "f32"] = "f16"  # gguf: matrix type (f16: what llama.cpp users expect)
+    # portable / llamacpp: expert and shared widths zero-padded to a multiple of this (exact); 128 suits vLLM's
+    # fused MoE kernels (FlashInfer TRTLLM wants per-GPU expert widths in multiples of 128)
+    width_align: int = 8
 
     def __post_init__(self):
+        if self.width_align < 8 or self.width_align % 8:
+            raise ValueError(f"width_align must be a multiple of 8 (e.g. 128), got {self.width_align}.")
         if self.format not in FORMATS:
             raise ValueError(f"export format must be one of {', '.join(FORMATS)}, got '{self.format}'.")
         if self.gguf_type not in GGUF_TYPES:
@@ -140,6 +145,8 @@ def export_model(
             result.fidelity = verify(moe, [(tmp, cfg.format == "exact")])[0]
         meta = _provenance(moe, cfg, calib_ids, calib_text, run_config, source_metrics)
         meta["seconds"], meta["name"] = round(time.perf_counter() - start, 2), out.name
+        if cfg.format in ("portable", "llamacpp"):
+            meta["native_config"] = json.loads((tmp / "config.json").read_text())
         _write_reports(tmp, result, meta)
         check_cancel(cancel)
         _swap_into_place(tmp, out)
@@ -311,8 +318,9 @@ def write_native(moe, folder: Path, cfg: ExportConfig, calib_ids, progress, canc
     check_cancel(cancel)
     _progress(progress, 0.65, "Writing Qwen2-MoE weights")
     native = build_qwen2moe(
-        moe, plan.routing(), top_k=plan.top_k, norm_topk_prob=plan.norm_topk_prob, llamacpp=llamacpp
-    )
+        moe, plan.routing(), top_k=plan.top_k, norm_topk_prob=plan.norm_topk_prob, llamacpp=llamacpp,
+        width_align=cfg.width_align,
+    )  # fmt: skip
     native.save_pretrained(str(folder))
     add_legacy_keys(folder / "config.json")
     _save_tokenizer(moe, folder)
@@ -341,7 +349,7 @@ def native_notes(model, routing_notes: list[str], llamacpp: bool) -> list[str]:
 
 LLAMACPP_NOTE = (
     "llama.cpp was not run on this export; `benchmarks/llamacpp_check.py --export <folder>` runs it and "
-    "compares logits (SmolLM2-135M CMoE S2A2E8, llama-cpp-python 0.3.36: KL 7.4e-3 vs transformers)"
+    "compares its logits with transformers on the same folder"
 )
 GGUF_NOTE = (
     "llama.cpp was not run on this export; `benchmarks/gguf_check.py --export <folder>` runs the GGUF with "
@@ -573,6 +581,7 @@ def model_card(result: ExportResult, meta: dict) -> str:
         "",
         *(_gguf_section(result, meta["name"]) if result.format == "gguf" else _load_section(remote)),
         *(_llamacpp_section() if result.format == "llamacpp" else []),
+        *(_engines_section(result, meta) if result.format in ("portable", "llamacpp") else []),
         *_fidelity_section(result),
         *_routing_section(result),
         "## Provenance",
@@ -626,13 +635,44 @@ def _llamacpp_section() -> list[str]:
         "(`norm_topk_prob=false`), every layer a MoE layer (dense layers held by the shared expert), a "
         "nonzero shared-expert gate (1e-30). Convert with `python convert_hf_to_gguf.py <this folder> "
         "--outtype f32` (or bf16; not f16, where the 1e-30 gate underflows to 0 and llama.cpp's "
-        "silu(x)/x sigmoid gives NaN). Checked on SmolLM2-135M CMoE S2A2E8 with llama-cpp-python 0.3.36 "
-        "(f32 GGUF, 4 x 256 WikiText-2 tokens): KL(transformers || llama.cpp) 7.4e-3 per token, top-1 agreement "
-        "96.8%, perplexity 254.2 vs 252.2 (transformers' own float32 and float64 runs differ by KL 1.4e-3: top-k "
-        "routing flips near-ties when the summation order changes). `python benchmarks/llamacpp_check.py "
-        "--llama-cpp <llama.cpp> --export <this folder>` checks this export the same way.",
+        "silu(x)/x sigmoid gives NaN). llama.cpp was not run on this export: `python benchmarks/llamacpp_check.py "
+        "--llama-cpp <llama.cpp> --export <this folder>` runs it and compares its logits with transformers on "
+        "the same folder (top-k routing may flip near-ties when the summation order changes).",
         "",
         "`python -m moe_core export --format gguf` writes the GGUF itself, no conversion script needed.",
+        "",
+    ]
+
+
+def _engines_section(result: ExportResult, meta: dict) -> list[str]:
+    """Which serving engines load a Qwen2-MoE export, with which command, and what was checked where."""
+    cfg = meta.get("native_config") or {}
+    dense_layers = cfg.get("mlp_only_layers") or []
+    width, shared = cfg.get("moe_intermediate_size"), cfg.get("shared_expert_intermediate_size")
+    checked = "identical to" if (result.fidelity or {}).get("identical") else "measured against"
+    sglang = (
+        f"**not** for this export: SGLang treats every layer as MoE and ignores `mlp_only_layers` {dense_layers} "
+        "(export with --format llamacpp, where dense layers are shared-only MoE layers)"
+        if dense_layers
+        else "`python -m sglang.launch_server --model-path <this folder>` (lm_head is written, not tied)"
+    )
+    return [
+        "## Serving engines",
+        "",
+        "| engine | command | checked here |",
+        "|---|---|---|",
+        f"| transformers | `AutoModelForCausalLM.from_pretrained(<this folder>)` | yes: reloaded in a clean "
+        f"process, {checked} the internal model (table below) |",
+        "| vLLM | `vllm serve <this folder>` (Qwen2MoeForCausalLM; `--enable-expert-parallel` across GPUs) | no "
+        "(no GPU here): the layout meets its loader (q/k/v biases written, zeros where the source has none; "
+        "head_dim = hidden / heads) |",
+        f"| SGLang | {sglang} | no |",
+        "| llama.cpp | `python -m moe_core export --format gguf`, then `llama-cli -m <file>.gguf` | "
+        "with --format gguf: the GGUF is read back and reloaded |",
+        "",
+        f"Routing weights are raw softmax probabilities (`norm_topk_prob=false`), which llama.cpp also requires; "
+        f"expert width {width}, shared expert width {shared} (zero-padded, exact; `--width-align 128` pads to "
+        "vLLM's fused-kernel multiples).",
         "",
     ]
 

@@ -68,3 +68,21 @@ def test_native_form_exports_exactly_to_the_exact_format_too(dense, tmp_path):
     moe = native_model(dense, "cmoe")
     result = export_model(moe, tmp_path / "out", ExportConfig(format="exact"), calib_ids=ids(2, seed=3))
     assert result.fidelity["identical"] and result.fidelity["max_abs_logit_diff"] <= 1e-4
+
+
+def test_engine_layout_padding_and_card(dense, tmp_path):
+    """lm_head written, widths padded to 128 (exact), the card names the engines and what was checked."""
+    import json
+
+    moe = native_model(dense, "cmoe")
+    cfg = ExportConfig(format="portable", width_align=128)
+    result = export_model(moe, tmp_path / "out", cfg, calib_ids=ids(2, seed=3))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["moe_intermediate_size"] % 128 == 0 and config["shared_expert_intermediate_size"] % 128 == 0
+    assert config["tie_word_embeddings"] is False and config["norm_topk_prob"] is False
+    assert result.fidelity["identical"]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## Serving engines" in card and "vllm serve" in card and "sglang.launch_server" in card
+    assert "SmolLM2" not in card  # a tiny Llama's card carries no other model's measurements
+    with pytest.raises(ValueError, match="multiple of 8"):
+        ExportConfig(width_align=100)
