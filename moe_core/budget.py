@@ -100,7 +100,7 @@ def _tail_logp(dense, start: int, first: nn.Module, inputs) -> torch.Tensor:
     inputs = run_layer(first, inputs)
     for layer in dense.adapter.layers(dense.model)[start + 1 :]:
         inputs = run_layer(layer, inputs)
-    return torch.log_softmax(_logits(dense.model, inputs.hidden), dim=-1)
+    return torch.log_softmax(_logits(dense.model, dense.adapter, inputs), dim=-1)
 
 
 def _kl(logp, ref_logp, chunk: int = 256) -> float:

@@ -88,12 +88,12 @@ def estimate(
     from .evaluate import param_report
     from .methods.cmoe import expert_sizes
 
-    cfg = dense.model.config
-    per_layer = check_design(cfg.intermediate_size, dense.n_layers, n_experts, n_shared, active)
-    shared, routed = expert_sizes(cfg.intermediate_size, n_shared, n_experts)
-    h, mean_size = cfg.hidden_size, sum(routed) / len(routed)
+    width, h = dense.adapter.weights(dense.mlp(0))[0].shape  # W_gate (I, H)
+    per_layer = check_design(width, dense.n_layers, n_experts, n_shared, active)
+    shared, routed = expert_sizes(width, n_shared, n_experts)
+    mean_size = sum(routed) / len(routed)
     router_params = ROUTER_ROWS[router] * len(routed) * h
-    dense_ffn = 3 * h * cfg.intermediate_size  # per layer
+    dense_ffn = 3 * h * width  # per layer
     block_total = 3 * h * (shared + sum(routed)) + router_params
     block_active = [3 * h * (shared + mean_size * a) + router_params for a in per_layer]
     report = param_report(dense, seq_len)

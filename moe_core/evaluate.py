@@ -176,8 +176,7 @@ def _scores(sums: _Sums, ref) -> dict:
 
 def moe_blocks(dense) -> dict[int, MoEMLP]:
     """{layer index: MoEMLP} for every converted layer of a DenseModel."""
-    layers = dense.adapter.layers(dense.model)
-    return {i: layer.mlp for i, layer in enumerate(layers) if isinstance(layer.mlp, MoEMLP)}
+    return {i: dense.mlp(i) for i in range(dense.n_layers) if isinstance(dense.mlp(i), MoEMLP)}
 
 
 def param_report(dense, seq_len: int = 512) -> dict:
@@ -191,14 +190,15 @@ def param_report(dense, seq_len: int = 512) -> dict:
     active_ffn_share = active FFN params (routers included) / expert weights (shared + routed): the share
     of the dense FFN a token runs, slightly above (S + A) / E because of the routers.
     """
-    model, cfg = dense.model, dense.model.config
+    model, cfg = dense.model, dense.text_config
     total = sum(p.numel() for p in model.parameters())
     ffn_total, ffn_active, ffn_weights = _ffn_counts(dense)
     active = total - (ffn_total - ffn_active)
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    attn_flops = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * seq_len / 2
+    heads = getattr(cfg, "num_attention_heads", None) or 0  # none: a recurrent model (xLSTM)
+    head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else 0)
+    attn_flops = 4 * dense.n_layers * heads * head_dim * seq_len / 2
     matmul_params = active - embed.numel() + (head.numel() if head is embed else 0)
     return {
         "total_params": total,
@@ -372,7 +372,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _random_ids(dense, batch_size: int, seq_len: int, seed: int = 0):
-    vocab = dense.model.config.vocab_size
+    vocab = dense.text_config.vocab_size
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
     return ids.to(dense.device)
 

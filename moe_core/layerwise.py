@@ -2,13 +2,20 @@
 
 Only one layer's activations are alive at once, so profiling and layer-by-layer conversion need memory
 for the calibration hidden states, not for the whole forward graph.
+
+Every family calls its layers its own way (a mask per attention type, rotary tables per layer type, Gemma-4's
+per-layer input, a recurrent state), so nothing here builds those arguments: the model's own forward runs
+once per micro-batch with each decoder layer stood in for by a recorder that keeps what the layer was given
+and hands its hidden-state input on unchanged. The embeddings run, no layer does; the arguments shared by
+several layers are kept once (each layer's dict refers to the same tensors). The final norm and head run the
+same way (:func:`head_logits`): the model's own forward, with its layers standing in for the hidden states.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -20,47 +27,209 @@ class _StopForward(Exception):
     pass
 
 
+class _WrongForm(Exception):
+    """A stand-in got back something other than the hidden state it handed on."""
+
+
 @dataclass
 class LayerInputs:
-    """Hidden states entering a decoder layer, one entry per micro-batch, plus the layer kwargs."""
+    """Hidden states entering decoder layer ``layer``, one entry per micro-batch, and every layer's call arguments."""
 
     hidden: list[torch.Tensor]  # each (B, T, H)
-    kwargs: list[dict]  # attention mask, position ids / embeddings: the same for every layer
+    calls: list[list[tuple[tuple, dict]]]  # [layer][micro-batch]: (positional args after hidden, kwargs)
+    ids: list[torch.Tensor]  # each (B, T): the tokens, for the head pass
+    form: int | None = None  # a decoder layer returns: None a tensor, n a tuple of n (the hidden state first)
+    layer: int = 0
+
+    @property
+    def kwargs(self) -> list[dict]:
+        """Layer ``layer``'s keyword arguments, per micro-batch."""
+        return [kw for _, kw in self.calls[self.layer]]
 
     @property
     def n_tokens(self) -> int:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
+    def each(self) -> Iterator[tuple[torch.Tensor, tuple, dict]]:
+        """(hidden (B, T, H), extra positional args, kwargs) of layer ``layer``, per micro-batch."""
+        for h, (args, kw) in zip(self.hidden, self.calls[self.layer], strict=True):
+            yield h, args, kw
+
+
+class _StandIn(nn.Module):
+    """Takes decoder layer i's place in the model's own forward: ``act(i, args, kwargs)`` is what it returns.
+
+    What the forward reads from a layer (attention_type, is_sliding, ...) comes from the real one, which is not
+    a child module (its weights are not reached through the stand-in)."""
+
+    def __init__(self, real: nn.Module, i: int, act: Callable):
+        super().__init__()
+        self.__dict__.update(_real=real, _i=i, _act=act)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_real"], name)
+
+    def forward(self, *args, **kwargs):
+        return self._act(self._i, args, kwargs)
+
+
+@contextlib.contextmanager
+def _stand_ins(layers: nn.ModuleList, act: Callable):
+    real = list(layers)
+    for i, layer in enumerate(real):
+        layers[i] = _StandIn(layer, i, act)
+    try:
+        yield
+    finally:
+        for i, layer in enumerate(real):
+            layers[i] = layer
+
+
+def _split(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    """(hidden state, the other positional args, kwargs) of a decoder layer call."""
+    if args:
+        return args[0], args[1:], kwargs
+    return kwargs.pop("hidden_states"), (), kwargs
+
+
+def _as_output(h: torch.Tensor, form: int | None):
+    return h if form is None else (h,) + (None,) * (form - 1)
+
+
+def _same(a, b: torch.Tensor) -> bool:
+    """The tensor handed on (or a full view of it: Gemma-4 slices to logits_to_keep=0 before KV-shared layers)."""
+    return a is b or (
+        isinstance(a, torch.Tensor)
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.data_ptr() == b.data_ptr()
+    )
+
+
+class _Recorder:
+    """Stand-in i keeps layer i's call arguments and returns the hidden state it was given, in ``form``."""
+
+    def __init__(self, n_layers: int):
+        self.n_layers, self.form, self.hidden, self.calls = n_layers, None, None, {}
+
+    def __call__(self, i: int, args: tuple, kwargs: dict):
+        h, rest, kw = _split(args, kwargs)
+        if i == 0:
+            self.hidden = h.detach()
+        elif not _same(h, self.hidden):
+            raise _WrongForm(i)
+        self.calls[i] = (rest, kw)
+        if i == self.n_layers - 1:
+            raise _StopForward
+        return _as_output(self.hidden, self.form)
+
+    def record(self, dense, ids: torch.Tensor, form: int | None) -> None:
+        """One micro-batch (B, T) through the model's own forward, its layers stood in for."""
+        self.form, self.hidden, self.calls = form, None, {}
+        with contextlib.suppress(_StopForward):
+            dense.model(input_ids=ids, use_cache=False)
+        if sorted(self.calls) != list(range(self.n_layers)):
+            called = sorted(self.calls)
+            raise ValueError(
+                f"{dense.spec}'s forward called decoder layers {called}, not 0-{self.n_layers - 1}."
+            )
+
+    def record_first(self, dense, ids: torch.Tensor) -> None:
+        """The first micro-batch: stand-ins return a tensor, else (not handed it back) a (hidden, None) tuple."""
+        errors = []
+        for form in (None, 2):  # a loop that indexes or unpacks the tensor (Falcon-H1, xLSTM) fails the first
+            try:
+                return self.record(dense, ids, form)
+            except Exception as exc:
+                errors.append(exc)
+        real = [e for e in errors if not isinstance(e, _WrongForm)]
+        raise real[0] if real else _changed(dense, errors[0])
+
+
+def _changed(dense, exc: _WrongForm) -> ValueError:
+    i = exc.args[0]
+    return ValueError(
+        f"{dense.spec}'s forward changes the hidden state between its decoder layers (before layer {i}), so it "
+        "cannot be run one layer at a time."
+    )
+
 
 @torch.no_grad()
 def capture_layer_inputs(dense, input_ids: torch.Tensor, batch_size: int = 1) -> LayerInputs:
-    """Run the embeddings (and rotary set-up) and stop at layer 0. input_ids (N, T) -> LayerInputs."""
-    first = dense.adapter.layers(dense.model)[0]
-    hidden, kwargs = [], []
+    """Layer 0's hidden states and every layer's call arguments. input_ids (N, T) -> LayerInputs at layer 0.
 
-    def catch(module, args, kw):
-        hidden.append((args[0] if args else kw.pop("hidden_states")).detach())
-        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
-        raise _StopForward
-
-    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
-    try:
+    The model's own forward runs once per micro-batch with its layers stood in for (the embeddings run, no
+    layer does) and stops at the last layer. Whether a layer returns a tensor or a tuple is found on the
+    first micro-batch: a stand-in that is not handed back the tensor it returned says it must be a tuple.
+    """
+    layers = dense.adapter.layers(dense.model)
+    inputs, recorder = LayerInputs([], [[] for _ in layers], [], None), _Recorder(len(layers))
+    with _stand_ins(layers, recorder):
         for chunk in input_ids.to(dense.device).split(batch_size):
-            with contextlib.suppress(_StopForward):
-                dense.model.model(input_ids=chunk, use_cache=False)
-    finally:
-        handle.remove()
-    return LayerInputs(hidden, kwargs)
+            try:
+                if inputs.hidden:
+                    recorder.record(dense, chunk, inputs.form)
+                else:
+                    recorder.record_first(dense, chunk)
+            except _WrongForm as exc:
+                raise _changed(dense, exc) from None
+            inputs.form = recorder.form
+            inputs.hidden.append(recorder.hidden)
+            inputs.ids.append(chunk)
+            for i, calls in enumerate(inputs.calls):
+                calls.append(recorder.calls[i])
+    return inputs
 
 
 @torch.no_grad()
 def run_layer(layer: nn.Module, inputs: LayerInputs) -> LayerInputs:
-    """Apply one decoder layer to every micro-batch; returns the next layer's inputs."""
-    outs = []
-    for h, kw in zip(inputs.hidden, inputs.kwargs, strict=True):
-        out = layer(h, **kw)
+    """Apply one decoder layer (the one ``inputs`` enter, or a stand-in for it) to every micro-batch; returns
+    the next layer's inputs."""
+    outs, form = [], inputs.form
+    for h, args, kw in inputs.each():
+        out = layer(h, *args, **kw)
+        form = len(out) if isinstance(out, tuple) else None
         outs.append(out[0] if isinstance(out, tuple) else out)
-    return LayerInputs(outs, inputs.kwargs)
+    return replace(inputs, hidden=outs, form=form, layer=inputs.layer + 1)
+
+
+@torch.no_grad()
+def head_logits(
+    model: nn.Module, adapter, inputs: LayerInputs, keep: slice = slice(None)
+) -> list[torch.Tensor]:
+    """The model's own final norm and head (logit scaling, soft-capping) on the hidden states leaving its last
+    layer: per micro-batch (B, T', V), the positions ``keep``. model: the transformers model (its layers stand in
+    for the given hidden states during the pass; the embeddings run again, no layer does)."""
+    layers = adapter.layers(model)
+    if inputs.layer != len(layers):
+        raise ValueError(
+            f"head_logits needs the last layer's outputs, got the inputs of layer {inputs.layer}."
+        )
+    out = []
+    for h, ids in zip(inputs.hidden, inputs.ids, strict=True):
+        with _stand_ins(layers, lambda i, args, kwargs, h=h: _as_output(h, inputs.form)):
+            logits = model(input_ids=ids, use_cache=False).logits
+        out.append(logits[:, keep].contiguous())  # a copy only when keep drops positions of several rows
+    return out
+
+
+@torch.no_grad()
+def run_decoder(dense, input_ids: torch.Tensor) -> None:
+    """The model's forward on input_ids (B, T) until its last decoder layer returns (no final norm, no head): for
+    hooks inside the layers."""
+
+    def stop(module, args, output):
+        raise _StopForward
+
+    handle = dense.adapter.layers(dense.model)[-1].register_forward_hook(stop)
+    try:
+        with contextlib.suppress(_StopForward):
+            dense.model(input_ids=input_ids, use_cache=False)
+    finally:
+        handle.remove()
 
 
 @torch.no_grad()
@@ -94,9 +263,9 @@ def ffn_inputs(layer: nn.Module, mlp: nn.Module, inputs: LayerInputs) -> torch.T
 
     handle = mlp.register_forward_pre_hook(catch)
     try:
-        for h, kw in zip(inputs.hidden, inputs.kwargs, strict=True):
+        for h, args, kw in inputs.each():
             with contextlib.suppress(_StopAtMLP):
-                layer(h, **kw)
+                layer(h, *args, **kw)
     finally:
         handle.remove()
     return torch.cat(seen)
@@ -104,8 +273,9 @@ def ffn_inputs(layer: nn.Module, mlp: nn.Module, inputs: LayerInputs) -> torch.T
 
 @torch.no_grad()
 def apply_chunked(module: nn.Module, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """module(x) over rows of x (T, H) in chunks (bounded activation memory)."""
-    return torch.cat([module(part) for part in x.split(chunk)])
+    """module(x) over rows of x (T, H) in chunks (bounded activation memory), each fed as one sequence (1, t, H):
+    some MLPs read a batch and a time axis (Moshi's)."""
+    return torch.cat([module(part[None])[0] for part in x.split(chunk)])
 
 
 # build(layer index, x (T, H) what the MLP receives, y (T, H) what the dense MLP returns) -> (block, info)
@@ -141,8 +311,9 @@ def convert_layers(
         check_cancel(cancel)
         layer = layers[i]
         if i in targets:
-            x = ffn_inputs(layer, layer.mlp, inputs)
-            y = apply_chunked(layer.mlp if reference is None else reference(i), x)
+            mlp = model.adapter.mlp(model.model, i)
+            x = ffn_inputs(layer, mlp, inputs)
+            y = apply_chunked(mlp if reference is None else reference(i), x)
             original = None if sequential or i == last else run_layer(layer, inputs)
             block, info = build(i, x, y)
             model.adapter.set_mlp(model.model, i, block)

@@ -559,6 +559,11 @@ class DenseModel:
     def mlp(self, i: int) -> nn.Module:
         return self.adapter.mlp(self.model, i)
 
+    @property
+    def text_config(self):
+        """The text decoder's config (a composite model's text_config; else the model's own)."""
+        return _text_config(self.model.config)
+
     def check_seq_len(self, seq_len: int) -> None:
         """ValueError when ``seq_len`` tokens exceed the positions the model was built for."""
         limit = getattr(_text_config(self.model.config), "max_position_embeddings", None)
@@ -858,6 +863,8 @@ TINY_TEXT = {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_e
 TINY_TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
 # multi-head latent attention: no grouped KV heads, latent sizes to match 16-wide heads
 TINY_MLA = {"num_key_value_heads": 4, "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 16}
+# Gemma-4's per-layer input embeddings (E2B/E4B): 16 wide per layer, for the byte tokenizer's 260 tokens
+TINY_PLE = {"hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": 260, "global_head_dim": 16}
 # What a family's config needs beyond the generic tiny sizes to build small (found by trying each family)
 TINY_OVERRIDES: dict[str, dict] = {
     "mistral": {"sliding_window": None},
@@ -900,9 +907,8 @@ TINY_OVERRIDES: dict[str, dict] = {
     "zamba2": {"layers_block_type": ["mamba", "hybrid"], "hybrid_layer_ids": [1]},
     "xlnet": {"d_head": 16},
     "reformer": {"is_decoder": True, "axial_pos_shape": [16, 32], "axial_pos_embds_dim": [32, 32]},
-    # Gemma-4 without per-layer input embeddings (E2B/E4B have them: layerwise.py cannot pass them yet)
-    "gemma4": {"text_config": {"hidden_size_per_layer_input": 0, "global_head_dim": 16}},
-    "gemma4_text": {"hidden_size_per_layer_input": 0, "global_head_dim": 16},
+    "gemma4": {"text_config": TINY_PLE},
+    "gemma4_text": TINY_PLE,
     "gemma4_unified": {"text_config": {"global_head_dim": 16}},
     "gemma4_unified_text": {"global_head_dim": 16},
 }
@@ -994,5 +1000,18 @@ def tiny_model(
     torch.manual_seed(seed)
     with _quiet_transformers():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    _wake_zero_projections(model, adapter)
     adapter.check(model)
     return DenseModel(model, tokenizer, adapter, f"builtin:tiny-{family}")
+
+
+@torch.no_grad()
+def _wake_zero_projections(model: nn.Module, adapter: ArchAdapter) -> None:
+    """A family may initialise an MLP projection to zero (xLSTM's gate), which leaves a random model's FFN at
+    zero: give it random weights of its sibling projections' spread, so that the FFN computes something."""
+    for i in range(len(adapter.layers(model))):
+        weights = adapter.weights(adapter.mlp(model, i))
+        spread = max(float(w.std()) for w in weights)
+        for w in weights:
+            if not w.any():
+                w.normal_(0.0, spread)

@@ -144,7 +144,7 @@ def profile_model(
     cancel: Callable[[], bool] | None = None,
 ) -> ActivationProfile:
     """Profile every FFN of a dense model on input_ids (N, T), one decoder layer at a time."""
-    n_neurons = dense.model.config.intermediate_size
+    n_neurons = dense.adapter.down(dense.mlp(0)).in_features
     if not 1 <= k_act <= n_neurons:
         raise ValueError(f"K_a must be between 1 and the intermediate size ({n_neurons}), got {k_act}.")
     inputs = capture_layer_inputs(dense, input_ids, batch_size)
@@ -153,8 +153,9 @@ def profile_model(
     for i, layer in enumerate(layers):
         check_cancel(cancel)
         acc = _LayerStats(n_neurons, k_act)
-        # The input of down_proj is exactly h = act(gate(x)) * up(x): read it instead of recomputing it.
-        handle = dense.mlp(i).down_proj.register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0]))
+        # The input of the down projection is exactly h = act(gate(x)) * up(x): read it, not recompute it.
+        down = dense.adapter.down(dense.mlp(i))
+        handle = down.register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0]))
         try:
             inputs = run_layer(layer, inputs)
         finally:

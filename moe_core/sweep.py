@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import SweepConfig
-from .layerwise import LayerInputs, capture_layer_inputs, run_layer
+from .layerwise import LayerInputs, capture_layer_inputs, head_logits, run_layer
 from .moe import MoEMLP, RoutingPolicy
 from .profiling import check_cancel
 
@@ -201,10 +201,10 @@ class _Cache:
     nll: float
 
 
-def _logits(model, hidden: list[torch.Tensor]) -> torch.Tensor:
-    """Final norm + LM head on the last layer's output: list of (B, T, H) -> (P, V), predicting positions."""
-    h = torch.cat([x[:, :-1] for x in hidden])  # (N, T-1, H)
-    return model.lm_head(model.model.norm(h)).reshape(-1, model.config.vocab_size).float()
+def _logits(model, adapter, inputs: LayerInputs) -> torch.Tensor:
+    """The model's own final norm and head on its last layer's outputs: (P, V) at the predicting positions."""
+    logits = head_logits(model, adapter, inputs, keep=slice(None, -1))  # each (B, T-1, V)
+    return torch.cat([x.reshape(-1, x.shape[-1]).float() for x in logits])
 
 
 @torch.no_grad()
@@ -223,7 +223,7 @@ def dense_cache(dense, windows, batch_size: int) -> _Cache:
         finally:
             handle.remove()
         ffn_x.append(torch.cat(seen))
-    logp = F.log_softmax(_logits(dense.model, inputs.hidden), dim=-1)  # (P, V)
+    logp = F.log_softmax(_logits(dense.model, dense.adapter, inputs), dim=-1)  # (P, V)
     targets = windows[:, 1:].reshape(-1).to(logp.device)
     nll = -float(logp.gather(1, targets[:, None]).mean())
     return _Cache(kept, ffn_x, logp, targets, nll)
@@ -235,7 +235,7 @@ def run_from(model, adapter, layer: int, cache: _Cache) -> torch.Tensor:
     inputs = cache.inputs[layer]
     for block in adapter.layers(model)[layer:]:
         inputs = run_layer(block, inputs)
-    return _logits(model, inputs.hidden)
+    return _logits(model, adapter, inputs)
 
 
 def score(logits, cache: _Cache) -> dict:

@@ -1,7 +1,8 @@
 """Every causal-LM family of the installed transformers, enumerated from its own auto mapping (not a list typed
 here): a tiny random model of each is either converted (CMoE S1A3E4; with every expert on it equals the dense
 model) and exported exact (reloaded in one clean process: identical logits), or refused from its meta-device
-skeleton, before any weight exists, with a stated reason. About a minute on two CPU cores."""
+skeleton, before any weight exists, with a stated reason. Run one layer at a time from the captured per-layer
+arguments, every converted family gives its own forward's logits. About a minute on two CPU cores."""
 
 from __future__ import annotations
 
@@ -14,11 +15,15 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from moe_core.config import CMoEConfig
 from moe_core.export import ExportConfig, export_model, reload_logits
+from moe_core.layerwise import capture_layer_inputs, head_logits, run_layer
 from moe_core.methods import convert
 from moe_core.model_io import (
     GATED_FAMILIES,
+    DenseModel,
     UnsupportedArchitecture,
     adapter_for_config,
+    adapter_for_model,
+    byte_tokenizer,
     load_model,
     tiny_config,
     tiny_model,
@@ -38,18 +43,6 @@ SKIPPED = {
     "cohere_compass_text": "transformers 5.24 cannot build it from its own config (KeyError: 'full_attention')",
     "gemma4_assistant": "a draft model for speculative decoding: it runs on the main model's KV cache",
     "gemma4_unified_assistant": "a draft model for speculative decoding: it runs on the main model's KV cache",
-}
-# Gated MLPs found, that the layer-by-layer driver (moe_core/layerwise.py) cannot run yet: expected failures,
-# shown as XPASS once it does (then the entry goes). Bamba, Falcon-H1, LFM2 and Moshi converted before aa94606
-# (CMoE's own layer loop, through the adapter); LFM3 and xLSTM failed then too.
-DRIVER_GAPS = {
-    "bamba": "layerwise.convert_layers reads layer.mlp; Bamba's MLP is layer.feed_forward",
-    "falcon_h1": "layerwise.convert_layers reads layer.mlp; Falcon-H1's MLP is layer.feed_forward",
-    "lfm2": "layerwise.convert_layers reads layer.mlp; LFM2's MLP is layer.feed_forward",
-    "moshi": "layerwise.apply_chunked feeds the MLP (T, H) rows; Moshi's MLP needs (B, T, H)",
-    "lfm3": "layerwise reuses layer 0's call arguments for every layer: LFM3's conv layer 0 gets no rotary "
-    "embeddings, which its attention layer 1 needs (and it reads layer.mlp: LFM3's is layer.feed_forward)",
-    "xlstm": "layerwise.capture_layer_inputs calls model.model; xLSTM's backbone is model.backbone",
 }
 # The reasons a family may be refused for; every refusal must state one of them.
 REASONS = {
@@ -80,8 +73,6 @@ def _params():
     for family in FAMILIES:
         if family in SKIPPED:
             yield pytest.param(family, marks=pytest.mark.skip(reason=SKIPPED[family]))
-        elif family in DRIVER_GAPS:
-            yield pytest.param(family, marks=pytest.mark.xfail(reason=DRIVER_GAPS[family]))
         else:
             yield family
 
@@ -101,6 +92,7 @@ def _convert_and_export(family: str, folder):
     torch.manual_seed(0)
     dense = tiny_model(family, intermediate_size=WIDTH)
     dense_logits = dense.model(IDS).logits
+    layerwise = torch.cat(_layer_by_layer(dense, IDS, batch_size=1))
     moe = convert(dense, IDS, CMoEConfig(experts="S1A3E4"))
     blocks = [moe.mlp(i) for i in range(moe.n_layers) if isinstance(moe.mlp(i), MoEMLP)]
     for block in blocks:
@@ -114,6 +106,7 @@ def _convert_and_export(family: str, folder):
         "n_layers": moe.n_layers,
         "model_type": moe.model.config.model_type,  # emu3's causal LM is built on its emu3_text_model config
         "blocks": len(blocks),
+        "layerwise_vs_dense": float((layerwise - dense_logits).abs().max()),
         "all_on_vs_dense": float((all_on - dense_logits).abs().max()),
         "routed_vs_dense": float((routed - dense_logits).abs().max()),
         "scale": float(dense_logits.abs().max()),  # Cohere's logit_scale makes tiny logits: compare relative
@@ -173,6 +166,7 @@ def test_every_family_converts_and_exports_exactly_or_is_refused_with_a_reason(r
     assert family not in SPOT_CHECKS, f"{family} should have been refused ({SPOT_CHECKS.get(family)})"
     assert result["blocks"] == result["n_layers"] == 2
     scale = result["scale"]
+    assert result["layerwise_vs_dense"] <= DENSE_TOL  # the captured per-layer arguments are the model's own
     assert result["all_on_vs_dense"] <= min(DENSE_TOL, 1e-4 * scale)  # every expert on, unit gates: dense
     assert result["routed_vs_dense"] > 1e-3 * scale  # top-1 drops neurons: the export check means something
     reloaded = result["reloaded"]
@@ -231,3 +225,88 @@ def test_converted_checkpoints_of_new_families_reload_identically(family, tmp_pa
     assert all(isinstance(again.mlp(i), MoEMLP) for i in range(again.n_layers))
     with torch.no_grad():
         torch.testing.assert_close(again.model(IDS).logits, moe.model(IDS).logits, rtol=0, atol=1e-6)
+
+
+def _layer_by_layer(dense, ids, batch_size: int, inputs=None) -> list[torch.Tensor]:
+    """Logits per micro-batch from the layer-by-layer path: captured inputs, each layer in turn, the model's head."""
+    inputs = inputs or capture_layer_inputs(dense, ids, batch_size)
+    for layer in dense.adapter.layers(dense.model):
+        inputs = run_layer(layer, inputs)
+    return head_logits(dense.model, dense.adapter, inputs)
+
+
+# Families whose layers are called differently, with text-config changes so that the arguments matter: sliding
+# windows of 8 on 32 tokens, a convolution layer before an attention layer. per_layer: layer 0's arguments are
+# not layer 1's (mask, rotary tables, Gemma-4's per-layer input), so reusing them must change the logits or fail.
+LAYER_CALLS = {
+    "llama": ({}, False),
+    "phi3": ({}, False),
+    "mistral": ({"sliding_window": 8}, False),
+    "gemma3": ({"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}, True),
+    "gemma4_text": ({"sliding_window": 8}, True),  # sliding then full, and a per-layer input (E2B / E4B)
+    "lfm2": ({"layer_types": ["conv", "full_attention"]}, False),
+    "lfm3": ({}, True),  # conv then attention: layer 0 gets no rotary tables, layer 1 needs them
+    "falcon_h1": ({}, False),  # each layer returns a tuple
+    "xlstm": ({}, False),  # each block returns (hidden, state); the backbone is model.backbone
+}
+LONG_IDS = torch.randint(4, 250, (3, 32), generator=torch.Generator().manual_seed(5))
+
+
+def _tiny_with(family: str, changes: dict) -> DenseModel:
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family, intermediate_size=WIDTH)
+    text = config.get_text_config(decoder=True)
+    for key, value in changes.items():
+        assert hasattr(text, key), f"{family}'s config has no {key}"
+        setattr(text, key, value)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return DenseModel(model, byte_tokenizer(), adapter_for_model(model), f"tiny-{family}")
+
+
+@pytest.mark.parametrize("family", list(LAYER_CALLS))
+@torch.no_grad()
+def test_layer_by_layer_gives_the_models_own_logits(family, one_thread):
+    """capture_layer_inputs + run_layer over every layer + head_logits == the model's forward, on micro-batches of
+    2 and 1 sequences of 32 tokens (longer than the sliding windows)."""
+    changes, per_layer = LAYER_CALLS[family]
+    dense = _tiny_with(family, changes)
+    want = dense.model(input_ids=LONG_IDS, use_cache=False).logits  # (3, 32, V)
+    inputs = capture_layer_inputs(dense, LONG_IDS, batch_size=2)
+    got = torch.cat(_layer_by_layer(dense, LONG_IDS, 2, inputs))
+    assert got.shape == want.shape and float((got - want).abs().max()) <= DENSE_TOL
+    first, second = inputs.calls[0][0][1], inputs.calls[1][0][1]
+    for key, value in second.items():  # what the layers share is kept once, not copied per layer
+        same = isinstance(value, torch.Tensor) and isinstance(first.get(key), torch.Tensor)
+        if same and value.shape == first[key].shape and torch.equal(value, first[key]):
+            assert value is first[key], key
+    if per_layer:  # the test can fail: layer 0's arguments given to layer 1 change the logits, or fail
+        inputs.calls[1] = inputs.calls[0]
+        try:
+            reused = torch.cat(_layer_by_layer(dense, LONG_IDS, 2, inputs))
+        except (TypeError, ValueError, RuntimeError):
+            return
+        assert float((reused - want).abs().max()) > 1e-3
+
+
+def test_a_forward_that_changes_the_hidden_state_between_layers_is_refused():
+    """Run one layer at a time, a loop that rescales the hidden state between its layers would be silently
+    wrong: the capture says so instead."""
+    from moe_core.model_io import ArchAdapter
+
+    class Rescaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(260, 8)
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(2))
+
+        def forward(self, input_ids, use_cache=False):
+            h = self.embed(input_ids)
+            for layer in self.layers:
+                h = 2 * layer(h)
+            return h
+
+    dense = DenseModel(Rescaled(), None, ArchAdapter("Toy", "toy", False, layers_path="layers"), "toy")
+    with pytest.raises(ValueError, match="changes the hidden state between its decoder layers"):
+        capture_layer_inputs(dense, LONG_IDS, batch_size=2)

@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from ..config import DIVEConfig
+from ..layerwise import run_decoder
 from ..moe import MoEMLP, Router, RoutingPolicy
 from ..profiling import check_cancel
 
@@ -138,10 +139,11 @@ def pooled(stats: dict[str, FlapStats], names) -> FlapStats:
 def flap_stats(dense, input_ids: torch.Tensor, batch_size: int = 4, cancel: Cancel = None) -> FlapStats:
     """FLAP statistics of input_ids (N, T) on the dense model: one forward of the decoder body per micro-batch.
 
-    The hooks read each down_proj's input, which is exactly X = act(W_gate x) * (W_up x); the LM head never runs.
+    The hooks read each down projection's input, exactly X = act(W_gate x) * (W_up x); the forward stops after the
+    last decoder layer (no final norm, no LM head).
     """
-    n_layers = dense.n_layers
-    width = dense.mlp(0).down_proj.in_features
+    n_layers, downs = dense.n_layers, [dense.adapter.down(dense.mlp(i)) for i in range(dense.n_layers)]
+    width = downs[0].in_features
     sums = torch.zeros(n_layers, width, dtype=torch.float64)
     sumsq = torch.zeros(n_layers, width, dtype=torch.float64)
 
@@ -153,11 +155,11 @@ def flap_stats(dense, input_ids: torch.Tensor, batch_size: int = 4, cancel: Canc
 
         return accumulate
 
-    handles = [dense.mlp(i).down_proj.register_forward_pre_hook(hook(i)) for i in range(n_layers)]
+    handles = [down.register_forward_pre_hook(hook(i)) for i, down in enumerate(downs)]
     try:
         for chunk in input_ids.split(batch_size):
             check_cancel(cancel)
-            dense.model.model(input_ids=chunk.to(dense.device), use_cache=False)
+            run_decoder(dense, chunk.to(dense.device))
     finally:
         for handle in handles:
             handle.remove()

@@ -137,6 +137,12 @@ class MoEStudioForCausalLM(BaseForCausalLM):
         # weights of their own, and so leave the family's non-persistent buffers (Falcon-H1's mup_vector) empty.
         return False
 
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() decides this from the class name: a recurrent family's own cache (xLSTM's) is the base's call
+        own = getattr(BaseForCausalLM, "_supports_default_dynamic_cache", None)
+        return True if own is None else own()
+
     def __init__(self, config):
         super().__init__(config)
         base = getattr(config, "moe_studio_base", None) or {}
