@@ -1,4 +1,4 @@
-"""Save and reload a converted model exactly (this project's own format; export.py adds portable ones).
+"""Save and reload a converted model exactly (this project's own format; moe_core.export adds portable ones).
 
 A checkpoint folder holds:
 

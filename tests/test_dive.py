@@ -338,7 +338,7 @@ def test_exact_export_is_identical_and_portable_drops_only_the_expert_biases(div
     """Exact keeps everything. Qwen2-MoE experts have no bias: portable drops them, says so and is marked
     approximate, while the rest (noisy router at inference, softmax over the top-2) maps exactly."""
     from moe_core.export import ExportConfig, compare, export_model, reload_logits
-    from moe_core.export_routing import BIAS_DROPPED, plan_routing
+    from moe_core.export.routing import BIAS_DROPPED, plan_routing
 
     train_router(dive_moe, ids(n=2), RETRAIN)  # a trained noisy router, as after stage 1
     x, calib = ids(n=1, t=40, seed=7), ids(n=4, t=32, seed=8)

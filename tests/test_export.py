@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moe_core.export import ExportConfig, ExportError, compare, export_model, reload_logits
-from moe_core.export_routing import plan_routing
+from moe_core.export.routing import plan_routing
 from moe_core.model_io import tiny_model
 from moe_core.moe import MoEMLP, Router, RoutingPolicy
 

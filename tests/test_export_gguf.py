@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from moe_core.config import CMoEConfig
 from moe_core.export import GGUF_TYPES, ExportConfig, ExportError, export_model
-from moe_core.export_gguf import QTYPES, pre_tokenizer_name, write_gguf
+from moe_core.export.gguf import QTYPES, pre_tokenizer_name, write_gguf
 from moe_core.methods import convert
 from moe_core.model_io import tiny_model
 

@@ -7,7 +7,7 @@ import torch
 
 from moe_core.config import CMoEConfig, DIVEConfig, LaDiMoConfig, RoutingConfig
 from moe_core.export import ExportConfig, export_model
-from moe_core.export_routing import plan_routing
+from moe_core.export.routing import plan_routing
 from moe_core.methods import convert
 from moe_core.model_io import tiny_model
 

@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .moe import MoEMLP
-from .profiling import check_cancel
+from ..moe import MoEMLP
+from ..plumbing import check_cancel
 
 
 @dataclass
@@ -284,7 +284,7 @@ def plan_routing(
     norm_topk_prob are candidates; the one with the lowest KL(internal || native) on held-out
     calibration sequences wins, and ``plan.candidates`` keeps them all with their KL.
     """
-    from .evaluate import moe_blocks
+    from ..evaluate import moe_blocks
 
     blocks = moe_blocks(dense)
     top_k, norm = choose_global(blocks, forced_norm)
@@ -345,7 +345,7 @@ def _fitted_plan(blocks, exact, xs, top_k, norm, notes, steps, cancel) -> Routin
 @torch.no_grad()
 def _pick(dense, candidates: dict[str, RoutingPlan], held_out, cancel) -> RoutingPlan:
     """The candidate with the lowest KL(internal || native) per token on the held-out sequences."""
-    from .export_native import build_qwen2moe
+    from .native import build_qwen2moe
 
     ref = F.log_softmax(dense.model(input_ids=held_out.to(dense.device)).logits.float(), -1)
     kls = {}
@@ -393,7 +393,7 @@ def _ranges(ids: list[int]) -> str:
 @torch.no_grad()
 def _collect_inputs(dense, calib_ids, layers: list[int], batch_size: int, cancel) -> dict[int, torch.Tensor]:
     """{layer: MLP inputs (T, H) float32} on calibration tokens, through the internal model, layer by layer."""
-    from .layerwise import capture_layer_inputs, mlp_inputs
+    from ..layerwise import capture_layer_inputs, mlp_inputs
 
     inputs = capture_layer_inputs(dense, calib_ids, batch_size)
     decoder, wanted, xs = dense.adapter.layers(dense.model), set(layers), {}

@@ -33,8 +33,8 @@ import numpy as np
 from gguf import MODEL_TENSOR as T
 from gguf import GGMLQuantizationType as Q
 
-from .export_native import ExportError
-from .profiling import check_cancel
+from ..plumbing import check_cancel
+from .native import ExportError
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2MOE]  # "qwen2moe"
 QTYPES = {  # file type name -> (matrix tensor type, general.file_type)

@@ -11,7 +11,7 @@ an arbitrary list of dense layers (``mlp_only_layers``); transformers and vLLM l
   too, but llama.cpp computes the sigmoid as silu(x)/x and gets 0/0), and shared down_proj x 2;
 - experts and shared experts narrower than the common width: zero-padded (a zero neuron adds act(0)*0 = 0);
   the expert width is also padded to a multiple of 8, which transformers' grouped_mm kernel needs;
-- routing: a linear router with per-expert constants folded into each expert's down_proj (export_routing
+- routing: a linear router with per-expert constants folded into each expert's down_proj (export/routing.py
   decides the router weights, top-k and norm_topk_prob, exact or approximated).
 
 Families whose attention is not Llama GQA are refused with the reason (`ExportError`).
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .moe import MoEMLP
+from ..moe import MoEMLP
 
 WIDTH_ALIGN = 8  # expert width multiple: 16-byte rows in bf16 (grouped_mm refuses other strides)
 SHARED_GATE = 1e-30  # sigmoid(1e-30 * x) == 0.5 exactly in float32 and bfloat16 (not in float16: underflow)
@@ -251,7 +251,13 @@ def qwen2moe_config(model, *, n_experts, top_k, norm_topk_prob, width, shared, m
 
 
 def build_qwen2moe(
-    dense, routing, *, top_k: int, norm_topk_prob: bool, llamacpp: bool = False, width_align: int = WIDTH_ALIGN
+    dense,
+    routing,
+    *,
+    top_k: int,
+    norm_topk_prob: bool,
+    llamacpp: bool = False,
+    width_align: int = WIDTH_ALIGN,
 ):
     """A Qwen2MoeForCausalLM equal to ``dense`` (a converted DenseModel) under ``routing``.
 
