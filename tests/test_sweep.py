@@ -38,7 +38,10 @@ def converted():
     dense = tiny_model("llama", n_layers=3)
     calib = torch.randint(4, 250, (6, 48), generator=torch.Generator().manual_seed(0))
     moe = convert(
-        dense, calib, LaDiMoConfig(n_experts=4, top_k=2, steps=20, batch_tokens=96), method="ladimo"
+        dense,
+        calib,
+        LaDiMoConfig(n_experts=4, n_shared=0, top_k=2, steps=20, batch_tokens=96, train_k="range"),
+        method="ladimo",
     )
     windows = torch.randint(4, 250, (2, 24), generator=torch.Generator().manual_seed(1))
     return dense, moe, windows, sweep(dense, moe, windows, CFG)

@@ -367,7 +367,7 @@ def convert(
 
 def _check_shape(moe, cfg: LaDiMoConfig) -> None:
     """Refuse more experts than FFN neurons before any work is done."""
-    expert_sizes(moe.model.config.intermediate_size, cfg.n_shared, cfg.n_experts)
+    expert_sizes(moe.adapter.down(moe.mlp(0)).in_features, cfg.n_shared, cfg.n_experts)
 
 
 def _config_dict(cfg: LaDiMoConfig) -> dict:
