@@ -50,7 +50,7 @@ def build_app(default_model: str | None = None) -> gr.Blocks:
             model = model_tab.build(state, demo, default_model)
             data = data_tab.build(state)
             profile = profile_tab.build(state, data)
-            design = design_tab.build(state)
+            design = design_tab.build(state, data)
             convert = convert_tab.build(state, data, design, model.source)
             routing_status, plan_applied = routing_tab.build(state)
             statuses = {
@@ -62,7 +62,8 @@ def build_app(default_model: str | None = None) -> gr.Blocks:
             }
         profile.follow(model.loaded)
         profile.use_design(design.n_experts, design.shared_ratio)
-        model.loaded.then(design_tab.show, [state, *design.inputs], design.card, api_visibility="private")
+        design.follow(model.loaded)
+        convert.follow(model.loaded, state)
         convert_inputs = [state, *data.inputs, *design.inputs, convert.method, *convert.options]
         model.loaded.then(
             convert_tab.preview, convert_inputs, convert.preview_outputs, api_visibility="private"

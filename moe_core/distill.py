@@ -295,7 +295,7 @@ def _load_checkpoint(folder: Path | None, print_: str) -> dict | None:
     path = None if folder is None else Path(folder) / CHECKPOINT
     if path is None or not path.is_file():
         return None
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     return state if state.get("fingerprint") == print_ else None
 
 

@@ -161,11 +161,13 @@ def test_server_convert_export_and_separate_sessions(server_url):
 
     client = Client(server_url, verbose=False)
     client.predict(TINY, "cpu", False, api_name="/load_model")
-    summary, log, _, download = client.predict(*DATA, *DESIGN, "cmoe", *options(), api_name="/convert")
+    summary, log, _, download, _ = client.predict(*DATA, *DESIGN, "cmoe", *options(), api_name="/convert")
     assert "CMoE conversion" in summary and "layer 2/2" in log and download
     _, card, zip_file = client.predict("exact", True, api_name="/export")
     assert "trust_remote_code" in card and zip_file["value"].endswith("export-exact.zip")
     other = Client(server_url, verbose=False)  # a second browser session: no model, no conversion
     with pytest.raises(Exception, match="Convert a model"):
         other.predict("exact", True, api_name="/export")
-    assert "cannot be converted" in client.predict(8, 0.25, "uniform", 7, "", api_name="/design_estimate")
+    assert "cannot be converted" in client.predict(
+        8, 0.25, "uniform", 7, "", 0.5, "", api_name="/design_estimate"
+    )

@@ -1,5 +1,6 @@
 """The whole flow in a real browser: Debian's headless Chromium driven by Playwright walks model -> data ->
-profile -> design -> convert (CMoE on tiny-llama) -> evaluate -> export -> download, checks the downloaded zip
+profile -> design (and its budget mode: measure, allocation) -> convert (CMoE on tiny-llama, with a trained
+router and a two-step distillation: its loss curve) -> evaluate -> export -> download, checks the downloaded zip
 loads with transformers, and saves a screenshot of every tab (MOE_STUDIO_SCREENSHOTS, else a tmp folder)."""
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ def _shot(page, shots: Path, name: str) -> None:
     page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
 
 
+def _radio(page, name: str):
+    return page.get_by_label(name, exact=True).locator("visible=true")
+
+
 def _button(page, name: str):
     return page.get_by_role("button", name=name, exact=True).locator("visible=true")
 
@@ -79,10 +84,26 @@ def test_model_to_download_in_a_browser(page, shots, tmp_path):
     _tab(page, "Design")
     page.get_by_text("of the FFN runs per token").wait_for()
     _shot(page, shots, "design_tab")
+    _radio(page, "budget").check()  # one active budget, a shape per layer from measured sensitivity
+    _button(page, "Measure sensitivity").click()
+    page.get_by_text("of the FFN runs per token (the allocation)").wait_for()
+    page.get_by_text("Allocation: active share per layer").wait_for()
+    _shot(page, shots, "design_budget")
+    _radio(page, "uniform").check()
 
     _tab(page, "Convert")
+    page.get_by_text("Routing (any method)").click()
+    _radio(page, "trained").check()
+    page.get_by_label("Refit the down projections").check()
+    page.get_by_text("Distillation (optional, any method)").click()
+    page.get_by_label("Distil after converting").check()
+    page.get_by_label("Token budget").fill("2048")  # 8 windows of 256 tokens: two steps on the tiny model
+    page.get_by_label("Token budget").press("Enter")
+    page.wait_for_function("() => document.body.innerText.includes('--distill-tokens 2048')")  # the preview
     _button(page, "Convert").click()
     page.get_by_text("CMoE conversion of").wait_for()
+    page.get_by_text("Distillation: KL(dense || MoE)").wait_for()
+    page.get_by_text("before → after the routing step").wait_for()
     assert "python -m moe_core convert" in page.locator("body").inner_text()
     _shot(page, shots, "convert_tab")
 

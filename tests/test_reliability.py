@@ -29,7 +29,7 @@ from views.state import Session, Workspace
 
 TINY = "builtin:tiny-llama"  # 2 layers, H=64, I=192, 512 positions
 DATA = ["builtin:pydoc", 2, 32, 0]
-DESIGN = [8, 0.25, "uniform", 2, ""]
+DESIGN = [8, 0.25, "uniform", 2, "", 0.5, ""]
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -156,11 +156,11 @@ def test_the_gguf_memory_estimate_counts_every_tensor_of_the_header():
 
 
 DESIGN_CASES = [
-    ("more experts than neurons", [400, 0.25, "uniform", 2, ""], "more than the 192 FFN neurons"),
-    ("more active than routed", [8, 0.25, "uniform", 7, ""], "choose 1..6"),
-    ("shared ratio 1", [8, 1.0, "uniform", 2, ""], r"Shared ratio must be in \[0, 1\)"),
-    ("negative shared ratio", [8, -0.1, "uniform", 2, ""], r"Shared ratio must be in \[0, 1\)"),
-    ("zero experts", [0, 0.0, "uniform", 1, ""], "Need at least 2 experts"),
+    ("more experts than neurons", [400, 0.25, "uniform", 2, "", 0.5, ""], "more than the 192 FFN neurons"),
+    ("more active than routed", [8, 0.25, "uniform", 7, "", 0.5, ""], "choose 1..6"),
+    ("shared ratio 1", [8, 1.0, "uniform", 2, "", 0.5, ""], r"Shared ratio must be in \[0, 1\)"),
+    ("negative shared ratio", [8, -0.1, "uniform", 2, "", 0.5, ""], r"Shared ratio must be in \[0, 1\)"),
+    ("zero experts", [0, 0.0, "uniform", 1, "", 0.5, ""], "Need at least 2 experts"),
 ]
 
 
@@ -336,7 +336,7 @@ def test_a_failing_export_leaves_the_earlier_export_untouched(converted, tmp_pat
     def fail(*args, **kwargs):
         raise RuntimeError("injected failure while writing the reports")
 
-    monkeypatch.setattr(export, "_write_reports", fail)
+    monkeypatch.setattr(export.formats, "write_reports", fail)
     with pytest.raises(RuntimeError, match="injected"):
         export.export_model(converted.moe, out, export.ExportConfig("exact", verify=False))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files
@@ -350,7 +350,7 @@ def _disk_full(*args, **kwargs):
 def test_a_full_disk_during_export_is_reported_clearly(converted, monkeypatch, capsys, tmp_path):
     from moe_core import export
 
-    monkeypatch.setattr(export, "write_exact", _disk_full)
+    monkeypatch.setattr(export.formats, "write_exact", _disk_full)
     with pytest.raises(gr.Error, match="The disk is full: writing the export to") as info:
         export_tab.build_export(converted, "exact", True)
     assert "partial files were removed" in str(info.value) and "MB free now" in str(info.value)
@@ -434,7 +434,7 @@ def test_a_killed_export_leaves_no_half_written_checkpoint(tmp_path, converted):
 def test_same_config_and_seed_give_identical_models(loaded, method, changes):
     from moe_core.pipeline import convert_run
 
-    design = [2, 0.0, "uniform", 1, ""] if method == "dive" else [4, 0.25, "uniform", 1, ""]
+    design = [2, 0.0, "uniform", 1, "", 0.5, ""] if method == "dive" else [4, 0.25, "uniform", 1, "", 0.5, ""]
     cfg, _ = convert_tab.run_config(loaded, DATA, design, method, *options(**changes))
     states = []
     for global_seed in (1, 2):  # the global RNG differs between the runs: only the config's seed counts

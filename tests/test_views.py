@@ -31,7 +31,12 @@ from views.state import Session, Workspace
 
 TINY = "builtin:tiny-llama"  # 2 layers, H=64, I=192
 DATA = ["builtin:pydoc", 2, 32, 0]
-DESIGN = [8, 0.25, "uniform", 2, ""]  # S2A2E8
+DESIGN = [8, 0.25, "uniform", 2, "", 0.5, ""]  # S2A2E8 (then the budget mode's budget and allocation)
+
+
+def layout(n_experts, ratio, mode, active, per_layer="", budget=0.5, allocation="") -> list:
+    """The Design tab's input values, in order."""
+    return [n_experts, ratio, mode, active, per_layer, budget, allocation]
 
 
 def options(**changes) -> list:
@@ -40,7 +45,7 @@ def options(**changes) -> list:
     values = []
     for m, name, kind in convert_tab._option_fields(convert_tab.sections()):
         default = convert_tab._to_input(kind, convert_tab._option_value(getattr(defaults, m), name))
-        values.append(changes.get(f"{m}.{name}", None if kind == "optional" else default))
+        values.append(changes.get(f"{m}.{name}", default))
     return values
 
 
@@ -124,7 +129,8 @@ def test_profile_histogram_marks_the_shared_cutoff(loaded):
 
 
 def test_convert_fills_the_session_and_writes_a_loadable_run_config(converted):
-    session, summary, log, config_path, _ = converted
+    session, summary, log, config_path, _, loss = converted
+    assert not loss.visible  # no distillation: no loss curve
     assert session.moe is not None and session.metrics["moe_layers"] == 2
     assert "CMoE conversion" in summary and "MoE layers" in summary
     assert "layer 2/2" in log and "saved" in log
@@ -153,10 +159,10 @@ def test_command_line_reproduces_the_run_config(loaded, tmp_path):
 
 
 def test_invalid_convert_inputs_are_explained(loaded):
-    yaml_text, _ = convert_tab.preview(loaded, *DATA, 8, 0.25, "uniform", 9, "", "cmoe", *options())
+    yaml_text, _ = convert_tab.preview(loaded, *DATA, *layout(8, 0.25, "uniform", 9), "cmoe", *options())
     assert yaml_text.startswith("# Not a valid run yet") and "choose 1..6" in yaml_text
     with pytest.raises(gr.Error, match="choose 1..6"):
-        converting(loaded, *DATA, 8, 0.25, "uniform", 9, "", "cmoe", *options())
+        converting(loaded, *DATA, *layout(8, 0.25, "uniform", 9), "cmoe", *options())
     with pytest.raises(gr.Error, match="Load a model"):
         converting(Session(), *DATA, *DESIGN, "cmoe", *options())
 
@@ -193,7 +199,7 @@ def test_while_running_yields_until_the_job_ends_and_returns_or_raises_its_outco
 
 def test_ladimo_with_per_layer_active_experts(loaded):
     opts = options(**{"ladimo.steps": 2})
-    session = converting(loaded, *DATA, 4, 0.0, "per layer", 2, "1,3", "ladimo", *opts)[0]
+    session = converting(loaded, *DATA, *layout(4, 0.0, "per layer", 2, "1,3"), "ladimo", *opts)[0]
     policies = [session.moe.mlp(i).policy.k for i in range(2)]
     assert policies == [1, 3] and session.run_config["active_per_layer"] == [1, 3]
 
@@ -202,8 +208,8 @@ def test_load_config_file_fills_the_inputs(loaded, tmp_path):
     config_path = tmp_path / "run.yaml"
     config_path.write_text(convert_tab.preview(loaded, *DATA, *DESIGN, "cmoe", *options())[0])
     values = convert_tab.load_config(config_path, loaded, len(options()))
-    assert values[0] == TINY and values[1:5] == DATA and values[5:10] == [8, 0.25, "uniform", 2, ""]
-    assert values[10] == "cmoe"
+    assert values[0] == TINY and values[1:5] == DATA and values[5:12] == DESIGN
+    assert values[12] == "cmoe"
 
 
 def test_fine_tuning_from_the_convert_tab(loaded, tmp_path):
@@ -214,7 +220,7 @@ def test_fine_tuning_from_the_convert_tab(loaded, tmp_path):
     assert cfg.finetune.enabled and (cfg.finetune.n_sequences, cfg.finetune.seq_len) == (2, 16)
     yaml_text, line = convert_tab.preview(loaded, *DATA, *DESIGN, "cmoe", *opts)
     assert "--finetune" in line and "enabled: true" in yaml_text
-    session, summary, _, config_path, _ = converting(loaded, *DATA, *DESIGN, "cmoe", *opts)
+    session, summary, _, config_path, *_ = converting(loaded, *DATA, *DESIGN, "cmoe", *opts)
     tuned = session.metrics["finetune"]
     assert len(tuned["losses"]) == 1 and "fine-tuning loss" in summary  # 2 sequences, batch 2: one step
     values = convert_tab.load_config(config_path, loaded, len(opts))
@@ -237,7 +243,7 @@ def test_cancel_leaves_the_session_as_it_was(loaded):
 
     with pytest.warns(UserWarning, match="cancelled"):
         out = converting(loaded, *DATA, *DESIGN, "cmoe", *options(), progress=progress)
-    assert len(out) == 5 and all(isinstance(o, type(gr.skip())) for o in out)
+    assert len(out) == 6 and all(isinstance(o, type(gr.skip())) for o in out)
     loaded.cancel.clear()
 
 
@@ -310,7 +316,7 @@ def test_unexpected_errors_become_messages():
 
 def test_dive_accordion_makes_a_valid_run_and_command_line(loaded, tmp_path):
     opts = options(**{"dive.n_sequences": 2, "dive.retrain.stage1_steps": 0, "dive.retrain.stage2_steps": 1})
-    design = [2, 0.0, "uniform", 1, ""]
+    design = layout(2, 0.0, "uniform", 1)
     cfg, _ = convert_tab.run_config(loaded, DATA, design, "dive", *opts)
     assert (cfg.dive.n_experts, cfg.dive.top_k, cfg.dive.n_sequences) == (2, 1, 2)
     assert cfg.dive.retrain.stage2_steps == 1 and cfg.dive.prune_ratio == 0.5  # empty: 1 - 0.5 / A
@@ -321,8 +327,8 @@ def test_dive_accordion_makes_a_valid_run_and_command_line(loaded, tmp_path):
     assert _run_config(ConvertRun, args, {"method": "dive"}) == cfg
     values = convert_tab.load_config(str(tmp_path / "run_config.yaml"), loaded, len(opts))
     fields = [(m, name) for m, name, _ in convert_tab._option_fields(convert_tab.sections())]
-    expected = [0.5 if f == ("dive", "prune_ratio") else v for f, v in zip(fields, opts, strict=True)]
-    assert values[10] == "dive" and values[11:] == expected  # the prune ratio comes back resolved
+    expected = ["0.5" if f == ("dive", "prune_ratio") else v for f, v in zip(fields, opts, strict=True)]
+    assert values[12] == "dive" and values[13:] == expected  # the prune ratio comes back resolved
 
 
 def test_dive_convert_draws_the_affinity_heatmap_in_cluster_order(loaded, tmp_path):
@@ -330,7 +336,7 @@ def test_dive_convert_draws_the_affinity_heatmap_in_cluster_order(loaded, tmp_pa
     domains = f"docs=builtin:pydoc, code=builtin:stdlib, sums=file:{tmp_path / 'sums.txt'}"
     opts = options(**{"dive.domains": domains, "dive.n_sequences": 2, "dive.retrain.stage1_steps": 0,
                       "dive.retrain.stage2_steps": 0})  # fmt: skip
-    session = converting(loaded, *DATA, 2, 0.0, "uniform", 1, "", "dive", *opts)[0]
+    session = converting(loaded, *DATA, *layout(2, 0.0, "uniform", 1), "dive", *opts)[0]
     saved = json.loads((session.workspace.path("converted") / "metrics.json").read_text())
     plot = convert_tab.affinity_plot(session)
     fig = go.Figure(json.loads(plot.value["plot"]))  # what the browser receives
@@ -354,3 +360,169 @@ def test_dive_convert_draws_the_affinity_heatmap_in_cluster_order(loaded, tmp_pa
     assert not convert_tab.affinity_plot(loaded).visible  # nothing converted: hidden
     cmoe = replace(session, metrics={**session.metrics, "conversion": {"method": "cmoe"}})
     assert not convert_tab.affinity_plot(cmoe).visible
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing, distillation and the per-layer budget
+
+ROUTING = {"routing.router": "trained", "routing.form": "native", "routing.refit": True}
+DISTILL = {"distill.enabled": True, "distill.tokens": 512, "distill.max_minutes": "1.5", "distill.lr": 2e-4,
+           "distill.train": ["experts", "routers"], "distill.lora_r": 4}  # fmt: skip
+BUDGET = layout(8, 0.25, "budget", 2, "", 0.5, "S2A1E8, dense")  # tiny-llama has 2 layers
+
+
+def test_every_choice_input_offers_the_config_default():
+    """A radio whose default is not one of its choices is refused by Gradio when the form is sent."""
+    defaults = ConvertRun()
+    for m, name, kind in convert_tab._option_fields(convert_tab.sections()):
+        if isinstance(kind, list):
+            assert convert_tab._option_value(getattr(defaults, m), name) in kind, (m, name, kind)
+
+
+def test_routing_distill_and_budget_round_trip_through_a_config_file(loaded, tmp_path):
+    """Inputs -> YAML -> Load config file -> the same inputs, for every new input."""
+    opts = options(**ROUTING, **DISTILL)
+    cfg, _ = convert_tab.run_config(loaded, DATA, BUDGET, "cmoe", *opts)
+    assert (cfg.routing.router, cfg.routing.form, cfg.routing.refit) == ("trained", "native", True)
+    assert (
+        cfg.distill.enabled and cfg.distill.train == ("experts", "routers") and cfg.distill.max_minutes == 1.5
+    )
+    assert cfg.cmoe.budget == 0.5 and cfg.cmoe.layer_experts == ("S2A1E8", "dense")
+    (tmp_path / "run.yaml").write_text(convert_tab.preview(loaded, *DATA, *BUDGET, "cmoe", *opts)[0])
+    values = convert_tab.load_config(str(tmp_path / "run.yaml"), loaded, len(opts))
+    fields = [(m, name) for m, name, _ in convert_tab._option_fields(convert_tab.sections())]
+    auto = 13 + fields.index(("dive", "prune_ratio"))  # empty (auto) comes back resolved, as DIVE will run it
+    assert values[:auto] + values[auto + 1 :] == [
+        TINY,
+        *DATA,
+        *BUDGET,
+        "cmoe",
+        *opts[: auto - 13],
+        *opts[auto - 12 :],
+    ]
+    assert from_dict(ConvertRun, load_config_file(tmp_path / "run.yaml")) == cfg
+    # defaults: no budget, no distillation, the method's own routing
+    plain = convert_tab.run_config(loaded, DATA, DESIGN, "cmoe", *options())[0]
+    assert plain.cmoe.budget is None and plain.routing == ConvertRun().routing and not plain.distill.enabled
+
+
+@pytest.mark.parametrize("allocation", ["", "S2A1E8, dense"])
+def test_command_line_reproduces_routing_budget_and_distill(loaded, tmp_path, allocation):
+    """The command line preview, run through the CLI's own parser, gives the run config back."""
+    from moe_core.cli import convert_overrides
+
+    design = layout(8, 0.25, "budget", 2, "", 0.45, allocation)
+    opts = options(**ROUTING, **DISTILL)
+    yaml_text, line = convert_tab.preview(loaded, *DATA, *design, "cmoe", *opts)
+    (tmp_path / "run_config.yaml").write_text(yaml_text)
+    argv = shlex.split(line.split("  #")[0].replace("run_config.yaml", str(tmp_path / "run_config.yaml")))
+    args = build_parser().parse_args(argv[3:])
+    cfg, _ = convert_tab.run_config(loaded, DATA, design, "cmoe", *opts)
+    assert _run_config(ConvertRun, args, convert_overrides(args, args.method)) == cfg
+    assert (
+        "--budget 0.45" in line
+        and "--routing-form native" in line
+        and "--distill-train experts,routers" in line
+    )
+    # without an allocation the flags say it all, and the note says the conversion measures first
+    assert ("--config" in line) == bool(allocation) and ("measures each layer" in line) == (not allocation)
+
+
+def test_budget_mode_measures_allocates_and_feeds_the_run_config(loaded):
+    from moe_core.budget import allocate
+    from views.state import new_model
+
+    design = layout(8, 0.25, "budget", 2, "", 0.5, "")
+    cfg, d = convert_tab.run_config(loaded, DATA, design, "cmoe", *options())
+    assert cfg.cmoe.budget == 0.5 and cfg.cmoe.layer_experts is None  # before a measurement: the budget only
+    assert "Not measured yet" in design_tab.show(loaded, *design)
+    session, allocation, card, heat, bars = design_tab.measure(
+        loaded, lambda: convert_tab.cmoe_run(loaded, DATA, design, ["ladimo", *options()]), design
+    )
+    sens = session.sensitivity
+    assert sens.n_layers == 2 and len(sens.shapes) == 7 and loaded.sensitivity is None
+    shapes = allocation.split(", ")
+    assert shapes == allocate(sens, 0.5) and "(the allocation)" in card and "measured on" in card
+    assert list(heat.data[0].x) == sens.shapes and len(heat.layout.shapes) == sum(
+        s != "dense" for s in shapes
+    )
+    assert list(bars.data[0].customdata) == shapes and bars.layout.shapes[0].y0 == 0.5  # the budget line
+    # the budget slider re-allocates from the stored measurement; a tighter budget, smaller shapes
+    tight, _, tight_bars = design_tab.reallocate(session, 8, 0.2)
+    assert tight.split(", ") == allocate(sens, 0.2) and sum(tight_bars.data[0].y) <= 0.2 * 2 + 1e-9
+    assert design_tab.reallocate(session, 16, 0.5)[0] == ""  # measured for E8: E16 needs a new measurement
+    # the run config carries the allocation drawn: converting does not measure again
+    measured = layout(8, 0.25, "budget", 2, "", 0.5, allocation)
+    cfg, _ = convert_tab.run_config(session, DATA, measured, "cmoe", *options())
+    assert cfg.cmoe.layer_experts == tuple(shapes)
+    out = converting(session, *DATA, *measured, "cmoe", *options())
+    assert list(out[0].run_config["cmoe"]["layer_experts"]) == shapes and "budget" not in out[0].metrics
+    assert "one shape per layer" in out[1] and out[0].sensitivity is sens
+    assert new_model(session, loaded.dense).sensitivity is None  # a new model drops the measurement
+    empty = design_tab.on_model_loaded(new_model(session, loaded.dense), *measured)
+    assert empty[0] == "" and "Not measured yet" in empty[1]
+
+
+def test_budget_mode_errors_are_messages(loaded):
+    low = layout(8, 0.25, "budget", 2, "", 0.1, "")
+    assert "cannot be converted" in design_tab.show(loaded, *low) and "smallest shape" in design_tab.show(
+        loaded, *low
+    )
+    three = layout(8, 0.25, "budget", 2, "", 0.5, "S2A1E8, S2A1E8, dense")
+    assert "3 shapes for a 2-layer model" in design_tab.show(loaded, *three)
+    yaml_text, _ = convert_tab.preview(loaded, *DATA, *BUDGET, "ladimo", *options())
+    assert yaml_text.startswith("# Not a valid run yet") and "choose CMoE" in yaml_text
+    with pytest.raises(gr.Error, match="choose CMoE"):
+        converting(loaded, *DATA, *BUDGET, "ladimo", *options())
+    with pytest.raises(gr.Error, match="Load a model"):
+        design_tab.measure(Session(), lambda: None)
+    with pytest.raises(gr.Error, match="budget mode"):
+        design_tab.measure(loaded, lambda: convert_tab.cmoe_run(loaded, DATA, DESIGN, ["cmoe", *options()]))
+    with pytest.raises(gr.Error, match="smallest shape"):
+        design_tab.measure(loaded, lambda: convert_tab.cmoe_run(loaded, DATA, low, ["cmoe", *options()]))
+    not_a_number = convert_tab.preview(
+        loaded, *DATA, *DESIGN, "cmoe", *options(**{**DISTILL, "distill.max_minutes": "soon"})
+    )
+    assert "'soon' is not a number" in not_a_number[0]
+    with pytest.raises(gr.Error, match="distill.train is empty"):
+        converting(loaded, *DATA, *DESIGN, "cmoe", *options(**{**DISTILL, "distill.train": []}))
+
+    def progress(fraction, desc=None):
+        loaded.cancel.set()
+
+    budget = layout(8, 0.25, "budget", 2)
+    with pytest.warns(UserWarning, match="cancelled"):
+        out = design_tab.measure(
+            loaded,
+            lambda: convert_tab.cmoe_run(loaded, DATA, budget, ["cmoe", *options()]),
+            progress=progress,
+        )
+    assert len(out) == 5 and all(isinstance(o, type(gr.skip())) for o in out)
+    loaded.cancel.clear()
+
+
+def test_routing_step_and_a_tiny_distillation_show_in_the_summary(loaded, monkeypatch):
+    """The loss curve draws while the distillation trains, and stays; the routing step's errors are tiles
+    and a per-layer plot."""
+    from views import widgets
+
+    tick = widgets.while_running
+    monkeypatch.setattr(widgets, "while_running", lambda *a, **k: tick(*a, **(k | {"every": 0.01})))
+    tiny = {**DISTILL, "distill.tokens": 2048, "distill.max_minutes": ""}  # 8 windows of 256: 2 steps
+    updates = list(convert_tab.convert(loaded, *DATA, *DESIGN, "cmoe", *options(**ROUTING, **tiny)))
+    live = [u[5] for u in updates[1:-1] if isinstance(u[5], gr.Plot)]
+    assert live and all(p.visible for p in live)  # drawn from the steps recorded so far
+    first = go.Figure(json.loads(live[0].value["plot"]))
+    assert list(first.data[0].x) == list(range(1, len(first.data[0].x) + 1))
+    session, summary, *_, loss = updates[-1]
+    distilled = session.metrics["distill"]
+    assert distilled["steps"] == 2 and "held-out KL, distillation: 2 steps" in summary
+    final = go.Figure(json.loads(loss.value["plot"]))
+    assert loss.visible and list(final.data[0].y) == distilled["losses"] and list(final.data[1].x) == [0, 2]
+    reports = convert_tab.routing_reports(session.metrics)
+    assert len(reports) == 2 and "before → after the routing step" in summary and "oracle bound" in summary
+    errors = convert_tab.routing_plot(session)
+    fig = go.Figure(json.loads(errors.value["plot"]))
+    assert errors.visible and [t.name for t in fig.data] == ["before", "after", "oracle bound"]
+    assert list(fig.data[1].y) == [r["error"] for r in reports]
+    assert not convert_tab.routing_plot(replace(session, metrics={"conversion": {"layers": []}})).visible

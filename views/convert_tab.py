@@ -1,5 +1,6 @@
-"""Convert tab: run a registered method on the Design tab's layout and the Data tab's text; show the run config
-as YAML and as the equivalent `python -m moe_core convert` line, downloadable and loadable from a file."""
+"""Convert tab: run a registered method on the Design tab's layout and the Data tab's text, with the routing step,
+distillation (a live loss curve) and fine-tuning after it; show the run config as YAML and as the equivalent
+`python -m moe_core convert` line, downloadable and loadable from a file."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from dataclasses import dataclass, replace
 
 import gradio as gr
 
-from moe_core.config import ConvertRun, from_dict
+from moe_core.config import DISTILL_PARTS, CMoEConfig, ConvertRun, LaDiMoConfig, RoutingConfig, from_dict
 from views import plots, widgets
 from views.data_tab import DataTab, data_config
+from views.design_tab import DEFAULTS as DESIGN_DEFAULTS
+from views.design_tab import N_INPUTS as N_DESIGN
 from views.design_tab import Design, DesignTab, design
 from views.state import Session
 
@@ -22,16 +25,33 @@ EMPTY = widgets.empty(
     "No converted model yet: press <b>Convert</b>. Then evaluate, tune routing or export it."
 )
 CONFIG_FILE = "run_config.yaml"
-TITLES = {"cmoe": "CMoE", "dive": "DIVE", "ladimo": "LaDiMo", "finetune": "Fine-tuning"}
+TITLES = {"cmoe": "CMoE", "dive": "DIVE", "ladimo": "LaDiMo", "routing": "Routing", "distill": "Distillation",
+          "finetune": "Fine-tuning"}  # fmt: skip
 ABOUT = {
     "cmoe": "CMoE (arXiv 2502.04416): carve neurons into experts by co-activation; no training, seconds per layer.",
     "dive": "DIVE (arXiv 2506.09351): one FLAP-pruned expert per group of related domains, then two short "
     "retraining stages. E and A come from the Design tab; the shared ratio is a share of channels. After "
     "converting, a heatmap shows the mined domain affinity and which domains became which expert.",
     "ladimo": "LaDiMo (arXiv 2408.04278): split each FFN, then distil experts and router layer by layer.",
+    "routing": "After any method, layer by layer: a linear router trained on each token's best experts (oracle "
+    "labels), a least-squares refit of the down projections, and the form the model is saved in. After "
+    "converting, the summary shows the held-out error before and after, and the oracle bound.",
+    "distill": "After any method and the routing step: the dense model teaches the converted one (KL on the "
+    "logits, text other than the evaluation set). It stops at the token or the time budget, whichever ends "
+    "first; the loss curve draws as it trains. The saved model is the distilled one.",
     "finetune": "After any method: LoRA on attention and experts, CMoE's gate scales and aux-free balancing "
     "(CMoE §5.1), on text other than the evaluation set. The saved model is the tuned one.",
 }
+NO_STEP = "The loss curve appears after the first distillation step."
+
+
+def _choices(cls, name: str) -> list[str]:
+    """The values a config field's Literal allows (the radio's choices follow the config)."""
+    import typing
+
+    return list(typing.get_args(typing.get_type_hints(cls)[name]))
+
+
 # Method options shown in each accordion: (field, label, choices or type, one-line help). Fields of the
 # layout (experts, n_experts, n_shared, top_k) come from the Design tab and are not repeated here.
 OPTIONS = {
@@ -39,7 +59,7 @@ OPTIONS = {
         (
             "variant",
             "Variant",
-            ["code", "paper"],
+            _choices(CMoEConfig, "variant"),
             "code: cosine profiling, L1 clusters, |s| router (lower ppl)",
         ),
         ("k_act", "K_a", int, "neurons per token marked active when grouping neurons"),
@@ -63,10 +83,38 @@ OPTIONS = {
         (
             "partition",
             "Partition",
-            ["contiguous", "cmoe"],
-            "contiguous slices (paper) or co-activation clusters",
+            _choices(LaDiMoConfig, "partition"),
+            "contiguous slices (paper), co-activation clusters (cmoe) or |h| ||W_down|| clusters (magnitude)",
         ),
-        ("router_init", "Router init", ["random", "representative"], "random starts near uniform routing"),
+        (
+            "router_init",
+            "Router init",
+            _choices(LaDiMoConfig, "router_init"),
+            "oracle: trained on each token's best experts, then refit; random: near uniform",
+        ),
+    ],
+    "routing": [
+        (
+            "router",
+            "Router",
+            _choices(RoutingConfig, "router"),
+            "trained: a linear router fitted to each token's best experts",
+        ),
+        (
+            "form",
+            "Routing form",
+            _choices(RoutingConfig, "form"),
+            "native: Qwen2-MoE's routing, so the export to Qwen2-MoE (vLLM, SGLang, llama.cpp) is exact",
+        ),
+        ("refit", "Refit the down projections", bool, "least squares given the routing; seconds per layer"),
+    ],
+    "distill": [
+        ("enabled", "Distil after converting", bool, "minutes on a CPU for the defaults"),
+        ("tokens", "Token budget", int, "training tokens, one pass"),
+        ("max_minutes", "Minutes budget", "optional", "empty: no time limit"),
+        ("lr", "Learning rate", float, "Adam, warm-up then cosine decay"),
+        ("train", "Parts that train", "parts", "gate_scales and biases exist in CMoE and DIVE models"),
+        ("lora_r", "LoRA rank", int, "0: the matrices train in full; r > 0: LoRA factors, merged at the end"),
     ],
     "finetune": [
         ("enabled", "Fine-tune after converting", bool, "minutes on a CPU for the defaults"),
@@ -78,11 +126,16 @@ OPTIONS = {
 }
 
 
+AFTER = ("routing", "distill", "finetune")  # the sections that apply after any method, in build order
+SWITCHED = ("distill", "finetune")  # sections with an `enabled` switch: off, the run keeps their defaults
+
+
 def sections() -> list[str]:
-    """The config sections with inputs in this tab, in build order: every method, then fine-tuning."""
+    """The config sections with inputs in this tab, in build order: every method, then routing, distillation
+    and fine-tuning."""
     from moe_core.methods import METHODS
 
-    return [*METHODS, "finetune"]
+    return [*METHODS, *AFTER]
 
 
 @dataclass(frozen=True)
@@ -91,8 +144,15 @@ class ConvertTab:
     method: gr.Radio
     options: list  # one component per (method, field) of OPTIONS, in order
     summary: gr.HTML
+    loss: gr.Plot  # the distillation's loss curve, live while it trains
     converted: object  # the convert event's Dependency
     preview_outputs: list  # YAML and command boxes
+    # loss curve, routing errors, DIVE affinity: each shown only for the conversion it belongs to
+    figures: tuple
+
+    def follow(self, loaded, state: gr.State) -> None:
+        """A new model has no conversion yet: hide the previous one's figures."""
+        loaded.then(after_figures, state, list(self.figures), api_visibility="private", **widgets.LIGHT)
 
 
 def _option_fields(methods: list[str]) -> list[tuple[str, str, object]]:
@@ -104,8 +164,14 @@ def _to_config(kind, value):
     """An input's value as its config field wants it."""
     if kind == "domains":
         return [part.strip() for part in str(value or "").split(",") if part.strip()]
-    if kind == "optional":
-        return None if value in (None, "") else float(value)
+    if kind == "optional":  # a textbox: a browser's empty number field would send 0, not "unset"
+        text = str(value if value is not None else "").strip()
+        try:
+            return float(text) if text else None
+        except ValueError:
+            raise ValueError(f"'{text}' is not a number: give one, or leave the field empty.") from None
+    if kind == "parts":
+        return list(value or [])
     if kind is str:
         return str(value).strip()
     return kind(value) if kind in (int, float, bool) else value
@@ -114,6 +180,10 @@ def _to_config(kind, value):
 def _to_input(kind, value):
     if kind == "domains":
         return ", ".join(f"{name}={spec}" for name, spec in value)
+    if kind == "parts":
+        return list(value)
+    if kind == "optional":
+        return "" if value is None else f"{value:g}"
     return value
 
 
@@ -121,6 +191,13 @@ def _option_value(section, name: str):
     for part in name.split("."):
         section = getattr(section, part)
     return section
+
+
+def split(values) -> tuple:
+    """The Convert tab's input values (the state aside) -> (data values, design values, method, option values)."""
+    n_data = len(DataTab.__dataclass_fields__)
+    data, rest = values[:n_data], values[n_data:]
+    return data, rest[:N_DESIGN], rest[N_DESIGN], rest[N_DESIGN + 1 :]
 
 
 def run_config(
@@ -138,7 +215,17 @@ def run_config(
         for parent in parents:
             node = node.setdefault(parent, {})
         node[leaf] = _to_config(kind, value)
+    for m in SWITCHED:  # a step that does not run keeps its defaults (the YAML leaves it out)
+        if not sections_[m]["enabled"]:
+            sections_[m] = {"enabled": False}
     sections_["cmoe"]["experts"] = d.experts
+    if d.budget is not None:
+        if method != "cmoe":
+            raise ValueError(
+                "The Design tab's budget mode gives each layer its own CMoE shape: choose CMoE, or set the "
+                "Design tab to uniform or per layer."
+            )
+        sections_["cmoe"] |= {"budget": d.budget, "layer_experts": d.layer_experts}
     sections_["ladimo"] |= {"n_experts": d.n_experts, "n_shared": d.n_shared, "top_k": d.active}
     if "dive" in sections_:  # DIVE's experts overlap (pruned copies): the shared ratio is a share of channels
         sections_["dive"] |= {
@@ -154,11 +241,17 @@ def run_config(
         "data": vars(data_config(*data_values)),
         "method": method,
         "out": "outputs/convert",
-        "finetune": sections_["finetune"],
+        **{m: sections_[m] for m in AFTER},
     }
     if method in sections_ and method in ConvertRun.__dataclass_fields__:
         tree[method] = sections_[method]  # the other methods keep their defaults
     return from_dict(ConvertRun, tree), d
+
+
+def cmoe_run(session: Session, data_values, design_values, extra_values) -> ConvertRun:
+    """The run the inputs describe with CMoE as the method, whatever is picked (the Design tab's measurement:
+    extra_values are the method and option values)."""
+    return run_config(session, data_values, design_values, "cmoe", *extra_values[1:])[0]
 
 
 def preview(session: Session, *values):
@@ -166,10 +259,13 @@ def preview(session: Session, *values):
     from moe_core.pipeline import command_line, config_yaml
 
     try:
-        cfg, d = run_config(session, values[:4], values[4:9], values[9], *values[10:])
+        data, design_values, method, options = split(values)
+        cfg, d = run_config(session, data, design_values, method, *options)
     except ValueError as exc:
         return f"# Not a valid run yet:\n# {exc}", f"# {exc}"
     note = "" if d.per_layer is None else "  # then per-layer A from the Design tab (the app applies it)"
+    if d.budget is not None and d.layer_experts is None:
+        note = "  # measures each layer's sensitivity first, then allocates the budget"
     return config_yaml(cfg), command_line(cfg, CONFIG_FILE) + note
 
 
@@ -182,6 +278,78 @@ def status_text(session: Session) -> str:
     if session.moe is None:
         return line + "Layout from **Design**, text from **Data**; press **Convert**."
     return widgets.converted_status(session, "", "Convert again to replace it.")
+
+
+def routing_reports(metrics: dict | None) -> list[dict]:
+    """The routing step's per-layer reports of a conversion (CMoE keeps them per carved layer, the other methods
+    in a second pass); empty when no routing step ran."""
+    report = (metrics or {}).get("conversion") or {}
+    found = report.get("routing") or [layer.get("routing") for layer in report.get("layers", [])]
+    return [r for r in found if isinstance(r, dict) and "error_before" in r]
+
+
+def _mean(reports: list[dict], key: str) -> float:
+    return sum(r[key] for r in reports) / len(reports)
+
+
+def _after_tiles(m: dict) -> list[str]:
+    """Tiles for what ran after the method: the routing step, distillation, fine-tuning, a measured budget."""
+    tiles = []
+    reports = routing_reports(m)
+    if reports:
+        before, after = _mean(reports, "error_before"), _mean(reports, "error")
+        tiles += [
+            widgets.tile(
+                f"{before:.3f} → {after:.3f}", "held-out relative error, before → after the routing step"
+            ),
+            widgets.tile(
+                f"{_mean(reports, 'error_oracle'):.3f}", "oracle bound (each token to its best experts)"
+            ),
+            widgets.tile(f"{_mean(reports, 'oracle_overlap'):.0%}", "router picks the oracle's experts"),
+        ]
+    distilled = m.get("distill")
+    if distilled:
+        held = distilled["held_out"]
+        stopped = ", time budget reached" if distilled.get("stopped") == "time" else ""
+        tiles.append(
+            widgets.tile(
+                f"{held[0][1]:.3g} → {held[-1][1]:.3g}",
+                f"held-out KL, distillation: {distilled['steps']} steps, {distilled['tokens']:,} tokens in "
+                f"{distilled['seconds']:.1f} s{stopped}",
+            )
+        )
+    tuned = m.get("finetune")
+    if tuned:
+        tiles.append(
+            widgets.tile(
+                f"{tuned['loss_first']:.2f} → {tuned['loss_last']:.2f}",
+                f"fine-tuning loss, {len(tuned['losses'])} steps in {tuned['seconds']:.0f} s",
+            )
+        )
+    budget = m.get("budget")
+    if budget:
+        tiles.append(
+            widgets.tile(
+                f"{budget['active_share']:.1%}",
+                f"active share allocated for a {budget['budget']:.0%} budget (sensitivity measured first)",
+            )
+        )
+    return tiles
+
+
+def layout_text(run: dict) -> str:
+    """The layout a run config converted to, in one phrase."""
+    layout = run.get(run["method"], {})
+    shapes = layout.get("layer_experts")
+    if shapes:
+        from collections import Counter
+
+        counts = ", ".join(f"{shape} x{n}" for shape, n in Counter(shapes).most_common())
+        return f"one shape per layer for a {layout.get('budget') or 0:.0%} budget, layers per shape: {counts}"
+    return (
+        layout.get("experts")
+        or f"E{layout.get('n_experts')} S{layout.get('n_shared')} top-{layout.get('top_k')}"
+    )
 
 
 def summary_html(session: Session, seconds: float) -> str:
@@ -199,29 +367,56 @@ def summary_html(session: Session, seconds: float) -> str:
         ),
         widgets.tile(f"{m['calibration_tokens']:,}", "calibration tokens"),
         widgets.tile(f"{seconds:.1f} s", "conversion time"),
+        *_after_tiles(m),
     ]
-    tuned = m.get("finetune")
-    if tuned:
-        tiles.append(
-            widgets.tile(
-                f"{tuned['loss_first']:.2f} → {tuned['loss_last']:.2f}",
-                f"fine-tuning loss, {len(tuned['losses'])} steps in {tuned['seconds']:.0f} s",
-            )
-        )
-    layout = run.get(run["method"], {})
-    shape = (
-        layout.get("experts")
-        or f"E{layout.get('n_experts')} S{layout.get('n_shared')} top-{layout.get('top_k')}"
-    )
     per_layer = run.get("active_per_layer")
     footer = (
-        f'<div class="moe-bar-label">Layout {html.escape(str(shape))}'
+        f'<div class="moe-bar-label">Layout {html.escape(layout_text(run))}'
         + (f", A per layer {html.escape(str(per_layer))}" if per_layer else "")
         + ". Next: <b>Evaluate</b> against the dense model, tune <b>Routing policy</b>, or <b>Export</b>.</div>"
     )
     return widgets.card(
         f"{method} conversion of <code>{html.escape(session.dense.spec)}</code>", tiles, footer
     )
+
+
+def loss_figure(steps: list[int], losses: list[float], held: list) -> object:
+    """The distillation curve from per-step losses and (step, held-out KL) pairs."""
+    return plots.loss_curve(steps, losses, [int(s) for s, _ in held], [float(k) for _, k in held])
+
+
+def live_loss(records: list[dict]):
+    """The curve of the steps recorded so far (distill's on_step records)."""
+    held = [(r["step"], r["held_out_kl"]) for r in records if "held_out_kl" in r]
+    return loss_figure([r["step"] for r in records], [r["loss"] for r in records], held)
+
+
+def loss_plot(session: Session) -> gr.Plot:
+    """After a conversion with distillation, its whole curve (the held-out KL from step 0); hidden else."""
+    distilled = (session.metrics or {}).get("distill")
+    if session.moe is None or not distilled:
+        return gr.Plot(visible=False)
+    losses = distilled["losses"]
+    return gr.Plot(loss_figure(list(range(1, len(losses) + 1)), losses, distilled["held_out"]), visible=True)
+
+
+def after_figures(session: Session) -> tuple:
+    """(loss curve, routing errors, DIVE affinity) of the session's conversion; each hidden when it has none."""
+    return loss_plot(session), routing_plot(session), affinity_plot(session)
+
+
+def routing_plot(session: Session) -> gr.Plot:
+    """After a conversion with a routing step, its per-layer held-out errors; hidden else."""
+    reports = routing_reports(session.metrics) if session.moe is not None else []
+    if not reports:
+        return gr.Plot(visible=False)
+    fig = plots.routing_errors(
+        [r["layer"] for r in reports],
+        [r["error_before"] for r in reports],
+        [r["error"] for r in reports],
+        [r["error_oracle"] for r in reports],
+    )
+    return gr.Plot(fig, visible=True)
 
 
 def _log(lines: list[str], start: float):
@@ -235,22 +430,33 @@ def _log(lines: list[str], start: float):
     return progress_to
 
 
-@widgets.guarded("Could not convert", outputs=5)
+@widgets.guarded("Could not convert", outputs=6)
 def convert(session: Session, *values, progress=gr.Progress()):
-    """Convert the session's model; a generator: the log streams while the job runs, and the last update is
-    (Session, summary, log, yaml file, download path)."""
+    """Convert the session's model; a generator: the log (and a distillation's loss curve) stream while the job
+    runs, and the last update is (Session, summary, log, yaml file, download path, loss curve)."""
     from moe_core.pipeline import config_yaml, convert_run
 
     if session.dense is None:
         raise gr.Error(NO_MODEL.replace("**", ""), print_exception=False)
-    cfg, d = run_config(session, values[:4], values[4:9], values[9], *values[10:])
+    data, design_values, method, options = split(values)
+    cfg, d = run_config(session, data, design_values, method, *options)
     session.cancel.clear()
-    start, lines = time.perf_counter(), []
+    start, lines, records, drawn = time.perf_counter(), [], [], [0]
     lines.append(f"{0.0:7.1f} s  {cfg.method} on {cfg.model.spec}, text {cfg.data.text}")
-    log_only = lambda: (gr.skip(), gr.skip(), "\n".join(lines), gr.skip(), gr.skip())  # noqa: E731
-    yield log_only()
+
+    def update():
+        curve = gr.skip()
+        if len(records) != drawn[0]:  # redraw only when a step has ended since the last update
+            drawn[0] = len(records)
+            curve = gr.Plot(live_loss(list(records)), visible=True)
+        return gr.skip(), gr.skip(), "\n".join(lines), gr.skip(), gr.skip(), curve
+
+    first = (
+        gr.Plot(plots.placeholder(NO_STEP), visible=True) if cfg.distill.enabled else gr.Plot(visible=False)
+    )
+    yield *update()[:5], first
     out = yield from widgets.while_running(
-        log_only,
+        update,
         convert_run,
         session.dense,
         cfg,
@@ -258,6 +464,7 @@ def convert(session: Session, *values, progress=gr.Progress()):
         folder=session.workspace.path("converted"),
         progress=_log(lines, start)(progress),
         cancel=session.cancel,
+        on_step=records.append,
     )
     seconds = time.perf_counter() - start
     lines.append(f"{seconds:7.1f} s  saved {out.folder.name}/ ({out.metrics['moe_layers']} MoE layers)")
@@ -273,6 +480,7 @@ def convert(session: Session, *values, progress=gr.Progress()):
         "\n".join(lines),
         str(path),
         gr.DownloadButton(value=str(path), visible=True),
+        loss_plot(session),
     )
 
 
@@ -307,17 +515,31 @@ def load_config(path, session: Session, n_options: int):
     if session.dense is None or session.dense.spec != cfg.model.spec:
         gr.Info(f"The config names the model {cfg.model.spec}: press Load in the Model tab to use it.")
     d = cfg.data
-    design_values = [n_experts, ratio, "uniform", active, ""]
     return [
         cfg.model.spec,
         d.text,
         d.n_sequences,
         d.seq_len,
         d.seed,
-        *design_values,
+        n_experts,
+        ratio,
+        *_budget_inputs(cfg, active),
         cfg.method,
         *options[:n_options],
     ]
+
+
+def _budget_inputs(cfg: ConvertRun, active: int) -> list:
+    """(mode, A, A per layer, budget, allocation) of the Design tab for a loaded run config."""
+    c = cfg.cmoe
+    if cfg.method != "cmoe" or c.budget is None:
+        if cfg.method == "cmoe" and c.layer_experts is not None:
+            gr.Warning(
+                "The config gives cmoe.layer_experts without cmoe.budget: the Design tab shows budgets only, so "
+                "these shapes are dropped; run that config from the command line to use them."
+            )
+        return ["uniform", active, "", DESIGN_DEFAULTS["budget"], ""]
+    return ["budget", active, "", c.budget, ", ".join(c.layer_experts or ())]
 
 
 def _inputs(section: str, defaults: ConvertRun) -> list:
@@ -328,7 +550,9 @@ def _inputs(section: str, defaults: ConvertRun) -> list:
         if kind == "domains":
             out.append(gr.Textbox(value, label=label, info=help_text, lines=2))
         elif kind == "optional":
-            out.append(gr.Number(None, label=label, info=help_text))
+            out.append(gr.Textbox(value, label=label, info=help_text, placeholder="empty"))
+        elif kind == "parts":
+            out.append(gr.CheckboxGroup(list(DISTILL_PARTS), value=value, label=label, info=help_text))
         elif kind is bool:
             out.append(gr.Checkbox(value, label=label, info=help_text))
         elif kind is str:
@@ -367,15 +591,20 @@ def build(state: gr.State, data: DataTab, design_tab: DesignTab, source: gr.Drop
                         queue=False,
                         api_visibility="private",
                     )
-                with gr.Accordion("Fine-tuning (optional, any method)", open=False):
-                    gr.Markdown(ABOUT["finetune"], elem_classes="moe-help")
-                    options += _inputs("finetune", defaults)
+                for section, title in (("routing", "Routing (any method)"),
+                                       ("distill", "Distillation (optional, any method)"),
+                                       ("finetune", "Fine-tuning (optional, any method)")):  # fmt: skip
+                    with gr.Accordion(title, open=False):
+                        gr.Markdown(ABOUT[section], elem_classes="moe-help")
+                        options += _inputs(section, defaults)
                 with gr.Row():
                     button = gr.Button("Convert", variant="primary")
                     stop = gr.Button("Cancel", variant="stop")
                 upload = gr.UploadButton("Load config file", file_types=[".yaml", ".yml", ".json"], size="sm")
             with gr.Column(scale=3):
                 summary = gr.HTML(EMPTY)
+                loss = gr.Plot(visible=False, show_label=False)
+                errors = gr.Plot(visible=False, show_label=False)
                 affinity = gr.Plot(visible=False, show_label=False)
                 log = gr.Textbox(label="Log", lines=6, max_lines=12, interactive=False, autoscroll=True)
                 yaml_box = gr.Code(
@@ -395,12 +624,14 @@ def build(state: gr.State, data: DataTab, design_tab: DesignTab, source: gr.Drop
     converted = button.click(
         convert,
         inputs,
-        [state, summary, log, config_file, download],
+        [state, summary, log, config_file, download, loss],
         api_name="convert",
         show_progress_on=summary,
         **widgets.HEAVY,
     )
     converted.then(affinity_plot, state, affinity, api_visibility="private", **widgets.LIGHT)
+    converted.then(routing_plot, state, errors, api_visibility="private", **widgets.LIGHT)
+    design_tab.measure_with([method, *options], cmoe_run)
     stop.click(cancel, state, None, queue=False, api_visibility="private")
     gr.on(
         [c.change for c in inputs[1:]],
@@ -418,4 +649,6 @@ def build(state: gr.State, data: DataTab, design_tab: DesignTab, source: gr.Drop
         api_name="load_run_config",
         **widgets.LIGHT,
     )
-    return ConvertTab(status, method, options, summary, converted, [yaml_box, cmd])
+    return ConvertTab(
+        status, method, options, summary, loss, converted, [yaml_box, cmd], (loss, errors, affinity)
+    )

@@ -349,3 +349,120 @@ def affinity_heatmap(affinity: dict):
     fig = _layout(fig, title, "", "", 400 + 12 * len(names))
     fig.update_layout(margin={"l": 90, "r": 20, "t": 100, "b": 80})
     return fig
+
+
+def _legend_below(fig, bottom: int = 90):
+    legend = {"orientation": "h", "y": -0.3, "x": 0.5, "xanchor": "center", "yanchor": "top"}
+    fig.update_layout(showlegend=True, legend=legend, margin={"b": bottom})
+    return fig
+
+
+def sensitivity_heatmap(kl_LC, shapes: list[str], chosen: list[str] | None = None):
+    """KL(dense || one layer converted) per token, layers (rows) x candidate shapes (columns, by active share),
+    log colour; ``chosen``: the allocation's shape per layer ("dense" allowed), marked with a ring."""
+    import plotly.graph_objects as go
+
+    kl = np.asarray(kl_LC, dtype=float)  # (L, C)
+    n_layers = kl.shape[0]
+    log_kl = np.log10(np.clip(kl, 1e-4, None))
+    ticks = np.arange(np.floor(log_kl.min()), np.ceil(log_kl.max()) + 1)
+    if len(ticks) == 1:
+        ticks = np.append(ticks, ticks[0] + 1)
+    fig = go.Figure(
+        go.Heatmap(
+            z=log_kl.tolist(),
+            x=shapes,
+            y=list(range(n_layers)),
+            customdata=kl.tolist(),
+            text=[[f"{v:.2g}" for v in row] for row in kl] if kl.size <= 120 else None,
+            texttemplate="%{text}" if kl.size <= 120 else None,
+            zmin=float(ticks[0]),
+            zmax=float(ticks[-1]),
+            colorscale="Viridis",
+            colorbar={"title": "KL", "tickvals": ticks, "ticktext": [f"{10**t:g}" for t in ticks]},
+            hovertemplate="layer %{y}, %{x}<br>KL %{customdata:.3g} nats/token<extra></extra>",
+        )
+    )
+    for i, shape in enumerate(chosen or []):  # the allocation: each layer's cell outlined ("dense": none)
+        if shape in shapes:
+            c = shapes.index(shape)
+            fig.add_shape(
+                type="rect", x0=c - 0.5, x1=c + 0.5, y0=i - 0.5, y1=i + 0.5, line={"color": "white", "width": 3},
+                name=f"layer {i}: {shape}",
+            )  # fmt: skip
+    fig.update_yaxes(autorange="reversed", showgrid=False, dtick=1 if n_layers <= 16 else 5)
+    fig.update_xaxes(showgrid=False)
+    title = "Sensitivity: KL when one layer alone is converted (outlined: the allocation)"
+    return _layout(fig, title, "candidate shape (S shared + A active of E slices)", "layer",
+                   max(300, 140 + 16 * n_layers))  # fmt: skip
+
+
+def allocation_bars(shapes: list[str], shares: list[float], budget: float):
+    """The active FFN share of each layer's allocated shape (grey: kept dense), the budget as a dashed line."""
+    import plotly.graph_objects as go
+
+    mean = float(np.mean(shares))
+    fig = go.Figure(
+        go.Bar(
+            x=list(range(len(shapes))),
+            y=shares,
+            marker_color=[DENSE_COLOR if s == "dense" else ACCENT for s in shapes],
+            text=shapes if len(shapes) <= 16 else None,
+            textposition="outside",
+            cliponaxis=False,
+            customdata=shapes,
+            hovertemplate="layer %{x}: %{customdata}<br>active share %{y:.1%}<extra></extra>",
+        )
+    )
+    fig.add_hline(y=budget, line_dash="dash", line_color=MARKER)
+    fig.add_annotation(
+        x=1, xref="paper", y=budget, text=f"budget {budget:.0%}", showarrow=False, xanchor="right",
+        yanchor="bottom", font={"color": MARKER}, bgcolor="rgba(255,255,255,0.8)",
+    )  # fmt: skip
+    fig.update_yaxes(tickformat=".0%", range=[0, 1.08])
+    fig.update_xaxes(dtick=1 if len(shapes) <= 16 else 5)
+    title = f"Allocation: active share per layer, mean {mean:.1%} (grey: kept dense)"
+    return _layout(fig, title, "layer", "active FFN share", 300)
+
+
+def loss_curve(steps: list[int], losses: list[float], held_steps: list[int], held_kl: list[float]):
+    """Distillation: training KL per step (line) and held-out KL (points), both nats per token."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(
+        go.Scatter(
+            x=steps, y=losses, mode="lines", line={"color": ACCENT}, name="training KL (per step)",
+            hovertemplate="step %{x}<br>KL %{y:.4f}<extra></extra>",
+        )
+    )  # fmt: skip
+    fig.add_trace(
+        go.Scatter(
+            x=held_steps, y=held_kl, mode="lines+markers", line={"color": MARKER, "dash": "dot"},
+            marker={"size": 8}, name="held-out KL", hovertemplate="step %{x}<br>held-out KL %{y:.4f}<extra></extra>",
+        )
+    )  # fmt: skip
+    fig.update_yaxes(rangemode="tozero")
+    fig.update_xaxes(dtick=1 if max(steps or [0]) <= 16 else None, rangemode="tozero")
+    fig = _layout(fig, "Distillation: KL(dense || MoE), nats per token", "step", "KL", 320)
+    return _legend_below(fig)
+
+
+def routing_errors(layers: list[int], before: list[float], after: list[float], oracle: list[float]):
+    """The routing step per layer: held-out relative error ||out - y||² / ||y||² before and after it, and
+    the oracle bound (each token sent to its best experts)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    series = (("before", before, DENSE_COLOR, "solid"), ("after", after, ACCENT, "solid"),
+              ("oracle bound", oracle, SHARED, "dash"))  # fmt: skip
+    for name, values, color, dash in series:
+        fig.add_trace(
+            go.Scatter(
+                x=layers, y=values, mode="lines+markers", name=name, line={"color": color, "dash": dash},
+                hovertemplate=f"layer %{{x}}<br>{name} %{{y:.4f}}<extra></extra>",
+            )
+        )  # fmt: skip
+    fig.update_yaxes(rangemode="tozero")
+    fig.update_xaxes(dtick=1 if len(layers) <= 16 else 5)
+    fig = _layout(fig, "Routing step: held-out relative error per layer", "layer", "relative error", 300)
+    return _legend_below(fig)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+    from moe_core.budget import Sensitivity
     from moe_core.export import ExportResult
     from moe_core.model_io import DenseModel
     from moe_core.profiling import ActivationProfile
@@ -71,6 +72,7 @@ class Session:
 
     dense: DenseModel | None = None
     profile: ActivationProfile | None = None
+    sensitivity: Sensitivity | None = None  # per-layer KL of the Design tab's budget mode (dense model's)
     moe: DenseModel | None = None  # the converted model (MoE layers), after Convert or a routing plan
     run_config: dict | None = None  # the ConvertRun (as a dict) that made `moe`, plus an applied plan
     calib_ids: torch.Tensor | None = None  # (N, T) calibration tokens of the conversion
