@@ -1,4 +1,5 @@
-"""MoE Studio web app: `python app.py` serves http://127.0.0.1:7860 (MOE_STUDIO_HOST/PORT or --host/--port).
+"""MoE Studio web app: `python app.py` serves http://127.0.0.1:7860 (--host/--port, MOE_STUDIO_HOST/PORT, or
+Gradio's own GRADIO_SERVER_NAME/PORT, in that order of precedence).
 
 A login with --auth user:password or MOE_STUDIO_AUTH; uploads up to MOE_STUDIO_MAX_FILE_MB (512) megabytes.
 
@@ -111,14 +112,27 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, au
     )
 
 
+def _env(*names: str, default: str) -> str:
+    """The first of the environment variables ``names`` that is set and not empty, else ``default``."""
+    return next((os.environ[n] for n in names if os.environ.get(n, "").strip()), default)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Serve the app. Host and port: the flags, else MOE_STUDIO_HOST/PORT, else GRADIO_SERVER_NAME/PORT (what
+    Gradio deployments such as Spaces and containers set), else 127.0.0.1:7860."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--host",
-        default=os.environ.get("MOE_STUDIO_HOST", "127.0.0.1"),
-        help="interface to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)",
+        default=_env("MOE_STUDIO_HOST", "GRADIO_SERVER_NAME", default="127.0.0.1"),
+        help="interface to listen on (default: MOE_STUDIO_HOST, else GRADIO_SERVER_NAME, else 127.0.0.1: this "
+        "machine only; 0.0.0.0 opens it to the network)",
     )
-    parser.add_argument("--port", type=int, default=int(os.environ.get("MOE_STUDIO_PORT", "7860")))
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=_env("MOE_STUDIO_PORT", "GRADIO_SERVER_PORT", default="7860"),  # argparse applies type=int
+        help="port (default: MOE_STUDIO_PORT, else GRADIO_SERVER_PORT, else 7860)",
+    )
     parser.add_argument(
         "--model", default=None, help="model loaded when a page opens (default: SmolLM2-135M)"
     )

@@ -201,7 +201,13 @@ def test_the_server_binds_127_0_0_1_unless_a_host_is_given(monkeypatch):
     calls = []
     monkeypatch.setattr(app, "build_app", lambda model=None: "demo")
     monkeypatch.setattr(app, "launch", lambda demo, host, port, auth=None: calls.append((host, port, auth)))
-    for key in ("MOE_STUDIO_HOST", "MOE_STUDIO_PORT", "MOE_STUDIO_AUTH"):
+    for key in (
+        "MOE_STUDIO_HOST",
+        "MOE_STUDIO_PORT",
+        "MOE_STUDIO_AUTH",
+        "GRADIO_SERVER_NAME",
+        "GRADIO_SERVER_PORT",
+    ):
         monkeypatch.delenv(key, raising=False)
     app.main([])
     app.main(["--host", "0.0.0.0", "--port", "8000", "--auth", "alice:s3cret"])
@@ -215,6 +221,25 @@ def test_the_server_binds_127_0_0_1_unless_a_host_is_given(monkeypatch):
     with pytest.raises(SystemExit):
         app.main(["--auth", "nopassword"])
     assert launch_host == "127.0.0.1"  # a caller of launch() gets the local bind too
+
+
+def test_the_server_honours_gradio_server_name_and_port(monkeypatch):
+    """Gradio deployments set GRADIO_SERVER_NAME/PORT; MOE_STUDIO_HOST/PORT and then the flags win over them."""
+    import app
+
+    calls = []
+    monkeypatch.setattr(app, "build_app", lambda model=None: "demo")
+    monkeypatch.setattr(app, "launch", lambda demo, host, port, auth=None: calls.append((host, port)))
+    for key in ("MOE_STUDIO_HOST", "MOE_STUDIO_PORT", "MOE_STUDIO_AUTH"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7861")
+    app.main([])
+    app.main(["--host", "127.0.0.1", "--port", "8000"])
+    monkeypatch.setenv("MOE_STUDIO_HOST", "10.0.0.2")
+    monkeypatch.setenv("MOE_STUDIO_PORT", "9000")
+    app.main([])
+    assert calls == [("0.0.0.0", 7861), ("127.0.0.1", 8000), ("10.0.0.2", 9000)]
 
 
 def test_password_auth_keeps_out_who_has_no_password():
