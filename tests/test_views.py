@@ -281,12 +281,21 @@ def test_compare_generates_with_both_models(converted):
 def test_routing_sweep_pick_and_apply(converted):
     session, card, slider, curves, front = routing_tab.run(converted[0], "builtin:pydoc", 1, 64, 1)
     assert session.sweep is not None and "layers swept" in card and isinstance(curves, go.Figure)
+    assert slider.visible and (slider.minimum, slider.maximum) == (0, 1)  # tiny-llama's two layers
     session, plan_card, rows, front = routing_tab.pick(session, "saving", 55)
     assert len(rows) == 2 and "active FFN parameters saved" in plan_card and len(front.data) == 2
     session, message = routing_tab.apply(session)
     assert "Applied" in message and "plan" in session.run_config
     with pytest.raises(gr.Error, match="No plan reaches"):
         routing_tab.pick(session, "saving", 99)
+
+
+def test_routing_layer_slider_is_hidden_until_a_sweep():
+    """Before a sweep there is no layer range to show (it used to read 0-1 whatever the model)."""
+    with gr.Blocks() as demo:
+        routing_tab.build(gr.State(Session()))
+    (layer,) = [b for b in demo.blocks.values() if isinstance(b, gr.Slider) and b.label == "Layer"]
+    assert not layer.visible
 
 
 def test_export_builds_a_zip_and_a_model_card(converted):

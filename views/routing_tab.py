@@ -66,7 +66,9 @@ def run(session: Session, text, n_windows, seq_len, repeats, progress=gr.Progres
     )
     session = replace(session, sweep=result, plan=None)
     layers = sorted({p.layer for p in result.points})
-    slider = gr.Slider(minimum=layers[0], maximum=max(layers[-1], layers[0] + 1), value=layers[0])
+    slider = gr.Slider(
+        minimum=layers[0], maximum=max(layers[-1], layers[0] + 1), value=layers[0], visible=True
+    )
     return (
         session,
         sweep_html(result),
@@ -157,7 +159,8 @@ def build(state: gr.State) -> tuple[gr.Markdown, object]:
                     stop = gr.Button("Cancel", variant="stop")
             with gr.Column(scale=3):
                 summary = gr.HTML(EMPTY)
-        layer = gr.Slider(0, 1, value=0, step=1, label="Layer")
+        # hidden until a sweep gives it the swept layers' range (before that any range would be made up)
+        layer = gr.Slider(0, 1, value=0, step=1, label="Layer", visible=False)
         with gr.Row():
             curves = gr.Plot(plots.placeholder(NO_SWEEP), show_label=False)
             front = gr.Plot(plots.placeholder(NO_SWEEP), show_label=False)
