@@ -12,7 +12,6 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import replace
 
 from .config import DataConfig, ModelConfig, ProfileRun, from_dict, load_config_file, to_dict
 
@@ -178,29 +177,15 @@ def _eval_config(args):
 
 
 def cmd_eval(args) -> int:
-    from .data import eval_windows, load_documents
-    from .evaluate import evaluate, measure_speed
+    """Evaluate a model (a converted folder: against its source) with the library's one evaluation."""
     from .model_io import load_model
+    from .pipeline import evaluate_pair
 
     cfg = _eval_config(args)
     moe, source = _load_for_eval(cfg.model)
     ref_spec = {"auto": source, "none": None}.get(cfg.eval.reference, cfg.eval.reference)
     ref = load_model(ref_spec, device=cfg.model.device, dtype=cfg.model.dtype) if ref_spec else None
-    docs = load_documents(cfg.eval.text)
-    windows = eval_windows(docs, moe.tokenizer, cfg.eval.seq_len, cfg.eval.n_windows, source=cfg.eval.text)
-    report = evaluate(
-        ref,
-        moe,
-        windows,
-        text=cfg.eval.text,
-        batch_size=cfg.eval.batch_size,
-        tasks=list(cfg.eval.tasks),
-        limit=cfg.eval.limit,
-        progress=_progress,
-    )
-    if cfg.eval.speed and ref is not None:
-        print("Timing prefill and decode of both models, in turn ...", file=sys.stderr, flush=True)
-        report = replace(report, speed=measure_speed(ref, moe, seq_len=min(cfg.eval.seq_len, 256)))
+    report = evaluate_pair(ref, moe, cfg.eval, progress=_progress)
     path = report.save(cfg.out)
     (path.parent / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     print(json.dumps({**report.summary(), "out": str(path)}))

@@ -619,11 +619,28 @@ _NESTED = {
 }
 
 
+EVAL_TEXT = "shared:wikitext2"  # the perplexity text of evaluation and the benchmarks (WikiText-2 test)
+
+
+def default_eval_text() -> str:
+    """EVAL_TEXT when the shared data folder holds it, else builtin:pydoc (present on every machine)."""
+    from .data import SHARED_SOURCES, shared_data_dir
+
+    root = shared_data_dir()
+    present = root is not None and (root / SHARED_SOURCES[EVAL_TEXT.removeprefix("shared:")][0]).is_file()
+    return EVAL_TEXT if present else "builtin:pydoc"
+
+
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluation of a (converted) model; perplexity windows follow the WikiText-2 recipe."""
+    """Evaluation of a (converted) model; perplexity windows follow the WikiText-2 recipe.
 
-    text: str = "shared:wikitext2"  # perplexity text (non-overlapping windows of the joined documents)
+    The one set of defaults of `python -m moe_core eval` and the app's Evaluate tab: both run
+    :func:`moe_core.pipeline.evaluate_pair` on this config. ``text="auto"`` resolves when the config is built
+    (:func:`default_eval_text`), so run configs hold the text that was scored.
+    """
+
+    text: str = "auto"  # perplexity text (non-overlapping windows of the joined documents); auto: see above
     n_windows: int = 16  # a CPU-sized prefix; all of WikiText-2 test is 148 x 2048 tokens
     seq_len: int = 512  # 2048 in the papers; 512 keeps a CPU run to about a minute
     batch_size: int = 1
@@ -638,7 +655,10 @@ class EvalConfig:
         _check(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}.")
         _check(self.limit >= 1, f"eval.limit must be >= 1, got {self.limit}.")
         _check(bool(str(self.reference).strip()), "eval.reference is empty: give a model spec, auto or none.")
+        _check(bool(str(self.text).strip()), "eval.text is empty: give a text source, or auto.")
         object.__setattr__(self, "tasks", tuple(self.tasks or ()))
+        if self.text == "auto":
+            object.__setattr__(self, "text", default_eval_text())
 
 
 @dataclass(frozen=True)

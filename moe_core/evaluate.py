@@ -466,6 +466,7 @@ class EvalReport:
     lm_eval: dict = field(default_factory=dict)
     seconds: float = 0.0
     speed: dict = field(default_factory=dict)  # measure_speed() against the reference, when asked for
+    ref_lm_eval: dict = field(default_factory=dict)  # the reference's scores on the same lm-eval tasks
 
     def summary(self) -> dict:
         """The headline numbers (no per-layer load), for printing."""

@@ -206,49 +206,36 @@ def _plain(value):
     return value
 
 
-def evaluate_pair(
-    dense,
-    moe,
-    text: str,
-    n_windows: int,
-    seq_len: int,
-    tasks: list[str] | None = None,
-    limit: int = 20,
-    progress: Progress = None,
-    cancel: Cancel = None,
-) -> dict:
-    """Dense vs converted on the same windows: EvalReport.summary() of the MoE (ppl, ppl_ref, KL, agreement,
-    params, lm-eval), the dense model's lm-eval scores, and measured prefill and decode tokens/s of both
-    (:func:`moe_core.evaluate.measure_speed`)."""
+def evaluate_pair(ref, moe, cfg=None, progress: Progress = None, cancel: Cancel = None):
+    """Evaluate ``moe`` against ``ref`` (its dense source, or None) as ``cfg`` (an EvalConfig; None: the
+    defaults) says: perplexity, KL and top-1 agreement on the same windows of ``cfg.text``, parameters and
+    expert load, lm-eval tasks for both models, and (``cfg.speed``) measured prefill and batch-1 decode tokens/s
+    of both, timed in turn (:func:`moe_core.evaluate.measure_speed`). Returns the EvalReport.
+
+    The one evaluation of `python -m moe_core eval` and the app's Evaluate tab, so both share EvalConfig's
+    defaults. ``cfg.reference`` names the reference for callers that load it; here ``ref`` is already loaded.
+    """
     from .config import EvalConfig
     from .data import eval_windows, load_documents
     from .evaluate import evaluate, lm_eval_tasks, measure_speed
 
-    cfg = EvalConfig(text=text, n_windows=int(n_windows), seq_len=int(seq_len), tasks=tuple(tasks or ()))
+    cfg = cfg or EvalConfig()
     moe.check_seq_len(cfg.seq_len)
     docs = load_documents(cfg.text)
     windows = eval_windows(docs, moe.tokenizer, cfg.seq_len, cfg.n_windows, source=cfg.text)
     report = evaluate(
-        dense,
-        moe,
-        windows,
-        text=cfg.text,
-        tasks=list(cfg.tasks),
-        limit=limit,
-        progress=progress,
-        cancel=cancel,
-    )
-    ref_lm_eval = lm_eval_tasks(dense, list(cfg.tasks), limit) if cfg.tasks else {}
-    if progress:
-        progress(0.9, "Measuring prefill and decode speed of both models, in turn")
-    return {
-        **report.summary(),
-        "flops_per_token": report.params.get("flops_per_token"),
-        "ref_active_params": report.ref_params.get("active_params"),
-        "ref_lm_eval": ref_lm_eval,
-        **measure_speed(dense, moe, seq_len=min(cfg.seq_len, 256), cancel=cancel),
-        "limit": limit,
-    }
+        ref, moe, windows, text=cfg.text, batch_size=cfg.batch_size, tasks=list(cfg.tasks), limit=cfg.limit,
+        progress=progress, cancel=cancel,
+    )  # fmt: skip
+    if ref is None:
+        return report
+    if cfg.tasks:
+        report = replace(report, ref_lm_eval=lm_eval_tasks(ref, list(cfg.tasks), cfg.limit))
+    if cfg.speed:
+        if progress:
+            progress(0.9, "Measuring prefill and decode speed of both models, in turn")
+        report = replace(report, speed=measure_speed(ref, moe, seq_len=min(cfg.seq_len, 256), cancel=cancel))
+    return report
 
 
 def sweep_model(dense, moe, cfg, progress: Progress = None, cancel: Cancel = None):

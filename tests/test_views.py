@@ -262,6 +262,37 @@ def test_evaluate_adds_a_run_side_by_side(converted):
     assert [r[0] for r in again[2]] == ["dense", "#1 cmoe S2A2E8", "#2 cmoe S2A2E8"]
 
 
+def test_the_evaluate_tab_and_the_eval_command_share_one_evaluation_and_its_defaults(loaded, monkeypatch):
+    """Both call moe_core.pipeline.evaluate_pair; the tab's initial inputs are EvalConfig's defaults."""
+    from moe_core import pipeline
+    from moe_core.cli import main
+    from moe_core.config import EvalConfig
+
+    with gr.Blocks() as demo:
+        evaluate_tab.build(gr.State(Session()))
+    labels = ("Perplexity text", "Windows", "Tokens per window", "lm-eval: documents per task")
+    inputs = {b.label: b.value for b in demo.blocks.values() if getattr(b, "label", None) in labels}
+    defaults = EvalConfig()
+    assert [inputs[label] for label in labels] == [
+        defaults.text,
+        defaults.n_windows,
+        defaults.seq_len,
+        defaults.limit,
+    ]
+    seen = []
+
+    def record(ref, moe, cfg=None, progress=None, cancel=None):
+        seen.append(cfg)
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(pipeline, "evaluate_pair", record)
+    with pytest.raises(gr.Error, match="recorded"):
+        evaluate_tab.run(replace(loaded, moe=loaded.dense), *[inputs[label] for label in labels[:3]], [],
+                         inputs[labels[3]])  # fmt: skip
+    assert main(["eval", "--model", TINY]) == 1  # the recorder's error, after the CLI reached it
+    assert seen == [defaults, defaults]
+
+
 def test_evaluate_needs_a_converted_model_and_known_tasks(loaded, converted):
     with pytest.raises(gr.Error, match="Convert a model"):
         evaluate_tab.run(loaded, "builtin:pydoc", 2, 64, [], 5)

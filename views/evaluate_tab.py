@@ -21,13 +21,6 @@ COLUMNS = ["run", "model", "text", "tokens", "perplexity", "KL (nats/token)", "t
            "decode vs dense"]  # fmt: skip
 
 
-def _default_text() -> str:
-    from moe_core.data import available_sources
-
-    specs = [s for s, _ in available_sources()]
-    return "shared:wikitext2" if "shared:wikitext2" in specs else "builtin:pydoc"
-
-
 def _tasks() -> list[str]:
     from moe_core.evaluate import available_tasks
 
@@ -127,20 +120,37 @@ def _outputs(session: Session, latest: str):
     return (session, latest, runs_table(session.evals), lm_eval_rows(session.evals), *charts(session.evals))
 
 
+def result_row(report, limit: int) -> dict:
+    """An EvalReport as one run of the session: its summary with the speed and reference figures flattened."""
+    return {
+        **report.summary(),
+        "flops_per_token": report.params.get("flops_per_token"),
+        "ref_active_params": report.ref_params.get("active_params"),
+        **report.speed,
+        "limit": limit,
+    }
+
+
 @widgets.guarded("Could not evaluate", outputs=7)
 def run(session: Session, text, n_windows, seq_len, tasks, limit, progress=gr.Progress()):
-    """Score the converted model against the dense one: (Session, card, runs, lm-eval rows, 3 charts)."""
+    """Score the converted model against the dense one: (Session, card, runs, lm-eval rows, 3 charts).
+
+    The library's one evaluation (moe_core.pipeline.evaluate_pair) on an EvalConfig of these inputs; every
+    other setting, like the inputs' initial values, is EvalConfig's default, as on the command line."""
+    from moe_core.config import EvalConfig
     from moe_core.pipeline import evaluate_pair
 
     if session.moe is None:
         raise gr.Error(NO_MOE.replace("**", ""), print_exception=False)
     session.cancel.clear()
-    result = evaluate_pair(
-        session.dense, session.moe, (text or _default_text()).strip(), int(n_windows), int(seq_len),
-        tasks=list(tasks or []), limit=int(limit or 20), progress=lambda f, m: progress(f, desc=m),
-        cancel=session.cancel,
+    cfg = EvalConfig(
+        text=(text or "auto").strip(), n_windows=int(n_windows), seq_len=int(seq_len),
+        tasks=tuple(tasks or ()), limit=int(limit or EvalConfig.limit),
     )  # fmt: skip
-    result["label"] = _label(session)
+    report = evaluate_pair(
+        session.dense, session.moe, cfg, progress=lambda f, m: progress(f, desc=m), cancel=session.cancel
+    )
+    result = result_row(report, cfg.limit) | {"label": _label(session)}
     session = replace(session, evals=(*session.evals, result))
     return _outputs(session, card(result))
 
@@ -154,27 +164,28 @@ def status_text(session: Session) -> str:
 
 
 def build(state: gr.State) -> gr.Markdown:
+    from moe_core.config import EvalConfig
     from moe_core.data import available_sources
 
-    tasks = _tasks()
+    tasks, defaults = _tasks(), EvalConfig()  # the command line's defaults
     with gr.Tab("Evaluate", id="evaluate"):
         status = gr.Markdown(NO_MOE, elem_classes="moe-status")
         with gr.Row(equal_height=False):
             with gr.Column(scale=2):
                 text = gr.Dropdown(
-                    [s for s, _ in available_sources()], value=_default_text(), allow_custom_value=True,
+                    [s for s, _ in available_sources()], value=defaults.text, allow_custom_value=True,
                     label="Perplexity text", info="Consecutive non-overlapping windows (the WikiText-2 recipe).",
                 )  # fmt: skip
                 with gr.Row():
-                    n = gr.Slider(1, 64, value=4, step=1, label="Windows")
-                    t = gr.Slider(32, 2048, value=256, step=32, label="Tokens per window")
+                    n = gr.Slider(1, 64, value=defaults.n_windows, step=1, label="Windows")
+                    t = gr.Slider(32, 2048, value=defaults.seq_len, step=32, label="Tokens per window")
                 task_box = gr.CheckboxGroup(
                     tasks,
                     label="lm-eval tasks (local task files)",
                     info="Scored for both models; minutes each on a CPU." if tasks else
                     "No local task folder found (set MOE_STUDIO_DATA to the shared data folder).",
                 )  # fmt: skip
-                limit = gr.Number(20, precision=0, minimum=1, label="lm-eval: documents per task")
+                limit = gr.Number(defaults.limit, precision=0, minimum=1, label="lm-eval: documents per task")
                 with gr.Row():
                     button = gr.Button("Evaluate", variant="primary")
                     stop = gr.Button("Cancel", variant="stop")
