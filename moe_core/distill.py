@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .moe import MoEMLP
-from .plumbing import Cancel, Progress, check_cancel, report
+from .plumbing import Cancel, Progress, check_cancel, report, unshare_params
 
 PARTS = ("experts", "shared", "routers", "gate_scales", "biases", "norms", "attention")
 CHECKPOINT = "distill-checkpoint.pt"
@@ -333,6 +333,8 @@ def distill(
     if ids is None or held is None:
         ids, held = distill_data(dense, cfg)
     model = moe.model
+    # What trains, and what a LoRA merge writes into, may still share storage with the teacher (shell_copy)
+    unshare_params(model, part_params(model, cfg.train).values())
     blocks = [m for m in model.modules() if isinstance(m, MoEMLP)]
     full = [p for p in cfg.train if cfg.lora_r <= 0 or p not in MATRIX_PARTS]  # LoRA never touches the rest
     saved = {n: p.detach().clone() for n, p in part_params(model, full).items()}

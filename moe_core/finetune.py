@@ -30,6 +30,7 @@ import torch
 
 from .config import DIVERetrainConfig, FinetuneConfig
 from .moe import MoEMLP, RoutingPolicy
+from .plumbing import unshare_params
 from .profiling import check_cancel
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -56,6 +57,20 @@ def lora_config(model, cfg: FinetuneConfig):
         target_modules=list(ATTENTION + DENSE_FFN),
         target_parameters=expert_params or None,
     )
+
+
+def _own_written(model, linears: tuple[str, ...] = (), norms: bool = False) -> None:
+    """Before a stage writes into ``model`` in place, give it its own copy of what it writes: every MoE block's
+    tensors (trained, merged into, padding zeroed), the Linears whose names end in ``linears`` (LoRA merges)
+    and, with ``norms``, the norms. A converted model shares the rest with the dense one (plumbing.shell_copy),
+    which must stay exactly as it was: it is the teacher, the reference, and the next conversion's source."""
+    owned = [p for block in _blocks(model).values() for p in block.parameters()]
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in linears:
+            owned += list(module.parameters(recurse=False))
+    if norms:
+        owned += norm_params(model)
+    unshare_params(model, owned)
 
 
 def _mask_expert_padding(peft_model, blocks: dict[str, MoEMLP]) -> None:
@@ -236,6 +251,7 @@ def finetune(
             f"Fine-tuning needs input_ids of shape (N, T) with T >= 2, got {tuple(input_ids.shape)}."
         )
     model, blocks = moe.model, _blocks(moe.model)
+    _own_written(model, ATTENTION + DENSE_FFN)
     saved = _snapshot(model, blocks)
     with torch.random.fork_rng():  # a seeded LoRA initialisation that leaves the caller's RNG alone
         torch.manual_seed(cfg.seed)
@@ -323,6 +339,7 @@ def train_router(moe, input_ids: torch.Tensor, cfg: DIVERetrainConfig, progress=
     temperature t (0.05 for top-1, 0.5 for top-2: a sharp softmax that approximates the sparse model, which a
     top-1 router could not learn from, its renormalised gate being the constant 1). Returns loop stats."""
     model, blocks = moe.model, _blocks(moe.model)
+    _own_written(model)
     routers = _router_params(blocks)
     top_k = max(b.policy.k for b in blocks.values())
     with _dive_stage(model, blocks, routers):
@@ -372,6 +389,7 @@ def train_experts(
     from peft import get_peft_model
 
     model, blocks = moe.model, _blocks(moe.model)
+    _own_written(model, norms=True)
     # A top-1 router has no gradient here (its gate p / p is 1), only float rounding (~1e-7) that Adam's
     # normalisation would turn into full-size random steps: only routers choosing k >= 2 train in stage 2.
     routers = _router_params({n: b for n, b in blocks.items() if b.policy.k > 1})

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .moe import MoEMLP, Router
+from .plumbing import unshare
 
 EXHAUSTIVE_MAX_SETS = 512  # C(E, k) up to this is searched exhaustively (C(14, 3) = 364); greedy beyond
 
@@ -332,6 +333,8 @@ def reconstruct_model(
 
     def build(i, x, y):
         block = moe.mlp(i)
+        # the refit writes the down projections in place; a model made by shell_copy may share them
+        unshare(block, lambda name, _p: "down_proj" in name or name == "expert_bias")
         return block, reconstruct_block(block, x, y, s, layer=i)
 
     return convert_layers(
