@@ -20,7 +20,9 @@ def _progress(fraction: float, message: str) -> None:
     print(f"[{fraction:6.1%}] {message}", file=sys.stderr, flush=True)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
+    """The flags every command shares: the config file and the model; with ``data`` the calibration text and
+    the output folder too (prepare has neither)."""
     p.add_argument("--config", help="YAML or JSON run config; flags below override it")
     p.add_argument("--model", help="builtin:smollm2-135m, builtin:tiny-llama, a folder, a .gguf or a hub id")
     p.add_argument("--device", help="cpu or cuda")
@@ -30,6 +32,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=None,
         help="allow a model repository's own Python code to run (off by default)",
     )
+    if not data:
+        return
     p.add_argument(
         "--text", help="calibration text: builtin:pydoc, builtin:stdlib, shared:wikitext2, a file ..."
     )
@@ -40,19 +44,20 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args) -> dict:
-    """Map flags onto the nested config dict (only flags the user gave)."""
-    pairs = {
-        ("model", "spec"): args.model,
-        ("model", "device"): args.device,
-        ("model", "trust_remote_code"): args.trust_remote_code,
-        ("data", "text"): args.text,
-        ("data", "n_sequences"): args.n_sequences,
-        ("data", "seq_len"): args.seq_len,
-        ("data", "seed"): args.seed,
-        ("out",): args.out,
+    """Map flags onto the nested config dict (only flags the user gave, and the command has)."""
+    names = {
+        ("model", "spec"): "model",
+        ("model", "device"): "device",
+        ("model", "trust_remote_code"): "trust_remote_code",
+        ("data", "text"): "text",
+        ("data", "n_sequences"): "n_sequences",
+        ("data", "seq_len"): "seq_len",
+        ("data", "seed"): "seed",
+        ("out",): "out",
     }
     tree: dict = {}
-    for path, value in pairs.items():
+    for path, name in names.items():
+        value = getattr(args, name, None)
         if value is None:
             continue
         node = tree
@@ -99,11 +104,14 @@ def load_calibration(model_cfg: ModelConfig, data_cfg: DataConfig, progress=_pro
 
 
 def cmd_prepare(args) -> int:
-    """Install-time step: de-quantise and cache the default model so the app starts fast."""
-    from .model_io import load_model
+    """Install-time step: de-quantise and cache the default model so the app starts fast.
 
+    The model (spec, device, dtype, trust_remote_code) comes from the config file's model section, if any,
+    with the flags on top; the other sections of a run config are not used here."""
+    base = load_config_file(args.config) if args.config else {}
+    model_cfg = from_dict(ModelConfig, _merge(base.get("model") or {}, _overrides(args).get("model", {})))
     start = time.perf_counter()
-    dense = load_model(args.model or "builtin:smollm2-135m", progress=_progress)
+    dense = load_dense(model_cfg)
     print(
         json.dumps(
             {
@@ -395,24 +403,33 @@ def _sweep_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args) -> int:
-    """Export a converted folder as portable Qwen2-MoE, exact remote-code, llama.cpp-compatible or GGUF."""
+    """Export a converted folder as portable Qwen2-MoE, exact remote-code, llama.cpp-compatible or GGUF.
+
+    --config: the file's ``export`` section (ExportConfig fields, as an export's own run_config.json records
+    them) gives the defaults that the flags override, so ``--config <export>/run_config.json`` repeats an export's
+    settings; calibration comes from the converted folder's run config, then the config's ``data``, then the
+    flags (the config's ``out`` is a conversion's folder, not the export's: --out names that). Export runs on the CPU: the writers, the router fit, and the reference pass that the clean-process
+    reload (on the CPU) is compared with; --device is refused rather than ignored."""
     from .checkpoint import load_converted, read_json
     from .export import ExportConfig, export_model
 
     if not args.model:
         raise ValueError("export needs --model: a folder written by `python -m moe_core convert`.")
+    if args.device not in (None, "cpu"):
+        raise ValueError(
+            f"export runs on the CPU, so --device {args.device} would do nothing: its fidelity check compares "
+            "the model with the export reloaded on the CPU in a clean process. Drop --device."
+        )
+    base = load_config_file(args.config) if args.config else {}
     moe = load_converted(args.model)
     run_config, metrics = read_json(args.model, "run_config.json"), read_json(args.model, "metrics.json")
-    data = from_dict(DataConfig, _merge(run_config.get("data", {}), _overrides(args).get("data", {})))
+    data = _merge(run_config.get("data", {}), base.get("data") or {})
+    data = from_dict(DataConfig, _merge(data, _overrides(args).get("data", {})))
     ids = _calibration_ids(moe, data)
-    fmt = args.format or "portable"
-    cfg = ExportConfig(
-        format=fmt,
-        fit_router=not args.no_fit,
-        zip=bool(args.zip),
-        gguf_type=args.gguf_type or "f16",
-        width_align=args.width_align or 8,
-    )
+    flags = {"format": args.format, "zip": True if args.zip else None, "gguf_type": args.gguf_type}
+    flags |= {"width_align": args.width_align, "fit_router": False if args.no_fit else None}
+    cfg = from_dict(ExportConfig, _merge(base.get("export") or {}, _pick(flags)))
+    fmt = cfg.format
     result = export_model(
         moe, args.out or f"outputs/export-{fmt}", cfg, calib_ids=ids, calib_text=data.text,
         run_config=run_config, source_metrics=metrics, progress=_progress,
@@ -469,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text, extra) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
-        _common(p)
+        _common(p, data=name != "prepare")  # prepare reads no text and writes only the model cache
         if extra:
             extra(p)
     return parser

@@ -53,6 +53,30 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
     assert "seq_len" in capsys.readouterr().err
 
 
+def test_prepare_takes_the_model_from_a_config_and_honours_device(tmp_path, monkeypatch, capsys):
+    """prepare used to ignore --config and --device; it has no text or output flags to ignore."""
+    import pytest
+
+    from moe_core import model_io
+    from moe_core.cli import build_parser
+
+    calls, real = [], model_io.load_model
+
+    def record(spec, device="cpu", dtype="auto", trust_remote_code=False, progress=None):
+        calls.append((spec, device, trust_remote_code))
+        return real(spec)
+
+    monkeypatch.setattr(model_io, "load_model", record)
+    config = tmp_path / "run.yaml"
+    config.write_text("model: {spec: builtin:tiny-llama, device: cpu}\nmethod: cmoe\n")
+    assert main(["prepare", "--config", str(config)]) == 0
+    assert main(["prepare", "--config", str(config), "--device", "cuda:1", "--trust-remote-code"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["model"] == "builtin:tiny-llama"
+    assert calls == [("builtin:tiny-llama", "cpu", False), ("builtin:tiny-llama", "cuda:1", True)]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["prepare", "--text", "builtin:pydoc"])
+
+
 def test_module_entry_point_help():
     out = subprocess.run(
         [sys.executable, "-m", "moe_core", "--help"], capture_output=True, text=True, check=True

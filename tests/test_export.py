@@ -225,6 +225,31 @@ def test_cli_exports_a_converted_checkpoint_with_card_metrics_and_zip(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "ck", "portable", "portable.zip"]
 
 
+def test_cli_export_reads_its_settings_from_a_config_and_refuses_a_device(tmp_path, capsys):
+    """--config gives the export section's settings (flags win); --device, which export cannot use, is an error."""
+    from moe_core.checkpoint import save_converted
+    from moe_core.cli import main
+    from moe_core.config import CMoEConfig
+    from moe_core.methods import convert
+
+    calib = torch.randint(4, 250, (2, 32), generator=torch.Generator().manual_seed(3))
+    moe = convert(tiny_model("llama"), calib, CMoEConfig(experts="S1A2E4"))
+    run = {"model": {"spec": "builtin:tiny-llama"}, "method": "cmoe", "data": {"text": "builtin:pydoc"}}
+    save_converted(moe, tmp_path / "ck", run | {"out": str(tmp_path / "ck")}, {})
+    config = tmp_path / "export.yaml"
+    config.write_text(
+        json.dumps(run | {"export": {"format": "exact", "zip": True}, "out": str(tmp_path / "ck")})
+    )
+    base = ["export", "--model", str(tmp_path / "ck"), "--config", str(config), "--n-sequences", "2"]
+    assert main([*base, "--seq-len", "32", "--out", str(tmp_path / "x")]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["format"] == "exact" and summary["identical"] and (tmp_path / "x.zip").is_file()
+    exported = json.loads((tmp_path / "x" / "run_config.json").read_text())["export"]
+    assert (exported["format"], exported["zip"]) == ("exact", True)
+    assert main([*base, "--device", "cuda", "--out", str(tmp_path / "y")]) == 2
+    assert "export runs on the CPU" in capsys.readouterr().err and not (tmp_path / "y").exists()
+
+
 @pytest.mark.slow
 def test_default_model_convert_export_reload_generate(smollm2, tmp_path):
     from moe_core.config import CMoEConfig
