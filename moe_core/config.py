@@ -8,9 +8,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import ClassVar, Literal, get_args
 
 
 def _check(ok: bool, message: str) -> None:
@@ -401,8 +402,12 @@ class DIVEConfig:
 
 
 def from_dict(cls, data: dict | None):
-    """Build a (possibly nested) frozen dataclass from a dict, refusing unknown keys by name."""
+    """Build a (possibly nested) frozen dataclass from a dict, refusing unknown keys by name; the keys a class
+    names in RECORDS (results of later steps) are dropped with a warning."""
     data = dict(data or {})
+    for key, why in getattr(cls, "RECORDS", {}).items():  # results of later steps, not inputs
+        if data.pop(key, None) is not None:
+            warnings.warn(f"The '{key}' section is ignored: {why}.", stacklevel=2)
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
     _check(not unknown, f"Unknown {cls.__name__} field(s): {', '.join(unknown)}. Known: {', '.join(known)}.")
@@ -582,7 +587,20 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class ConvertRun:
-    """Root config of `python -m moe_core convert`: the method named by `method` reads its own section."""
+    """Root config of `python -m moe_core convert`: the method named by `method` reads its own section.
+
+    A conversion writes this config, completed, as its run_config.json, and loading that file back runs the
+    same conversion: the per-layer active experts (``active_per_layer``) and an applied routing plan (``plan``)
+    are inputs like any other section. Sections that record what later steps did with the result (RECORDS:
+    ``export``, which the export step adds to its copy) are accepted and ignored with a warning saying so,
+    rather than stripped when written: the export's run config keeps them as provenance, and
+    `python -m moe_core export --config` reads its own section from there.
+    """
+
+    RECORDS: ClassVar[dict[str, str]] = {
+        "export": "it records how the model was exported afterwards (python -m moe_core export --config reads "
+        "it), not an input of the conversion",
+    }
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -593,12 +611,29 @@ class ConvertRun:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    # routed experts per token, one per layer, set after the conversion (the Design tab's "per layer" A)
+    active_per_layer: tuple[int, ...] | None = None
+    # a routing plan applied last (moe_core.sweep.Plan.to_dict(): the Routing tab's Apply plan); its policies
+    # give each listed layer a routing policy, or the dense FFN back (null)
+    plan: dict | None = None
     out: str = "outputs/convert"
 
     def __post_init__(self):
         methods = get_args(ConvertMethod)
         _check(self.method in methods, f"Unknown method '{self.method}'. Methods: {', '.join(methods)}.")
         _check(bool(str(self.out).strip()), "out is empty: give the folder to write the converted model to.")
+        if self.active_per_layer is not None:
+            active = tuple(self.active_per_layer)
+            _check(
+                len(active) > 0 and all(isinstance(a, int) and a >= 1 for a in active),
+                f"active_per_layer must be null or one top-k >= 1 per layer, got {self.active_per_layer}.",
+            )
+            object.__setattr__(self, "active_per_layer", active)
+        _check(
+            self.plan is None
+            or (isinstance(self.plan, dict) and isinstance(self.plan.get("policies"), dict)),
+            "plan must be null or a routing plan with a policies mapping (moe_core.sweep.Plan.to_dict()).",
+        )
 
     def section(self):
         """The config section of the chosen method (e.g. self.cmoe)."""

@@ -49,16 +49,21 @@ def convert_run(
     on_step=None,
 ) -> ConvertOutcome:
     """Convert ``dense`` (already loaded, untouched) as ``cfg`` says: a per-layer budget's allocation first
-    (cmoe.budget), the method and its routing step, then distillation or fine-tuning when enabled.
+    (cmoe.budget), the method and its routing step, the per-layer active experts (cfg.active_per_layer), then
+    distillation or fine-tuning when enabled, and last an applied routing plan (cfg.plan), in the app's order.
 
-    active: routed experts per layer (top-k) set after conversion; folder: where to save the checkpoint
-    (save_converted), or None; on_step: distillation's per-step records (a live loss curve). A distillation
-    killed part-way resumes from its checkpoint (next to ``folder``) when the same run is started again."""
+    active: routed experts per layer (top-k), in place of cfg.active_per_layer; folder: where to save the
+    checkpoint (save_converted), or None; on_step: distillation's per-step records (a live loss curve). A
+    distillation killed part-way resumes from its checkpoint (next to ``folder``) when the same run is started
+    again. The run config returned and saved is ``cfg`` completed (allocation, active experts): loading it
+    back runs the same conversion."""
     from .checkpoint import save_converted
     from .evaluate import param_report
     from .methods import convert
-    from .moe import RoutingPolicy
     from .plumbing import span
+
+    if active is not None:
+        cfg = replace(cfg, active_per_layer=tuple(int(a) for a in active))
 
     ids, _ = calibration(dense, cfg.data)
     start = time.perf_counter()
@@ -75,11 +80,8 @@ def convert_run(
         cancel=cancel,
     )  # fmt: skip
     run = to_dict(cfg)
-    if active is not None:
-        blocks = {i: moe.mlp(i) for i in range(moe.n_layers) if hasattr(moe.mlp(i), "set_policy")}
-        for i, block in blocks.items():
-            block.set_policy(RoutingPolicy("topk", k=int(active[i])))
-        run["active_per_layer"] = [int(a) for a in active]
+    if cfg.active_per_layer is not None:
+        set_active(moe, cfg.active_per_layer)
     seconds = round(time.perf_counter() - start, 2)
     metrics = {"convert_seconds": seconds, "calibration_tokens": ids.numel()}
     if budget is not None:
@@ -96,11 +98,28 @@ def convert_run(
         from .finetune import finetune, training_ids
 
         metrics["finetune"] = finetune(moe, training_ids(dense, cfg.finetune), cfg.finetune, progress, cancel)
+    if cfg.plan is not None:
+        from .sweep import Plan, apply_plan
+
+        moe = apply_plan(moe, Plan.from_dict(cfg.plan), dense)
     metrics |= param_report(moe, cfg.data.seq_len)
     metrics["conversion"] = moe.conversion.as_dict()
     moe.run_config, moe.metrics = run, metrics
     out = save_converted(moe, folder, run, metrics) if folder is not None else None
     return ConvertOutcome(moe, ids, run, metrics, out)
+
+
+def set_active(moe, active: tuple[int, ...]) -> None:
+    """Set each MoE layer's top-k from ``active`` (one entry per layer; dense layers' entries are unused)."""
+    from .moe import RoutingPolicy
+
+    if len(active) != moe.n_layers:
+        raise ValueError(
+            f"active_per_layer has {len(active)} entries for a {moe.n_layers}-layer model: give one per layer."
+        )
+    for i, k in enumerate(active):
+        if hasattr(moe.mlp(i), "set_policy"):
+            moe.mlp(i).set_policy(RoutingPolicy("topk", k=int(k)))
 
 
 def _flag_values(cfg: ConvertRun) -> list[tuple[str, object]]:
@@ -183,16 +202,17 @@ def command_line(cfg: ConvertRun, config_file: str = "run_config.yaml") -> str:
 
 def config_yaml(cfg: ConvertRun) -> str:
     """The run config as YAML, loadable by ``load_config_file`` and ``--config``: model, data, the chosen
-    method's section, fine-tuning when enabled, and out (the other sections are left at their defaults)."""
+    method's section, routing, distillation and fine-tuning when enabled, the per-layer active experts and
+    the routing plan when set, and out (the other sections are left at their defaults)."""
     import yaml
 
     full = to_dict(cfg)
     keys = ("model", "data", "method", cfg.method, "routing")
-    keys += (
-        (("distill",) if cfg.distill.enabled else ())
-        + (("finetune",) if cfg.finetune.enabled else ())
-        + ("out",)
+    keys += (("distill",) if cfg.distill.enabled else ()) + (("finetune",) if cfg.finetune.enabled else ())
+    keys += (("active_per_layer",) if cfg.active_per_layer is not None else ()) + (
+        ("plan",) if cfg.plan is not None else ()
     )
+    keys += ("out",)
     data = {k: full[k] for k in keys}
     return yaml.safe_dump(_plain(data), sort_keys=False)
 

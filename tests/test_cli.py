@@ -77,6 +77,45 @@ def test_prepare_takes_the_model_from_a_config_and_honours_device(tmp_path, monk
         build_parser().parse_args(["prepare", "--text", "builtin:pydoc"])
 
 
+def test_a_saved_run_config_round_trips_with_active_experts_plan_and_export(tmp_path, capsys):
+    """run_config.json (as a conversion writes it, plus the export section an export adds) converts again to
+    the same model: per-layer active experts and the routing plan applied; the export section is ignored."""
+    import pytest
+    import torch
+    import yaml
+
+    from moe_core.checkpoint import load_converted, read_json
+    from moe_core.config import ConvertRun, from_dict, load_config_file
+    from moe_core.model_io import load_model
+    from moe_core.pipeline import config_yaml, convert_run
+
+    topk = {"mode": "topk", "k": 3, "threshold": 0.5, "max_k": None}
+    plan = {"policies": {"0": None, "1": topk}, "labels": {"0": "dense", "1": "top-3"}, "predicted": {}}
+    tree = {
+        "model": {"spec": "builtin:tiny-llama"},
+        "data": {"text": "builtin:pydoc", "n_sequences": 2, "seq_len": 32},
+        "cmoe": {"experts": "S1A2E4"},
+        "routing": {"router": "method", "form": "analytic", "refit": False},
+        "plan": plan | {"target": {}},
+    }
+    first = convert_run(load_model("builtin:tiny-llama"), from_dict(ConvertRun, tree), (1, 2), tmp_path / "a")
+    saved = read_json(tmp_path / "a", "run_config.json") | {"export": {"format": "portable"}}
+    assert saved["active_per_layer"] == [1, 2] and saved["plan"]["policies"]["1"] == topk
+    (tmp_path / "saved.json").write_text(json.dumps(saved))
+    with pytest.warns(UserWarning, match="'export' section is ignored"):
+        cfg = from_dict(ConvertRun, load_config_file(tmp_path / "saved.json"))
+    assert cfg.active_per_layer == (1, 2) and cfg.plan == first.run_config["plan"]
+    assert from_dict(ConvertRun, yaml.safe_load(config_yaml(cfg))) == cfg  # the app's download too
+    assert main(["convert", "--config", str(tmp_path / "saved.json"), "--out", str(tmp_path / "b")]) == 0
+    assert "'export' section is ignored" in capsys.readouterr().err
+    expected = {k: v for k, v in saved.items() if k != "export"} | {"out": str(tmp_path / "b")}
+    assert read_json(tmp_path / "b", "run_config.json") == expected
+    a, b = load_converted(tmp_path / "a"), load_converted(tmp_path / "b")
+    assert not hasattr(b.mlp(0), "policy") and b.mlp(1).policy.k == 3  # layer 0 dense, layer 1 top-3
+    ids = torch.arange(4, 36)[None]
+    assert torch.equal(a.model(input_ids=ids).logits, b.model(input_ids=ids).logits)
+
+
 def test_module_entry_point_help():
     out = subprocess.run(
         [sys.executable, "-m", "moe_core", "--help"], capture_output=True, text=True, check=True

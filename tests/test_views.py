@@ -198,10 +198,15 @@ def test_while_running_yields_until_the_job_ends_and_returns_or_raises_its_outco
 
 
 def test_ladimo_with_per_layer_active_experts(loaded):
+    """Per-layer A is part of the run config: the downloaded YAML carries it and loads back to the same inputs."""
     opts = options(**{"ladimo.steps": 2})
-    session = converting(loaded, *DATA, *layout(4, 0.0, "per layer", 2, "1,3"), "ladimo", *opts)[0]
+    design = layout(4, 0.0, "per layer", 2, "1, 3")
+    session, _, _, config_path, *_ = converting(loaded, *DATA, *design, "ladimo", *opts)
     policies = [session.moe.mlp(i).policy.k for i in range(2)]
-    assert policies == [1, 3] and session.run_config["active_per_layer"] == [1, 3]
+    assert policies == [1, 3] and session.run_config["active_per_layer"] == (1, 3)
+    assert from_dict(ConvertRun, load_config_file(config_path)).active_per_layer == (1, 3)
+    values = convert_tab.load_config(config_path, loaded, len(opts))
+    assert values[5:8] == design[:3] and values[9] == "1, 3" and values[12] == "ladimo"  # E, S/E, mode, A's
 
 
 def test_load_config_file_fills_the_inputs(loaded, tmp_path):

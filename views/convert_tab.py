@@ -241,6 +241,7 @@ def run_config(
         "data": vars(data_config(*data_values)),
         "method": method,
         "out": "outputs/convert",
+        "active_per_layer": d.per_layer,  # None unless the Design tab sets A per layer
         **{m: sections_[m] for m in AFTER},
     }
     if method in sections_ and method in ConvertRun.__dataclass_fields__:
@@ -263,7 +264,7 @@ def preview(session: Session, *values):
         cfg, d = run_config(session, data, design_values, method, *options)
     except ValueError as exc:
         return f"# Not a valid run yet:\n# {exc}", f"# {exc}"
-    note = "" if d.per_layer is None else "  # then per-layer A from the Design tab (the app applies it)"
+    note = ""
     if d.budget is not None and d.layer_experts is None:
         note = "  # measures each layer's sensitivity first, then allocates the budget"
     return config_yaml(cfg), command_line(cfg, CONFIG_FILE) + note
@@ -460,7 +461,6 @@ def convert(session: Session, *values, progress=gr.Progress()):
         convert_run,
         session.dense,
         cfg,
-        active=d.per_layer,
         folder=session.workspace.path("converted"),
         progress=_log(lines, start)(progress),
         cancel=session.cancel,
@@ -514,6 +514,11 @@ def load_config(path, session: Session, n_options: int):
     ]
     if session.dense is None or session.dense.spec != cfg.model.spec:
         gr.Info(f"The config names the model {cfg.model.spec}: press Load in the Model tab to use it.")
+    if cfg.plan is not None:
+        gr.Warning(
+            "The config carries a routing plan: `python -m moe_core convert --config` applies it after converting; "
+            "here, convert, then sweep and apply a plan in the Routing policy tab."
+        )
     d = cfg.data
     return [
         cfg.model.spec,
@@ -532,6 +537,8 @@ def load_config(path, session: Session, n_options: int):
 def _budget_inputs(cfg: ConvertRun, active: int) -> list:
     """(mode, A, A per layer, budget, allocation) of the Design tab for a loaded run config."""
     c = cfg.cmoe
+    if cfg.active_per_layer is not None:
+        return ["per layer", active, ", ".join(map(str, cfg.active_per_layer)), DESIGN_DEFAULTS["budget"], ""]
     if cfg.method != "cmoe" or c.budget is None:
         if cfg.method == "cmoe" and c.layer_experts is not None:
             gr.Warning(
