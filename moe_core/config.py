@@ -655,6 +655,9 @@ _NESTED = {
 
 
 EVAL_TEXT = "shared:wikitext2"  # the perplexity text of evaluation and the benchmarks (WikiText-2 test)
+# The head of EVAL_TEXT that perplexity is scored on: evaluation's default 16 x 512 windows and the benchmarks'
+# (at most 16 x 512), twice over. Nothing is tuned on it (SweepConfig refuses to be).
+SCORED_TOKENS = 16_384
 
 
 def default_eval_text() -> str:
@@ -710,10 +713,16 @@ _NESTED.update({"EvalConfig": EvalConfig})
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """Per-layer accuracy-vs-throughput sweep and plan picker (moe_core/sweep.py, LaDiMo's adaptive router)."""
+    """Per-layer accuracy-vs-throughput sweep and plan picker (moe_core/sweep.py, LaDiMo's adaptive router).
+
+    The held-out windows start after ``skip_windows``; on the evaluation text (EVAL_TEXT) they must start past
+    its first SCORED_TOKENS tokens, which perplexity is scored on, else the config is refused (ValueError).
+    """
 
     text: str = "shared:wikitext2"  # held-out text for KL and perplexity
-    skip_windows: int = 64  # skip the prefix that eval and benchmarks score: the plan is not tuned on it
+    # windows skipped first; None: as many as cover SCORED_TOKENS (64 of 256 tokens), the head of the text that
+    # evaluation and the benchmarks score. On EVAL_TEXT fewer are refused: the plan would be tuned on them.
+    skip_windows: int | None = None
     n_windows: int = 2  # 2 x 256 held-out tokens: 30 layers x 12 policies stay within minutes on 2 cores
     seq_len: int = 256
     batch_size: int = 2  # windows per forward
@@ -730,10 +739,10 @@ class SweepConfig:
         _check(
             bool(str(self.text).strip()), "sweep.text is empty: give a text source, e.g. shared:wikitext2."
         )
-        _check(self.skip_windows >= 0, f"sweep.skip_windows must be >= 0, got {self.skip_windows}.")
         _check(
             self.n_windows >= 1 and self.seq_len >= 2, "sweep.n_windows must be >= 1 and sweep.seq_len >= 2."
         )
+        self._check_skip()
         _check(self.batch_size >= 1 and self.repeats >= 1, "sweep.batch_size and sweep.repeats must be >= 1.")
         _check(self.timing_tokens >= 1, f"sweep.timing_tokens must be >= 1, got {self.timing_tokens}.")
         _check(self.cumulative_step >= 1, f"sweep.cumulative_step must be >= 1, got {self.cumulative_step}.")
@@ -757,6 +766,20 @@ class SweepConfig:
         _check(
             self.max_ppl_increase is None or self.min_active_reduction is None,
             "Give at most one sweep target: max_ppl_increase or min_active_reduction.",
+        )
+
+    def _check_skip(self) -> None:
+        """Resolve skip_windows None, and refuse held-out windows inside EVAL_TEXT's scored head."""
+        needed = -(-SCORED_TOKENS // self.seq_len)  # windows that cover the scored tokens
+        if self.skip_windows is None:
+            object.__setattr__(self, "skip_windows", needed)
+        _check(self.skip_windows >= 0, f"sweep.skip_windows must be >= 0, got {self.skip_windows}.")
+        _check(
+            self.text != EVAL_TEXT or self.skip_windows >= needed,
+            f"sweep: skipping {self.skip_windows} windows of {self.seq_len} tokens leaves the sweep on the first "
+            f"{SCORED_TOKENS:,} tokens of {EVAL_TEXT}, which evaluation and the benchmarks score perplexity on: "
+            f"the plan would be tuned on its own test. Set sweep.skip_windows to at least {needed} (or leave it "
+            "null), or sweep another text.",
         )
 
 

@@ -217,3 +217,25 @@ def test_sweep_refuses_a_model_without_moe_layers():
 def test_moe_blocks_in_points_are_left_as_converted(converted):
     _, moe, _, _ = converted
     assert all(isinstance(moe.mlp(i), MoEMLP) and moe.mlp(i).policy.k == 2 for i in range(3))
+
+
+def test_the_sweep_never_tunes_on_the_windows_perplexity_is_scored_on():
+    """On WikiText-2 the held-out windows start past the scored head, whatever the window length; fewer skipped
+    windows are refused with the reason. Other texts may skip less."""
+    from moe_core.config import EVAL_TEXT, SCORED_TOKENS, EvalConfig
+    from moe_core.data import eval_windows, load_documents, shared_data_dir
+    from moe_core.sweep import held_out_windows
+
+    eval_default = EvalConfig(text=EVAL_TEXT)
+    assert eval_default.n_windows * eval_default.seq_len <= SCORED_TOKENS  # evaluation's default windows
+    assert SweepConfig().skip_windows * SweepConfig().seq_len >= SCORED_TOKENS
+    assert SweepConfig(seq_len=32).skip_windows == SCORED_TOKENS // 32  # counted in tokens, not windows
+    with pytest.raises(ValueError, match="score perplexity on"):
+        SweepConfig(text=EVAL_TEXT, skip_windows=SCORED_TOKENS // 256 - 1)
+    assert SweepConfig(text="builtin:pydoc", skip_windows=0).skip_windows == 0
+    if shared_data_dir() is None:
+        return
+    tokenizer = tiny_model("llama").tokenizer
+    cfg = SweepConfig(seq_len=32, n_windows=2)
+    windows = eval_windows(load_documents(EVAL_TEXT), tokenizer, 32, cfg.skip_windows + 2, source=EVAL_TEXT)
+    assert torch.equal(held_out_windows(tokenizer, cfg), windows[-2:])  # the first ones past the scored head

@@ -19,10 +19,10 @@ TARGETS = [("at most this perplexity increase (%)", "ppl"), ("at least this acti
 
 
 def _default_text() -> str:
-    from moe_core.data import available_sources
+    """The evaluation's text (WikiText-2 when present, else Python's docs): the sweep skips its scored head."""
+    from moe_core.config import default_eval_text
 
-    specs = [s for s, _ in available_sources()]
-    return "shared:wikitext2" if "shared:wikitext2" in specs else "builtin:pydoc"
+    return default_eval_text()
 
 
 def layer_plot(session: Session, layer):
@@ -140,15 +140,17 @@ def status_text(session: Session) -> str:
 
 def build(state: gr.State) -> tuple[gr.Markdown, object]:
     """The tab; returns its status line and the apply event (other tabs follow the applied plan)."""
+    from moe_core.config import SCORED_TOKENS
     from moe_core.data import available_sources
 
+    skip = f"The sweep skips the first {SCORED_TOKENS:,} tokens, which Evaluate and the benchmarks score."
     with gr.Tab("Routing policy", id="routing"):
         status = gr.Markdown(NO_MOE, elem_classes="moe-status")
         with gr.Row(equal_height=False):
             with gr.Column(scale=2):
                 text = gr.Dropdown(
                     [s for s, _ in available_sources()], value=_default_text(), allow_custom_value=True,
-                    label="Held-out text", info="The sweep skips the first 64 windows, which Evaluate scores.",
+                    label="Held-out text", info=skip,
                 )  # fmt: skip
                 with gr.Row():
                     n = gr.Slider(1, 16, value=2, step=1, label="Windows")
