@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from .config import SweepConfig
 from .layerwise import LayerInputs, capture_layer_inputs, head_logits, run_layer
 from .moe import MoEMLP, RoutingPolicy
+from .plumbing import shell_copy
 from .profiling import check_cancel
 
 Progress = Callable[[float, str], None] | None
@@ -400,7 +401,7 @@ def sweep(
     blocks = moe_layers(moe)
     if not blocks:
         raise ValueError("The model has no MoE layers: convert it first (python -m moe_core convert).")
-    work = copy.deepcopy(dense.model)  # candidates are swapped into this copy, one layer at a time
+    work = shell_copy(dense.model)  # candidates are swapped into it one layer at a time; weights are shared
     cache = dense_cache(dense, windows, cfg.batch_size)
     if score(run_from(work, dense.adapter, 0, cache), cache)["kl"] > 1e-4:  # the restart path must be exact
         raise ValueError(
@@ -650,10 +651,11 @@ def _plan(result: SweepResult, chosen: dict[int, PolicyPoint], target: dict) -> 
 
 def apply_plan(moe, plan: Plan, dense=None):
     """A copy of ``moe`` with each layer's policy set from ``plan``; layers the plan keeps dense get ``dense``'s
-    FFN back (pass the source model then). ``moe`` itself is not modified."""
+    FFN back (pass the source model then). ``moe`` itself is not modified: the copy shares its weights
+    (moe_core.plumbing.shell_copy), and stages that later write into them in place unshare them first."""
     from .model_io import DenseModel
 
-    out = DenseModel(copy.deepcopy(moe.model), moe.tokenizer, moe.adapter, moe.spec)
+    out = DenseModel(shell_copy(moe.model), moe.tokenizer, moe.adapter, moe.spec)  # weights shared with moe
     for layer, spec in plan.policies.items():
         mlp = out.mlp(layer)
         if spec is None and isinstance(mlp, MoEMLP):

@@ -42,7 +42,6 @@ there): the router beats static pruning at 25% and 50% active, and is level with
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +53,7 @@ import torch.nn.functional as F
 from ..config import CMoEConfig
 from ..layerwise import convert_layers
 from ..moe import MoEMLP, Router, RoutingPolicy
+from ..plumbing import shell_copy
 from ..reconstruct import ReconstructSettings, reconstruct_block
 
 
@@ -282,7 +282,7 @@ def convert(
     from ..model_io import DenseModel
 
     cfg, start = cfg or CMoEConfig(), time.perf_counter()
-    moe = DenseModel(copy.deepcopy(dense.model), dense.tokenizer, dense.adapter, dense.spec)
+    moe = DenseModel(shell_copy(dense.model), dense.tokenizer, dense.adapter, dense.spec)
     targets = [i for i in _target_layers(cfg, moe.n_layers) if cfg.layer_shape(i) is not None]
     report = ConversionReport("cmoe", _config_dict(cfg))
     if not targets:

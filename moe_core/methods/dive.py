@@ -42,7 +42,6 @@ Choices where the paper is silent, or where we differ on purpose:
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable
@@ -54,6 +53,7 @@ import torch
 from ..config import DIVEConfig
 from ..layerwise import run_decoder
 from ..moe import MoEMLP, Router, RoutingPolicy
+from ..plumbing import shell_copy
 from ..profiling import check_cancel
 
 Progress = Callable[[float, str], None] | None
@@ -237,7 +237,7 @@ def pruned_block(dense, i: int, kept: list, biases: list, router: Router, top_k:
 def _copy(dense):
     from ..model_io import DenseModel
 
-    return DenseModel(copy.deepcopy(dense.model), dense.tokenizer, dense.adapter, dense.spec)
+    return DenseModel(shell_copy(dense.model), dense.tokenizer, dense.adapter, dense.spec)
 
 
 def _install_flap(target, dense, stats: FlapStats, ratio: float) -> None:

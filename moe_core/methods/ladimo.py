@@ -52,7 +52,6 @@ for this 135M model at 25% fewer active FFN parameters.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable
@@ -63,6 +62,7 @@ import torch
 from ..config import LaDiMoConfig
 from ..layerwise import convert_layers
 from ..moe import MoEMLP, Router, RoutingPolicy
+from ..plumbing import shell_copy
 from ..profiling import check_cancel
 from ..reconstruct import ReconstructSettings, reconstruct_block
 from .cmoe import ConversionReport, atopk_markers, carve, carve_features, expert_sizes, magnitude_features
@@ -342,7 +342,7 @@ def convert(
     from ..model_io import DenseModel
 
     cfg, start = cfg or LaDiMoConfig(), time.perf_counter()
-    moe = DenseModel(copy.deepcopy(dense.model), dense.tokenizer, dense.adapter, dense.spec)
+    moe = DenseModel(shell_copy(dense.model), dense.tokenizer, dense.adapter, dense.spec)
     targets = _target_layers(cfg, moe.n_layers)
     _check_shape(moe, cfg)
     report = ConversionReport("ladimo", _config_dict(cfg))
