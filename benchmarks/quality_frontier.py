@@ -97,7 +97,8 @@ class Bench:
 
 
 def build_cmoe(b: Bench, budget: float):
-    return convert(b.dense, b.calib, CMoEConfig(experts=UNIFORM[budget])), {}
+    paper = CMoEConfig(experts=UNIFORM[budget], shared_by="rate", cluster_on="markers")  # as published
+    return convert(b.dense, b.calib, paper), {}
 
 
 def build_router(b: Bench, budget: float):

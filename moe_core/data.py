@@ -122,7 +122,7 @@ def parse_text_source(spec: str) -> TextSource:
     """Parse a source spec (see the module docstring); a bare existing path is a file source."""
     if not isinstance(spec, str) or not spec.strip():
         raise TextSourceError(f"Empty text source. Use one of: {SPEC_FORMS}.")
-    spec = spec.strip()
+    spec = default_text() if spec.strip() == "auto" else spec.strip()
     kind, sep, rest = spec.partition(":")
     if sep and kind in ("builtin", "shared", "file"):
         name, field = _split_field(rest, is_path=kind == "file")
@@ -150,6 +150,12 @@ def _parse_hub(rest: str) -> TextSource:
     rest, _, split = rest.rpartition("@") if "@" in rest else (rest, "", "train")
     name, colon, config = rest.partition(":")
     return TextSource("hub", name, text_field=field, config=config if colon else None, split=split)
+
+
+def default_text() -> str:
+    """The text ``auto`` stands for: Wikipedia prose from the shared data when present, else Python's docs
+    (never the scored WikiText-2 test text)."""
+    return "shared:calib-wikipedia" if shared_data_dir() is not None else "builtin:pydoc"
 
 
 def shared_data_dir() -> Path | None:

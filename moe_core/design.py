@@ -10,7 +10,24 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-ROUTER_ROWS = {"cmoe": 2, "linear": 1}  # CMoE scores with gate and up rows of a representative neuron
+import torch
+
+ROUTER_ROWS = {
+    "cmoe": 2,
+    "linear": 1,
+    "native": 1,
+}  # CMoE scores with gate and up rows of a representative neuron
+
+
+def router_kind(routing=None) -> str:
+    """The router a conversion with ``routing`` (a RoutingConfig; None: its defaults) builds, as :func:`estimate`
+    counts it: "native" (linear router, plus the shared expert's sigmoid gate), "linear" or "cmoe"."""
+    from .config import RoutingConfig
+
+    routing = routing or RoutingConfig()
+    if routing.form == "native":
+        return "native"
+    return "linear" if routing.router == "trained" else "cmoe"
 
 
 @dataclass(frozen=True)
@@ -82,9 +99,10 @@ def parse_per_layer(text: str, n_layers: int) -> tuple[int, ...]:
 
 
 def estimate(
-    dense, n_experts: int, n_shared: int, active, router: str = "cmoe", seq_len: int = 512
+    dense, n_experts: int, n_shared: int, active, router: str | None = None, seq_len: int = 512
 ) -> DesignEstimate:
-    """What the design would cost per token on ``dense`` (a DenseModel), without converting anything."""
+    """What the design would cost per token on ``dense`` (a DenseModel), without converting anything.
+    router: a :data:`ROUTER_ROWS` key; None: the one the default routing builds (:func:`router_kind`)."""
     from .evaluate import param_report
     from .methods.cmoe import expert_sizes
 
@@ -92,7 +110,9 @@ def estimate(
     per_layer = check_design(width, dense.n_layers, n_experts, n_shared, active)
     shared, routed = expert_sizes(width, n_shared, n_experts)
     mean_size = sum(routed) / len(routed)
+    router = router or router_kind()
     router_params = ROUTER_ROWS[router] * len(routed) * h
+    router_params += h if router == "native" and shared else 0  # Qwen2-MoE's shared-expert gate (H -> 1)
     dense_ffn = 3 * h * width  # per layer
     block_total = 3 * h * (shared + sum(routed)) + router_params
     block_active = [3 * h * (shared + mean_size * a) + router_params for a in per_layer]
@@ -125,16 +145,39 @@ def shared_count(n_experts: int, shared_ratio: float) -> int:
     return round(shared_ratio * n_experts)
 
 
-def shared_cutoff(profile, layer: int, n_experts: int, shared_ratio: float) -> dict | None:
-    """Where a design's shared expert ends on a layer's activation rates: CMoE keeps the ``shared_size`` most
-    often active neurons shared. {"rate": lowest shared rate, "shared_size", "n_shared"}; None when S = 0."""
+def shared_statistic(profile, layer: int, cmoe=None) -> tuple[torch.Tensor, str]:
+    """The per-neuron statistic (I,) that a CMoE carving (``cmoe``, a CMoEConfig; None: its defaults) ranks a
+    layer's neurons by to fill the shared expert, read from ``profile``, and its name."""
+    from .config import CMoEConfig
+
+    cmoe = cmoe or CMoEConfig()
+    if cmoe.shared_by == "magnitude":
+        stat, name = profile.contribution, "mean |h| x ||W_down column||"
+    elif cmoe.variant == "code":
+        stat, name = profile.cosine_rates, "cosine activation rate"
+    else:
+        stat, name = profile.rates, "activation rate"
+    if stat is None:
+        raise ValueError(
+            "This profile predates the carving statistics: profile again to draw the shared expert."
+        )
+    return stat[layer], name
+
+
+def shared_cutoff(profile, layer: int, n_experts: int, shared_ratio: float, cmoe=None) -> dict | None:
+    """Which of a layer's neurons a design's shared expert holds: the ``shared_size`` neurons that rank highest
+    by the statistic the carving uses (:func:`shared_statistic`; ``cmoe`` a CMoEConfig, None: its defaults).
+    {"shared": bool mask (I,), "by": the statistic's name, "rate": the lowest activation rate among them,
+    "shared_size", "n_shared"}; None when S = 0."""
     from .methods.cmoe import expert_sizes
 
-    rates = profile.rates[layer]  # (I,)
+    stat, by = shared_statistic(profile, layer, cmoe)
     n_shared = shared_count(n_experts, shared_ratio)
-    check_design(rates.numel(), 1, n_experts, n_shared, 1)
-    size, _ = expert_sizes(rates.numel(), n_shared, n_experts)
+    check_design(stat.numel(), 1, n_experts, n_shared, 1)
+    size, _ = expert_sizes(stat.numel(), n_shared, n_experts)
     if size == 0:
         return None
-    rate = float(rates.sort(descending=True).values[size - 1])
-    return {"rate": rate, "shared_size": size, "n_shared": n_shared}
+    shared = torch.zeros(stat.numel(), dtype=torch.bool)
+    shared[torch.sort(stat, descending=True, stable=True).indices[:size]] = True  # carving's order
+    rate = float(profile.rates[layer][shared].min())
+    return {"shared": shared, "by": by, "rate": rate, "shared_size": size, "n_shared": n_shared}

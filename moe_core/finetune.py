@@ -224,11 +224,9 @@ def training_ids(dense, cfg: FinetuneConfig | None = None) -> torch.Tensor:
 
 def training_text(cfg: FinetuneConfig) -> str:
     """cfg.text, with ``auto`` resolved: Wikipedia prose from the shared data when present, else Python's docs."""
-    from .data import shared_data_dir
+    from .data import default_text
 
-    if cfg.text != "auto":
-        return cfg.text
-    return "shared:calib-wikipedia" if shared_data_dir() is not None else "builtin:pydoc"
+    return default_text() if cfg.text == "auto" else cfg.text
 
 
 def finetune(

@@ -84,7 +84,7 @@ def test_cli_convert_writes_a_reloadable_folder(tmp_path, capsys):
     dense, ids = load_calibration(run.model, run.data)
     again = load_converted(out)
     assert isinstance(again.mlp(0), MoEMLP)
-    assert_same_model(again, convert(dense, ids, run.cmoe))
+    assert_same_model(again, convert(dense, ids, run.cmoe, routing=run.routing))
 
 
 def test_cli_convert_reports_bad_config(tmp_path, capsys):

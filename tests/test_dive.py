@@ -15,6 +15,7 @@ from moe_core.config import (
     ConvertRun,
     DIVEConfig,
     DIVERetrainConfig,
+    RoutingConfig,
     from_dict,
     parse_domains,
     to_dict,
@@ -36,6 +37,7 @@ from moe_core.methods.dive import (
 from moe_core.model_io import tiny_model
 from moe_core.moe import MoEMLP
 
+METHOD_ROUTING = RoutingConfig(router="method", form="analytic", refit=False)  # DIVE's own gates and biases
 RETRAIN = DIVERetrainConfig(stage1_steps=6, stage2_steps=6, batch_size=2, router_lr=5e-2, lr=1e-2)
 
 
@@ -428,7 +430,8 @@ def test_dive_with_default_domains_converts_without_the_shared_data(monkeypatch,
 
 
 def test_python_convert_saves_and_reloads_identical_logits(domains, tmp_path):
-    run = ConvertRun(method="dive", dive=small(domains, retrain=RETRAIN))
+    """DIVE's own routing (expert biases, which the default native form drops) saves and reloads exactly."""
+    run = ConvertRun(method="dive", dive=small(domains, retrain=RETRAIN), routing=METHOD_ROUTING)
     moe = convert(tiny_model("qwen2"), ids(), run)
     assert set(moe.conversion.retrain) == {"stage1", "stage2"}
     save_converted(moe, tmp_path / "m", to_dict(run), {"conversion": moe.conversion.as_dict()})

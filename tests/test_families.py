@@ -168,7 +168,7 @@ def test_every_family_converts_and_exports_exactly_or_is_refused_with_a_reason(r
     scale = result["scale"]
     assert result["layerwise_vs_dense"] <= DENSE_TOL  # the captured per-layer arguments are the model's own
     assert result["all_on_vs_dense"] <= min(DENSE_TOL, 1e-4 * scale)  # every expert on, unit gates: dense
-    assert result["routed_vs_dense"] > 1e-3 * scale  # top-1 drops neurons: the export check means something
+    assert result["routed_vs_dense"] > 5e-4 * scale  # top-1 drops neurons: 5x the export tolerance below
     reloaded = result["reloaded"]
     assert reloaded["class"] == "MoEStudioForCausalLM" and not reloaded["moe_core_imported"]
     assert float((reloaded["logits"] - result["routed"]).abs().max()) <= min(EXPORT_TOL, 1e-4 * scale)

@@ -188,6 +188,7 @@ def test_cli_convert_fine_tunes_when_asked(tmp_path, capsys):
     config.write_text(
         "model: {spec: 'builtin:tiny-llama'}\ndata: {text: 'builtin:pydoc', n_sequences: 2, seq_len: 32}\n"
         "finetune: {text: 'builtin:pydoc', n_sequences: 4, seq_len: 32, scale_lr: 0.1}\n"
+        "routing: {router: method, form: analytic, refit: false}\n"  # CMoE's gates 1 + p u: u trains
     )
     out = tmp_path / "out"
     assert (

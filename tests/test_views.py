@@ -14,6 +14,7 @@ import numpy as np
 import plotly.graph_objects as go
 import pytest
 
+from moe_core import design
 from moe_core.cli import _run_config, build_parser
 from moe_core.config import ConvertRun, from_dict, load_config_file
 from views import (
@@ -31,7 +32,15 @@ from views.state import Session, Workspace
 
 TINY = "builtin:tiny-llama"  # 2 layers, H=64, I=192
 DATA = ["builtin:pydoc", 2, 32, 0]
-DESIGN = [8, 0.25, "uniform", 2, "", 0.5, ""]  # S2A2E8 (then the budget mode's budget and allocation)
+DESIGN = [
+    8,
+    0.25,
+    "uniform",
+    2,
+    "",
+    design_tab.DEFAULTS["budget"],
+    "",
+]  # S2A2E8 (then the budget mode's budget, allocation)
 
 
 def layout(n_experts, ratio, mode, active, per_layer="", budget=0.5, allocation="") -> list:
@@ -124,6 +133,9 @@ def test_profile_histogram_marks_the_shared_cutoff(loaded):
     session = profile_tab.run(loaded, *DATA[:3], 5, 0, 0)[0]
     rate, _ = profile_tab.layer_figures(session, 0, 8, 0.25)
     assert any("shared | routed" in a.text for a in rate.layout.annotations)
+    routed, shared = rate.data  # stacked on the same bins: all neurons, shared ones in amber
+    assert sum(shared.y) == design.shared_cutoff(session.profile, 0, 8, 0.25)["shared_size"]
+    assert sum(routed.y) + sum(shared.y) == session.profile.rates.shape[1]
     rate, _ = profile_tab.layer_figures(session, 0, 8, 0.0)  # no shared expert: no line
     assert not any("shared | routed" in a.text for a in rate.layout.annotations)
 

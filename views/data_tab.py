@@ -18,8 +18,19 @@ SOURCE_FORMS = (
     "Also: shared:<name>, a local file (txt, jsonl, json, csv, parquet; file:<path>#field), hub:<dataset> "
     "(needs network), or upload a file below."
 )
-# Small enough to profile and convert the default model in seconds on a laptop CPU; the CLI defaults are larger.
-DEFAULTS = {"text": "builtin:pydoc", "n_sequences": 4, "seq_len": 256, "seed": 0}
+
+
+def _defaults() -> dict:
+    """The run config's calibration (32 x 512 tokens: what the routing step's least squares need), with
+    ``auto`` shown as the text it stands for."""
+    from moe_core.data import default_text
+
+    data = DataConfig()
+    text = default_text() if data.text == "auto" else data.text
+    return {"text": text, "n_sequences": data.n_sequences, "seq_len": data.seq_len, "seed": data.seed}
+
+
+DEFAULTS = _defaults()
 EMPTY = widgets.empty(
     "Press <b>Preview</b> to read the text and count its tokens with the loaded model's tokenizer."
 )

@@ -35,7 +35,7 @@ def _label(session: Session) -> str:
     method = run.get("method", "moe")
     section = run.get(method, {})
     layout = section.get("experts") or f"E{section.get('n_experts', '?')}k{section.get('top_k', '?')}"
-    plan = " +plan" if "plan" in run else ""
+    plan = " +plan" if run.get("plan") else ""  # a run config always has the key, None without a plan
     return f"#{len(session.evals) + 1} {method} {layout}{plan}"
 
 

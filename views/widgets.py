@@ -143,6 +143,6 @@ def converted_status(session, no_moe: str, ready: str) -> str:
     layout = section.get("experts") or f"E{section.get('n_experts', '?')} top-{section.get('top_k', '?')}"
     if section.get("layer_experts"):
         layout = f"one shape per layer, {section.get('budget') or 0:.0%} active budget"
-    plan = ", with a per-layer routing plan" if "plan" in run else ""
+    plan = ", with a per-layer routing plan" if run.get("plan") else ""
     spec = session.dense.spec if session.dense is not None else "?"
     return f"Converted: **{METHOD_TITLES.get(method, method)} {layout}** of **{spec}**{plan}. {ready}"
