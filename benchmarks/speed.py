@@ -48,6 +48,7 @@ from moe_core.evaluate import param_report, prefill_seconds  # noqa: E402
 from moe_core.methods import convert  # noqa: E402
 from moe_core.model_io import DEFAULT_MODEL, load_model  # noqa: E402
 from moe_core.moe import MoEMLP  # noqa: E402
+from moe_core.moe_fast import grouped_mm_ok  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -216,7 +217,7 @@ def setup_line(models: dict) -> str:
         block = blocks[0].mlp
         x = torch.zeros(1, block.hidden_size, device=dense.device, dtype=block.gate_up_proj.dtype)
         decode = "fused (MoEMLP._decode)" if block._decode_plan(x) is not None else "grouped_mm or host loop"
-        prefill = "grouped_mm" if block._grouped_mm_ok(x) else "per-expert loop"
+        prefill = "grouped_mm" if grouped_mm_ok(block, x) else "per-expert loop"
         line += f"; MoE decode {decode}, prefill {prefill}"
     return line
 

@@ -8,8 +8,10 @@ import torch
 import torch.utils._python_dispatch
 from safetensors.torch import load_file, save_file
 
+from moe_core import moe_fast
 from moe_core.model_io import tiny_model
-from moe_core.moe import DECODE_MAX_PAIRS, HOST_LOOP_MAX_PAIRS, MoEMLP, RoutingPolicy
+from moe_core.moe import MoEMLP, RoutingPolicy
+from moe_core.moe_fast import DECODE_MAX_PAIRS, HOST_LOOP_MAX_PAIRS, grouped_mm_ok
 from tests.test_moe import block_from
 
 POLICIES = [
@@ -73,15 +75,17 @@ def test_fast_kernels_in_bfloat16_track_float32(n_tokens):
 def test_unaligned_widths_fall_back_to_the_loop():
     block = routed_block(RoutingPolicy("topk", k=2), n_shared=13, n_experts=7)  # widths 25: not aligned
     x = torch.randn(3, 40, 64)
-    assert not block._grouped_mm_ok(x)
+    assert not grouped_mm_ok(block, x)
     with torch.inference_mode():
         torch.testing.assert_close(block(x), block.forward_reference(x), rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_decode_uses_the_host_loop(monkeypatch):
     block = routed_block(RoutingPolicy("topk", k=2)).to(torch.bfloat16)
-    monkeypatch.setattr(block, "_routed_grouped", lambda *_: pytest.fail("grouped_mm ran for a decode step"))
-    monkeypatch.setattr(block, "_decode", lambda *_: pytest.fail("the float32 decode path ran in bfloat16"))
+    monkeypatch.setattr(
+        moe_fast, "routed_grouped", lambda *_: pytest.fail("grouped_mm ran for a decode step")
+    )
+    monkeypatch.setattr(moe_fast, "decode", lambda *_: pytest.fail("the float32 decode path ran in bfloat16"))
     forbid_loop(block, monkeypatch)
     with torch.inference_mode():
         block(torch.randn(HOST_LOOP_MAX_PAIRS // 2, 64, dtype=torch.bfloat16))
@@ -89,8 +93,12 @@ def test_bfloat16_decode_uses_the_host_loop(monkeypatch):
 
 def only_decode(block, monkeypatch):
     """Make every other inference path raise, so a test proves the fused CPU decode path ran."""
-    for name in ("route", "_routed", "_routed_few", "_routed_grouped"):
+    for name in ("route", "_routed"):
         monkeypatch.setattr(block, name, lambda *_, name=name: pytest.fail(f"{name} ran for a decode step"))
+    for name in ("routed_few", "routed_grouped"):
+        monkeypatch.setattr(
+            moe_fast, name, lambda *_, name=name: pytest.fail(f"{name} ran for a decode step")
+        )
 
 
 DECODE_CASES = [  # (policy, tokens): at most DECODE_MAX_PAIRS (token, expert) pairs
@@ -136,7 +144,7 @@ def test_fused_decode_equals_reference(
 def test_more_pairs_than_the_decode_limit_use_grouped_matmuls(monkeypatch):
     block = routed_block(RoutingPolicy("topk", k=1))
     monkeypatch.setattr(
-        block, "_decode", lambda *_: pytest.fail("the decode path ran for a prefill-sized batch")
+        moe_fast, "decode", lambda *_: pytest.fail("the decode path ran for a prefill-sized batch")
     )
     x = torch.randn(DECODE_MAX_PAIRS + 1, 64)
     with torch.inference_mode():
@@ -227,7 +235,7 @@ def test_wrapped_shared_projection_falls_back_to_the_host_loop(monkeypatch):
     old = block.shared_expert.gate_proj
     block.shared_expert.gate_proj = Wrapped(old.in_features, old.out_features, bias=False)
     block.shared_expert.gate_proj.weight.data.copy_(old.weight)
-    monkeypatch.setattr(block, "_decode", lambda *_: pytest.fail("a wrapped projection was fused"))
+    monkeypatch.setattr(moe_fast, "decode", lambda *_: pytest.fail("a wrapped projection was fused"))
     x = torch.randn(1, 64)
     with torch.inference_mode():
         torch.testing.assert_close(block(x), block.forward_reference(x), rtol=1e-5, atol=1e-5)
@@ -251,7 +259,7 @@ def test_generate_with_kv_cache_matches_dense_when_every_expert_is_on(family):
         dense_logits = dense.model(ids).logits
         for i in range(dense.n_layers):
             block = block_from(dense, i, 32, 4, RoutingPolicy("topk", k=4))
-            assert isinstance(block, MoEMLP) and block._grouped_mm_ok(ids.float())
+            assert isinstance(block, MoEMLP) and grouped_mm_ok(block, ids.float())
             dense.adapter.set_mlp(dense.model, i, block)
         got = dense.model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
         torch.testing.assert_close(dense.model(ids).logits, dense_logits, rtol=1e-4, atol=1e-4)
@@ -287,15 +295,13 @@ class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
 def test_fused_decode_runs_four_plus_five_k_kernels(k, monkeypatch):
     """The decode step's promise, counted instead of timed: one matmul + activation for the shared expert and
     router, the shared down projection, then 2 matmuls + activation + addmm_ per chosen expert."""
-    import moe_core.moe as moe_module
-
     block = routed_block(RoutingPolicy("topk", k=k), bias=False)
     x = torch.randn(1, 64)
     with torch.inference_mode():
         block(x)  # builds the fused weights
         with _OpCounter() as fused:
             block(x)
-        monkeypatch.setattr(moe_module, "DECODE_MAX_PAIRS", 0)  # the host loop it replaced
+        monkeypatch.setattr(moe_fast, "DECODE_MAX_PAIRS", 0)  # the host loop it replaced
         with _OpCounter() as loop:
             block(x)
     compute = [

@@ -170,7 +170,7 @@ def masked_forward(block: MoEMLP, x, k_T):
     """
     n_tokens, hidden = x.shape
     n_experts, width = block.n_experts, block.down_proj.shape[-1]
-    probs = torch.softmax(block.router(x) / block.temperature, dim=-1)  # (T, E) float32
+    probs = block.probabilities(x)  # (T, E) float32
     mask = selection_mask(probs.detach(), k_T)
     gates = probs * mask
     if block.gate_mode == "renorm":
@@ -267,7 +267,7 @@ def _mean(values: list[float]) -> float:
 def routing_profile(block: MoEMLP, x, thresholds=THRESHOLDS) -> dict:
     """Distribution of routing weights on x (T, H): mean sorted p (E,), mean experts needed per dynamic
     threshold, and the share of tokens each expert wins (its top-1 share)."""
-    probs = torch.softmax(block.router(x) / block.temperature, dim=-1)  # (T, E)
+    probs = block.probabilities(x)  # (T, E)
     sorted_p = probs.sort(dim=-1, descending=True).values
     before = sorted_p.cumsum(-1) - sorted_p
     return {
