@@ -39,7 +39,10 @@ def atopk_counts(h: torch.Tensor, k_act: int) -> torch.Tensor:
 
 @dataclass
 class ActivationProfile:
-    """Per-layer neuron statistics. rates, mean_abs: (L, I); h_hist_counts (L, B); h_hist_edges (L, B+1)."""
+    """Per-layer neuron statistics, (L, I) each: ``rates`` (ATopK on the raw h), ``cosine_rates`` (ATopK on
+    cosines, the released CMoE code's), ``mean_abs`` (mean |h_i|) and ``contribution`` (mean |h_i| times
+    ||W_down[:, i]||, what magnitude carving ranks by); h_hist_counts (L, B); h_hist_edges (L, B+1).
+    :func:`moe_core.design.shared_cutoff` reads the statistic a carving configuration ranks neurons by."""
 
     rates: torch.Tensor
     mean_abs: torch.Tensor
@@ -49,6 +52,8 @@ class ActivationProfile:
     n_tokens: int
     model_spec: str = ""
     text_spec: str = ""
+    cosine_rates: torch.Tensor | None = None  # None in profiles saved before they were measured
+    contribution: torch.Tensor | None = None
 
     @property
     def n_layers(self) -> int:
@@ -88,6 +93,9 @@ class ActivationProfile:
             "h_hist_counts": self.h_hist_counts,
             "h_hist_edges": self.h_hist_edges,
         }
+        tensors |= {
+            k: getattr(self, k) for k in ("cosine_rates", "contribution") if getattr(self, k) is not None
+        }
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "profile.safetensors"))
         meta = {
             "k_act": self.k_act,
@@ -114,7 +122,15 @@ class _LayerStats:
 
     def __init__(self, n_neurons: int, k_act: int):
         self.k_act, self.counts, self.abs_sum = k_act, torch.zeros(n_neurons), torch.zeros(n_neurons)
+        self.cosine_counts = torch.zeros(n_neurons)
         self.hist, self.edges, self.tokens = torch.zeros(HIST_BINS), None, 0
+
+    def add_input(self, x: torch.Tensor) -> None:  # the MLP's input x (..., H); self.mlp: (W_gate, W_up, act)
+        from .methods.cmoe import atopk_markers
+
+        w_gate, w_up, act = self.mlp
+        markers = atopk_markers(x.reshape(-1, x.shape[-1]), w_gate, w_up, act, self.k_act, normalise=True)
+        self.cosine_counts += markers.sum(0).cpu()
 
     def add(self, h: torch.Tensor) -> None:  # h (T, I)
         h = h.reshape(-1, h.shape[-1]).float()
@@ -154,18 +170,27 @@ def profile_model(
         check_cancel(cancel)
         acc = _LayerStats(n_neurons, k_act)
         # The input of the down projection is exactly h = act(gate(x)) * up(x): read it, not recompute it.
-        down = dense.adapter.down(dense.mlp(i))
-        handle = down.register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0]))
+        mlp = dense.mlp(i)
+        w_gate, w_up, w_down = dense.adapter.weights(mlp)
+        acc.mlp = (w_gate, w_up, dense.adapter.act_fn(mlp))
+        handles = [
+            dense.adapter.down(mlp).register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0])),
+            mlp.register_forward_pre_hook(lambda m, args, acc=acc: acc.add_input(args[0])),
+        ]
         try:
             inputs = run_layer(layer, inputs)
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
+        acc.down_norms = w_down.float().norm(dim=0).cpu()  # ||W_down[:, i]|| (I,)
         stats.append(acc)
         if progress:
             progress((i + 1) / len(layers), f"Profiled layer {i + 1}/{len(layers)}")
     return ActivationProfile(
         rates=torch.stack([s.counts / s.tokens for s in stats]),
         mean_abs=torch.stack([s.abs_sum / s.tokens for s in stats]),
+        cosine_rates=torch.stack([s.cosine_counts / s.tokens for s in stats]),
+        contribution=torch.stack([s.abs_sum / s.tokens * s.down_norms for s in stats]),
         h_hist_counts=torch.stack([s.hist for s in stats]),
         h_hist_edges=torch.stack([s.edges for s in stats]),
         k_act=k_act,

@@ -72,3 +72,32 @@ def test_default_model_profile_short_sample(smollm2):
     assert profile.rates.shape == (30, 1536)
     # CMoE's observation: a few neurons fire for almost every token, most rarely.
     assert float(profile.rates.max()) > 0.5 and float(profile.rates.median()) < 0.01
+
+
+@pytest.mark.parametrize(
+    "carving",
+    [{}, {"shared_by": "rate", "cluster_on": "markers"}, {"shared_by": "rate", "variant": "paper"}],
+    ids=["magnitude", "rate-code", "rate-paper"],
+)
+def test_the_drawn_shared_expert_is_the_one_carving_builds(tiny, carving):
+    """The Profile tab colours design.shared_cutoff's neurons: the very set CMoE's carving puts in the shared
+    expert, whatever statistic it ranks by (the tabs drew raw-h rates while carving ranked cosine rates)."""
+    from moe_core.config import CMoEConfig
+    from moe_core.design import shared_cutoff
+    from moe_core.methods.cmoe import carve_block
+
+    ids = torch.randint(0, 250, (3, 20))
+    profile = profile_model(tiny, ids, k_act=5)
+    seen = []
+    hook = tiny.mlp(0).register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, 64)))
+    try:
+        tiny.model(ids)
+    finally:
+        hook.remove()
+    cfg = CMoEConfig(experts="S2A2E8", k_act=5, **carving)
+    block, _ = carve_block(tiny, 0, seen[0], cfg)
+    shared_w_gate = block.shared_expert.gate_proj.weight
+    w_gate = tiny.adapter.weights(tiny.mlp(0))[0]
+    carved = {int((w_gate == row).all(-1).nonzero()) for row in shared_w_gate}  # rows back to neuron ids
+    cut = shared_cutoff(profile, 0, 8, 0.25, cfg)
+    assert set(cut["shared"].nonzero().squeeze(1).tolist()) == carved and cut["shared_size"] == len(carved)

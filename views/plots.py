@@ -43,7 +43,8 @@ SHARED = "#d97706"  # amber: the shared/routed cut-off
 def rate_histogram(counts: np.ndarray, edges: np.ndarray, layer: int, uniform_rate: float, cutoff=None):
     """Bars of neuron counts over activation-rate bins: counts (B,), edges (B+1,); log y.
 
-    cutoff: {"rate", "shared_size", "n_shared"} of the current design (design.shared_cutoff) or None.
+    cutoff: the current design's shared expert (design.shared_cutoff) with ``shared_counts`` (B,), its neurons
+    per bin, or None.
     """
     import plotly.graph_objects as go
 
@@ -69,13 +70,24 @@ def rate_histogram(counts: np.ndarray, edges: np.ndarray, layer: int, uniform_ra
         ay=0,
         xanchor="left",
     )
-    if cutoff is not None:
-        fig.add_vline(x=cutoff["rate"], line_color=SHARED, line_width=2)
+    if cutoff is not None:  # the shared expert's neurons, stacked in amber on the same bins
+        fig.data[0].y = counts - cutoff["shared_counts"]
+        fig.data[0].name = "routed experts"
+        fig.add_bar(
+            x=centers,
+            y=cutoff["shared_counts"],
+            width=widths,
+            marker_color=SHARED,
+            name=f"shared expert (S={cutoff['n_shared']})",
+            hovertemplate="rate %{x:.4f}<br>%{y} shared neurons<extra></extra>",
+        )
+        fig.update_layout(barmode="stack", showlegend=True)
         fig.add_annotation(
-            x=cutoff["rate"],
+            x=1,
             y=0.65,
+            xref="paper",
             yref="paper",
-            text=f"shared | routed: {cutoff['shared_size']} neurons to the right are shared (S={cutoff['n_shared']})",
+            text=f"shared | routed: {cutoff['shared_size']} neurons in amber are shared, the highest by {cutoff['by']}",
             font={"color": SHARED},
             showarrow=False,
             xanchor="right",

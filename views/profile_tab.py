@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, replace
 
 import gradio as gr
+import numpy as np
 
 from moe_core.config import ProfileConfig
 from views import data_tab, plots, widgets
@@ -75,8 +76,8 @@ def command(session: Session, text: str, n_sequences, seq_len, k_act, seed) -> s
 def layer_figures(session: Session, layer, n_experts=None, shared_ratio=None):
     """(rate histogram, h histogram) of one layer, from the stored profile; nothing is recomputed.
 
-    With a design (n_experts, shared_ratio) the rate histogram marks where its shared expert ends: CMoE keeps
-    the most often active neurons in the shared expert.
+    With a design (n_experts, shared_ratio) the rate histogram colours the neurons its shared expert would
+    hold: the ones the default carving ranks highest (design.shared_cutoff), counted in the same rate bins.
     """
     from moe_core.design import shared_cutoff
 
@@ -91,8 +92,11 @@ def layer_figures(session: Session, layer, n_experts=None, shared_ratio=None):
             cutoff = shared_cutoff(p, layer, int(n_experts), float(shared_ratio or 0))
         except ValueError:
             cutoff = None  # an invalid design is explained on the Design tab
+    counts, edges = p.rate_histogram(layer, bins=50)
+    if cutoff is not None:
+        cutoff["shared_counts"] = np.histogram(p.rates[layer][cutoff["shared"]].numpy(), bins=edges)[0]
     return (
-        plots.rate_histogram(*p.rate_histogram(layer, bins=50), layer, uniform, cutoff),
+        plots.rate_histogram(counts, edges, layer, uniform, cutoff),
         plots.h_histogram(*p.h_histogram(layer), layer),
     )
 
