@@ -670,6 +670,27 @@ def resolve_dtype(device: str, dtype: str | torch.dtype | None) -> torch.dtype:
         raise ModelLoadError(f"Unknown dtype '{dtype}': use float32, bfloat16 or float16.") from None
 
 
+def check_device(device: str) -> None:
+    """Raise ModelLoadError, saying what to use instead, when torch cannot run on ``device`` here."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"Unknown device '{device}': use cpu, cuda or cuda:N.") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ModelLoadError(f"Device '{device}' cannot be used: {why}. Use --device cpu (the default).")
+    if (
+        kind == "cuda"
+        and (index := torch.device(device).index) is not None
+        and index >= torch.cuda.device_count()
+    ):
+        raise ModelLoadError(
+            f"Device '{device}' does not exist: {torch.cuda.device_count()} CUDA GPU(s) visible."
+        )
+    if kind not in ("cpu", "cuda"):
+        raise ModelLoadError(f"Device '{device}' is not supported: use cpu or cuda.")
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     *,
@@ -680,6 +701,7 @@ def load_model(
 ) -> DenseModel:
     """Load a dense model from a spec string (see module docstring); raises ModelLoadError."""
     spec = (spec or "").strip() or DEFAULT_MODEL
+    check_device(device)
     torch_dtype = resolve_dtype(device, dtype)
     if progress:
         progress(0.0, f"Loading {spec}")

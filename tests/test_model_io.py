@@ -122,3 +122,17 @@ def test_default_model_loads_and_is_cached(smollm2, tmp_path):
     ids = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids
     out = smollm2.model.generate(ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in smollm2.tokenizer.decode(out[0, ids.shape[1] :])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_a_device_that_cannot_run_is_refused_with_what_to_use(capsys):
+    from moe_core.cli import main
+    from moe_core.model_io import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="Use --device cpu"):
+        load_model("builtin:tiny-llama", device="cuda")
+    with pytest.raises(ModelLoadError, match="Unknown device"):
+        load_model("builtin:tiny-llama", device="gpu0")
+    assert main(["eval", "--model", "builtin:tiny-llama", "--device", "cuda"]) != 0
+    err = capsys.readouterr().err
+    assert "Use --device cpu" in err and "internal error" not in err
