@@ -391,8 +391,22 @@ def _apply_target(result, dense, moe, cfg, out) -> dict:
     plan.save(out / "plan.json")
     planned = apply_plan(moe, plan, dense)
     params = param_report(planned, cfg.sweep.seq_len)
-    save_converted(planned, out / "model", to_dict(cfg), {"plan": plan.to_dict(), **params})
+    save_converted(planned, out / "model", _planned_run(moe, cfg, plan), {"plan": plan.to_dict(), **params})
     return {"labels": plan.labels, "predicted": plan.predicted, "model": str(out / "model")}
+
+
+def _planned_run(moe, cfg, plan) -> dict:
+    """The convert run config that rebuilds the planned model (``convert --config`` loads it): the swept
+    folder's own run config, or the LaDiMo conversion the sweep made (no routing step), plus the plan."""
+    from .config import ConvertRun, RoutingConfig, from_dict
+
+    base = getattr(moe, "run_config", None) or to_dict(
+        ConvertRun(
+            method="ladimo", model=cfg.model, data=cfg.data, ladimo=cfg.ladimo,
+            routing=RoutingConfig(router="method", form="analytic", refit=False),
+        )
+    )  # fmt: skip
+    return to_dict(from_dict(ConvertRun, {**base, "plan": plan.to_dict()}))
 
 
 def _sweep_flags(p: argparse.ArgumentParser) -> None:

@@ -229,6 +229,7 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
 
 
 def test_cli_convert_then_sweep_with_a_target(tmp_path, capsys):
+    from moe_core.checkpoint import load_converted
     from moe_core.cli import main
 
     common = ["--model", "builtin:tiny-llama", "--text", "builtin:pydoc", "--n-sequences", "2"]
@@ -245,6 +246,18 @@ def test_cli_convert_then_sweep_with_a_target(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["plan"]["predicted"]["active_ffn_reduction"] >= 0.3
     assert {p.name for p in (tmp_path / "sw").iterdir()} >= {"sweep.json", "points.csv", "plan.json", "model"}
+    # the planned model's run config converts again, to the same model (it was a SweepRun convert refused)
+    again = [
+        "convert",
+        "--config",
+        str(tmp_path / "sw" / "model" / "run_config.json"),
+        "--out",
+        str(tmp_path / "re"),
+    ]
+    assert main(again) == 0
+    planned, rebuilt = load_converted(tmp_path / "sw" / "model"), load_converted(tmp_path / "re")
+    assert rebuilt.run_config["plan"] == planned.run_config["plan"] is not None
+    torch.testing.assert_close(rebuilt.model(ids()).logits, planned.model(ids()).logits, rtol=0, atol=1e-5)
 
 
 def test_oracle_start_is_native_and_training_keeps_it_native():
