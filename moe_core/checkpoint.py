@@ -120,8 +120,9 @@ def read_json(folder: str | Path, name: str) -> dict:
 
 
 @torch.no_grad()
-def load_converted(folder: str | Path, device: str = "cpu"):
+def load_converted(folder: str | Path, device: str = "cpu", trust_remote_code: bool = False):
     """Rebuild a converted DenseModel saved by save_converted: same modules, same weights, same logits.
+    trust_remote_code: a source family that only its repository's code defines (its config, model, tokenizer).
 
     The result also carries ``run_config`` and ``metrics`` (the folder's JSON files) as attributes.
     """
@@ -138,14 +139,14 @@ def load_converted(folder: str | Path, device: str = "cpu"):
             "written by `python -m moe_core convert`; load dense model folders with load_model."
         )
     meta = read_json(folder, MOE_LAYERS)
-    config = AutoConfig.from_pretrained(folder)
-    adapter = adapter_for_config(config)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    adapter = adapter_for_config(config, trust_remote_code)
     dtype = getattr(torch, meta["dtype"])
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     for i, spec in meta["layers"].items():
         adapter.set_mlp(model, int(i), MoEMLP.from_spec(spec).to(dtype))
     _load_state(model, load_file(str(folder / "model.safetensors")), meta["tied"])
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     dense = DenseModel(model.to(device).eval(), tokenizer, adapter, str(folder))
     dense.run_config, dense.metrics = read_json(folder, "run_config.json"), read_json(folder, "metrics.json")
     return dense

@@ -157,7 +157,11 @@ def _load_for_eval(model_cfg: ModelConfig):
     from .model_io import load_model
 
     if is_converted(Path(model_cfg.spec).expanduser()):
-        moe = load_converted(Path(model_cfg.spec).expanduser(), device=model_cfg.device)
+        moe = load_converted(
+            Path(model_cfg.spec).expanduser(),
+            device=model_cfg.device,
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
         return moe, moe.run_config.get("model", {}).get("spec")
     kwargs = {"device": model_cfg.device, "dtype": model_cfg.dtype}
     return load_model(model_cfg.spec, trust_remote_code=model_cfg.trust_remote_code, **kwargs), None
@@ -435,7 +439,8 @@ def cmd_export(args) -> int:
             "the model with the export reloaded on the CPU in a clean process. Drop --device."
         )
     base = load_config_file(args.config) if args.config else {}
-    moe = load_converted(args.model)
+    trust = bool(args.trust_remote_code or (base.get("model") or {}).get("trust_remote_code"))
+    moe = load_converted(args.model, trust_remote_code=trust)  # a source family defined by its own code
     run_config, metrics = read_json(args.model, "run_config.json"), read_json(args.model, "metrics.json")
     data = _merge(run_config.get("data", {}), base.get("data") or {})
     data = from_dict(DataConfig, _merge(data, _overrides(args).get("data", {})))

@@ -250,6 +250,25 @@ def test_cli_export_reads_its_settings_from_a_config_and_refuses_a_device(tmp_pa
     assert "export runs on the CPU" in capsys.readouterr().err and not (tmp_path / "y").exists()
 
 
+def test_cli_export_and_eval_pass_trust_remote_code_to_the_converted_model(tmp_path, monkeypatch):
+    """--trust-remote-code was accepted and ignored: a family defined by its own code could not reload."""
+    from moe_core import checkpoint
+    from moe_core.cli import main
+
+    seen = []
+
+    def record(folder, device="cpu", trust_remote_code=False):
+        seen.append(trust_remote_code)
+        raise ValueError("recorded")
+
+    monkeypatch.setattr(checkpoint, "load_converted", record)
+    monkeypatch.setattr(checkpoint, "is_converted", lambda folder: True)
+    assert main(["export", "--model", str(tmp_path), "--trust-remote-code"]) == 2
+    assert main(["eval", "--model", str(tmp_path), "--trust-remote-code"]) == 2
+    assert main(["export", "--model", str(tmp_path)]) == 2
+    assert seen == [True, True, False]
+
+
 @pytest.mark.slow
 def test_default_model_convert_export_reload_generate(smollm2, tmp_path):
     from moe_core.config import CMoEConfig
