@@ -9,7 +9,9 @@ Rows per budget (``recipe``):
   50% / 25%; the paper's code variant, K_a = 10), carved on --calib-sequences x --calib-len tokens.
 - ``cmoe+router``: the same shape, carved by magnitude (shared neurons and clusters by |h_i| ||W_down,i||),
   each layer's router trained on its oracle expert labels and its down projections refitted by least
-  squares (moe_core.reconstruct), layer by layer on what the converted layers before it produce.
+  squares (moe_core.reconstruct), layer by layer on what the converted layers before it produce; in the
+  analytic form (unit gates; --form native: Qwen2-MoE's, which engines serve), as are the rows built on it.
+- ``cmoe+router+native``: the same in the native form whatever --form says: the price of servability.
 - ``cmoe+router+budget``: as above with one shape per layer, allocated from measured per-layer sensitivity
   by dynamic programming within the budget (moe_core.budget).
 - ``cmoe+router+budget+distill``: then distilled from the dense model for at most --distill-minutes
@@ -55,6 +57,7 @@ from moe_core.model_io import load_model  # noqa: E402
 RECIPES = (
     "cmoe",
     "cmoe+router",
+    "cmoe+router+native",
     "cmoe+router+budget",
     "cmoe+router+budget+distill",
     "ladimo",
@@ -83,12 +86,18 @@ class Bench:
             wiki, self.dense.tokenizer, args.seq_len, args.windows, source="shared:wikitext2"
         )
         self.ref = reference_logits(self.dense, self.windows)
+        self.dense_ffn = param_report(self.dense, args.seq_len)["ffn_params"]
         docs = load_documents(args.calib_text)
         self.calib = sample_sequences(
             docs, self.dense.tokenizer, args.calib_sequences, args.calib_len, seed=0
         )
         self.held = sample_sequences(docs, self.dense.tokenizer, 4, 256, seed=1)  # budget sensitivity
-        self.routing = RoutingConfig(router="trained", refit=True, max_tokens=self.calib.numel())
+        self.routing = RoutingConfig(
+            router="trained",
+            form=args.form,
+            refit=True,
+            max_tokens=min(self.calib.numel(), args.routing_tokens),
+        )
         self.models: dict = {}  # (budget, recipe) -> model, for the recipes that build on another
         log(f"dense ppl {self.ref.ppl:.2f} on {len(self.windows)} x {args.seq_len} WikiText-2 test tokens")
 
@@ -103,6 +112,10 @@ def build_cmoe(b: Bench, budget: float):
 
 def build_router(b: Bench, budget: float):
     return convert(b.dense, b.calib, b.carve(budget), routing=b.routing), {}
+
+
+def build_native(b: Bench, budget: float):
+    return convert(b.dense, b.calib, b.carve(budget), routing=replace(b.routing, form="native")), {}
 
 
 def build_budget(b: Bench, budget: float):
@@ -154,6 +167,7 @@ def build_flap(b: Bench, budget: float):
 BUILDERS = {
     "cmoe": build_cmoe,
     "cmoe+router": build_router,
+    "cmoe+router+native": build_native,
     "cmoe+router+budget": build_budget,
     "cmoe+router+budget+distill": build_distill,
     "ladimo": build_ladimo,
@@ -176,7 +190,8 @@ def _every(step: float, label: str):
 def score(b: Bench, model, speed: bool) -> dict:
     quality = compare_logits(b.ref, model, b.windows)
     row = {"ppl": quality["ppl"], "kl": quality["kl"], "agreement": quality["agreement"]}
-    row["active_ffn_share"] = param_report(model, b.args.seq_len)["active_ffn_share"]
+    # against the dense FFN (a pruned model's own share would read 1.0); routers and FLAP's biases included
+    row["active_ffn_share"] = param_report(model, b.args.seq_len)["ffn_active_params"] / b.dense_ffn
     if speed:
         s = measure_speed(b.dense, model, seq_len=256, decode_tokens=32, repeats=b.args.speed_repeats)
         row["prefill_x"] = s["tokens_per_s"] / s["ref_tokens_per_s"]
@@ -187,16 +202,16 @@ def score(b: Bench, model, speed: bool) -> dict:
 def oracle_row(b: Bench, budget: float) -> dict:
     from moe_core.reconstruct import oracle_routing
 
-    base = b.models.get((budget, "cmoe+router+budget")) or b.models.get((budget, "cmoe+router"))
-    if base is None:
-        base, _ = build_budget(b, budget)
+    of = next((r for r in ("cmoe+router+budget", "cmoe+router") if (budget, r) in b.models), None)
+    base = b.models[(budget, of)] if of else build_budget(b, budget)[0]
+    of = of or "cmoe+router+budget"
     with oracle_routing(base, b.dense):
         quality = compare_logits(b.ref, base, b.windows)
     return {
         "ppl": quality["ppl"],
         "kl": quality["kl"],
         "agreement": quality["agreement"],
-        "of": "cmoe+router+budget",
+        "of": of,
     }
 
 
@@ -231,7 +246,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--windows", type=int, default=8, help="WikiText-2 test windows scored")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--calib-text", default="shared:calib-wikipedia")
-    p.add_argument("--calib-sequences", type=int, default=64)
+    p.add_argument("--calib-sequences", type=int, default=32)
+    p.add_argument(
+        "--routing-tokens", type=int, default=RoutingConfig().max_tokens, help="routing step, per layer"
+    )
+    p.add_argument(
+        "--form", choices=["analytic", "native"], default="analytic", help="routing form of the rows"
+    )
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--distill-minutes", type=float, default=30.0)
     p.add_argument(
