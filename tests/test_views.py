@@ -583,3 +583,16 @@ def test_routing_step_and_a_tiny_distillation_show_in_the_summary(loaded, monkey
     assert errors.visible and [t.name for t in fig.data] == ["before", "after", "oracle bound"]
     assert list(fig.data[1].y) == [r["error"] for r in reports]
     assert not convert_tab.routing_plot(replace(session, metrics={"conversion": {"layers": []}})).visible
+
+
+def test_export_status_says_whether_portable_is_exact(loaded):
+    """A native-form model exports exactly to Qwen2-MoE; CMoE's own routing only through the exact format."""
+    from moe_core.config import CMoEConfig, RoutingConfig
+    from moe_core.methods import convert
+
+    ids = loaded.dense.tokenizer("def f(x): return x * 2\n" * 12, return_tensors="pt").input_ids[:, :64]
+    native = convert(loaded.dense, ids, CMoEConfig(experts="S2A2E8"), routing=RoutingConfig(form="native"))
+    plain = convert(loaded.dense, ids, CMoEConfig(experts="S2A2E8"), routing=None)
+    assert "reproduce it exactly" in export_tab.status_text(replace(loaded, moe=native))
+    text = export_tab.status_text(replace(loaded, moe=plain))
+    assert "no Qwen2-MoE form" in text and "not a linear map" in text

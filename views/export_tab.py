@@ -74,8 +74,22 @@ def cancel(session: Session) -> None:
     session.cancel.set()
 
 
+EXACT = "Its routing has a Qwen2-MoE form: **portable** (and llama.cpp, GGUF) reproduce it exactly. " + READY
+APPROXIMATE = (
+    "Its routing has no Qwen2-MoE form ({reason}): only **exact** reproduces it (trust_remote_code); portable, "
+    "llama.cpp and GGUF approximate it and measure by how much (convert with routing form *native* to serve it "
+    "exactly without remote code). " + READY
+)
+
+
 def status_text(session: Session) -> str:
-    return widgets.converted_status(session, NO_MOE, READY)
+    from moe_core.evaluate import moe_blocks
+    from moe_core.export.routing import approximation_reasons
+
+    blocks = moe_blocks(session.moe).values() if session.moe is not None else []
+    reasons = [r for b in blocks for r in approximation_reasons(b)]
+    ready = APPROXIMATE.format(reason=reasons[0]) if reasons else EXACT
+    return widgets.converted_status(session, NO_MOE, ready)
 
 
 def build(state: gr.State) -> gr.Markdown:
