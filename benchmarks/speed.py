@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh
 
 import torch  # noqa: E402
 
+from moe_core import moe_fast  # noqa: E402
 from moe_core.config import CMoEConfig  # noqa: E402
 from moe_core.data import load_documents, sample_sequences  # noqa: E402
 from moe_core.evaluate import decode_step_seconds as decode_steps  # noqa: E402
@@ -141,18 +142,18 @@ class StepClock:
             module.register_forward_hook(post).remove,
         ]
 
-    def watch_method(self, obj, name: str, key: str) -> None:
-        """Time obj.name(...) calls (an instance attribute shadows the method until close())."""
-        method = getattr(obj, name)
+    def watch_function(self, module, name: str, key: str) -> None:
+        """Time module.name(...) calls (the module attribute is replaced until close())."""
+        function = getattr(module, name)
 
         def timed(*args):
             start = time.perf_counter()
-            out = method(*args)
+            out = function(*args)
             self.step[key] = self.step.get(key, 0.0) + time.perf_counter() - start
             return out
 
-        setattr(obj, name, timed)
-        self._undo.append(lambda: delattr(obj, name))
+        setattr(module, name, timed)
+        self._undo.append(lambda: setattr(module, name, function))
 
     def end_step(self, seconds: float) -> None:
         self.steps.append(self.step | {"step": seconds})
@@ -163,9 +164,9 @@ class StepClock:
             undo()
 
 
-# The parts of MoEMLP's CPU decode step (MoEMLP._decode): one matmul for the shared expert's gate/up rows and
+# The parts of MoEMLP's CPU decode step (moe_fast.decode): one matmul for the shared expert's gate/up rows and
 # the router, routing on the host, then the shared down projection and the chosen experts.
-DECODE_PARTS = {"_decode_front": "shared_in+router", "_route_host": "routing", "_decode_experts": "experts"}
+DECODE_PARTS = {"decode_front": "shared_in+router", "route_host": "routing", "decode_experts": "experts"}
 
 
 def breakdown(dense_model, prompt, n_new: int) -> dict[str, float]:
@@ -174,9 +175,9 @@ def breakdown(dense_model, prompt, n_new: int) -> dict[str, float]:
     for layer in dense_model.adapter.layers(model):
         clock.watch(layer.self_attn, "attention")
         clock.watch(layer.mlp, "ffn")
-        if isinstance(layer.mlp, MoEMLP):
-            for method, key in DECODE_PARTS.items():
-                clock.watch_method(layer.mlp, method, key)
+    if any(isinstance(layer.mlp, MoEMLP) for layer in dense_model.adapter.layers(model)):
+        for function, key in DECODE_PARTS.items():
+            clock.watch_function(moe_fast, function, key)
     clock.watch(model.get_output_embeddings(), "lm_head")
     try:
         decode_steps(model, prompt, n_new, on_step=clock.end_step)
@@ -216,7 +217,11 @@ def setup_line(models: dict) -> str:
     if blocks:
         block = blocks[0].mlp
         x = torch.zeros(1, block.hidden_size, device=dense.device, dtype=block.gate_up_proj.dtype)
-        decode = "fused (MoEMLP._decode)" if block._decode_plan(x) is not None else "grouped_mm or host loop"
+        decode = (
+            "fused (moe_fast.decode)"
+            if moe_fast.decode_plan(block, x) is not None
+            else "grouped_mm or host loop"
+        )
         prefill = "grouped_mm" if grouped_mm_ok(block, x) else "per-expert loop"
         line += f"; MoE decode {decode}, prefill {prefill}"
     return line
