@@ -246,7 +246,8 @@ def convert_overrides(args, method: str = "cmoe") -> dict:
     extra = {"method": args.method, "cmoe": {k: v for k, v in cmoe.items() if v is not None}}
     extra["ladimo"] = {k: v for k, v in ladimo.items() if v is not None}
     extra["dive"] = _dive_overrides(args, method)
-    extra["routing"] = _pick({"router": args.router, "form": args.routing_form, "refit": args.refit})
+    routing = {"router": args.router, "form": args.routing_form, "refit": args.refit}
+    extra["routing"] = _pick(routing | {"compensate": args.compensate})
     extra["distill"] = _distill_overrides(args)
     extra["finetune"] = {"enabled": True} if args.finetune else {}
     return {k: v for k, v in extra.items() if v}
@@ -317,6 +318,12 @@ def _convert_flags(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="least-squares refit of down projections",
+    )
+    p.add_argument(
+        "--compensate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="analytic form with --refit: refit a bias per routed expert too (FLAP-style compensation)",
     )
     p.add_argument(
         "--distill",

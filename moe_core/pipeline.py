@@ -145,6 +145,7 @@ def _flag_values(cfg: ConvertRun) -> list[tuple[str, object]]:
     r = cfg.routing
     flags += [("--router", r.router), ("--routing-form", r.form)]
     flags += [("--refit" if r.refit else "--no-refit", None)]
+    flags += [("--compensate" if r.compensate else "--no-compensate", None)]
     flags += [("--distill" if cfg.distill.enabled else "--no-distill", None)]
     if cfg.distill.enabled:
         d = cfg.distill
@@ -165,7 +166,8 @@ def command_line(cfg: ConvertRun, config_file: str = "run_config.yaml") -> str:
         c = cfg.cmoe
         tree["cmoe"] = {"experts": c.experts, "variant": c.variant, "k_act": c.k_act, "budget": c.budget}
         tree["cmoe"] |= {"shared_by": c.shared_by, "cluster_on": c.cluster_on}
-    tree["routing"] = {"router": cfg.routing.router, "form": cfg.routing.form, "refit": cfg.routing.refit}
+    r = cfg.routing
+    tree["routing"] = {"router": r.router, "form": r.form, "refit": r.refit, "compensate": r.compensate}
     d = cfg.distill
     tree["distill"] = {"enabled": d.enabled}
     if d.enabled:

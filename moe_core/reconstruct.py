@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .moe import MoEMLP, Router
 from .plumbing import unshare
@@ -200,8 +201,24 @@ def refit_down(block: MoEMLP, x, y, ridge: float = 1e-2, chunk: int = 4096) -> N
         phi = _features(block, xs).float()  # (t, D): float32 products per chunk, float64 sums across chunks
         gram += (phi.T @ phi).double()
         rhs += (phi.T @ ys.float()).double()
-    gram.diagonal().add_(ridge * gram.diagonal().mean().clamp(min=1e-30))
+    # the ridge scales with the hidden features' mean diagonal: the bias columns (gate values, ~1 per token)
+    # would otherwise inflate it and shrink every weight
+    n_hidden = n_feat - (block.n_experts if block.expert_bias is not None else 0)
+    gram.diagonal().add_(ridge * gram.diagonal()[:n_hidden].mean().clamp(min=1e-30))
     _set_down(block, torch.linalg.solve(gram, rhs).T)  # (H, D)
+
+
+@torch.no_grad()
+def add_expert_bias(block: MoEMLP) -> None:
+    """Give ``block`` a zero bias per routed expert (added with the expert's gate) unless it has one; the refit
+    then fits it: with unit gates and top-k it can hold each unchosen expert's mean output (FLAP's
+    compensation, M / k - m_e per expert for M the sum of the means) and whatever else least squares finds."""
+    if block.expert_bias is None:
+        down = block.down_proj
+        block.expert_bias = nn.Parameter(
+            torch.zeros(block.n_experts, block.hidden_size, dtype=down.dtype, device=down.device)
+        )
+        block._decode_weights = None
 
 
 def _set_down(block: MoEMLP, w) -> None:
@@ -238,6 +255,7 @@ class ReconstructSettings:
     holdout: float = 0.1  # share of those tokens kept to report the errors
     ridge: float = 1e-2  # measured: 1e-2 generalises a little better than 1e-3 at 16k-32k tokens
     seed: int = 0
+    compensate: bool = False  # analytic refit: fit a bias per routed expert too (FLAP-style compensation)
 
 
 def relative_error(out, y) -> float:
@@ -270,6 +288,8 @@ def reconstruct_block(block: MoEMLP, x, y, s: ReconstructSettings, layer: int = 
         elif s.form == "native":
             to_native(block)
         if s.refit:
+            if s.compensate and s.form != "native":
+                add_expert_bias(block)
             refit_down(block, xt, yt, s.ridge)
     return report | _after(block, xv, yv, k)
 

@@ -112,6 +112,24 @@ def test_reconstruct_beats_the_analytic_router(llama, form):
         assert block.gate_mode == "prob" and block.router.kind == "linear" and block.shared_gate is not None
 
 
+def test_compensation_biases_lower_the_refit_error_and_save(llama, tmp_path):
+    """routing.compensate: the refit also fits a bias per routed expert (FLAP's compensation is one such fit),
+    so on the tokens it fits the error can only go down; the biases run on every path and reload."""
+    x, y = layer_data(llama, n=32)
+    errors = {}
+    for compensate in (False, True):
+        block, _ = carve_block(llama, 1, x, CMoEConfig(experts="S2A2E8"))
+        settings = ReconstructSettings(router="trained", refit=True, holdout=0.01, compensate=compensate)
+        reconstruct_block(block, x, y, settings)
+        errors[compensate] = relative_error(block(x), y)
+        assert (block.expert_bias is not None) == compensate
+    assert errors[True] < errors[False]
+    with torch.inference_mode():
+        torch.testing.assert_close(block(x[:1]), block.forward_reference(x[:1]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="compensate"):
+        RoutingConfig(form="native", compensate=True)
+
+
 def test_to_native_keeps_a_linear_prob_block_exact(llama):
     x, _ = layer_data(llama)
     block, _ = carve_block(llama, 1, x, CMoEConfig(experts="S2A2E8"))

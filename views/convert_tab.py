@@ -107,6 +107,12 @@ OPTIONS = {
             "native: Qwen2-MoE's routing, so the export to Qwen2-MoE (vLLM, SGLang, llama.cpp) is exact",
         ),
         ("refit", "Refit the down projections", bool, "least squares given the routing; seconds per layer"),
+        (
+            "compensate",
+            "Compensation biases",
+            bool,
+            "analytic form with a refit: a bias per expert, refitted too (holds FLAP's compensation)",
+        ),
     ],
     "distill": [
         ("enabled", "Distil after converting", bool, "minutes on a CPU for the defaults"),
