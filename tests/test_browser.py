@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from moe_core.config import CMoEConfig
+
 pytestmark = pytest.mark.browser
 TINY = "builtin:tiny-llama"
 TIMEOUT_MS = 60_000
@@ -72,6 +74,9 @@ def test_model_to_download_in_a_browser(page, shots, tmp_path):
     _shot(page, shots, "model_tab")
 
     _tab(page, "Data")
+    sequences = page.get_by_label("number input for Sequences")  # 8 x 512 keeps the walk to seconds a step
+    sequences.fill("8")
+    sequences.press("Enter")
     _button(page, "Preview").click()
     page.get_by_text("calibration tokens").wait_for()
     _shot(page, shots, "data_tab")
@@ -109,7 +114,7 @@ def test_model_to_download_in_a_browser(page, shots, tmp_path):
 
     _tab(page, "Evaluate")
     _button(page, "Evaluate").click()
-    page.get_by_text("Run #1 cmoe S2A2E8").wait_for()
+    page.get_by_text(f"Run #1 cmoe {CMoEConfig().experts}").wait_for()  # the Design tab's default layout
     _shot(page, shots, "evaluate_tab")
 
     _tab(page, "Compare")
