@@ -145,6 +145,17 @@ class MoEMLP(nn.Module):
         self._decode_weights: fast.DecodeWeights | None = None  # built on the first CPU decode step
         self.set_policy(policy)
 
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)`` and friends cast the experts; the routing state stays float32 (router weights,
+        selection bias, gate scales, load counts): in bfloat16 a selection bias of 0.5 or more no longer moves
+        by CMoE's balancing steps, and near-tied scores flip."""
+        super()._apply(fn, recurse)
+        keep = [self.gate_scale, self.selection_bias, self.load_counts, *self.router.parameters()]
+        for t in keep:
+            if t.is_floating_point() and t.dtype != torch.float32:
+                t.data = t.data.float()
+        return self
+
     def __getstate__(self):  # deepcopy and pickle leave the decode cache behind; the copy rebuilds its own
         return self.__dict__ | {"_decode_weights": None}
 

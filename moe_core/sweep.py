@@ -263,10 +263,17 @@ def time_pair(fn_a, fn_b, repeats: int) -> tuple[float, float]:
     times_a, times_b = [], []
     for _ in range(repeats):
         for fn, out in ((fn_a, times_a), (fn_b, times_b)):
+            _sync_cuda()
             start = time.perf_counter()
             fn()
+            _sync_cuda()  # CUDA kernels run asynchronously: the clock must wait for them
             out.append(1000 * (time.perf_counter() - start))
     return statistics.median(times_a), statistics.median(times_b)
+
+
+def _sync_cuda() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _decode_rows(fn, x, n_rows: int = 8) -> Callable[[], None]:

@@ -126,3 +126,21 @@ def test_load_tracking_and_param_counts():
     counts = block.param_counts()
     assert counts["total"] == 3 * 64 * 192 + counts["router"]
     assert counts["active"] == 3 * 64 * (32 + 2 * 40) + counts["router"]
+
+
+def test_a_cast_keeps_the_routing_state_in_float32(tiny):
+    """.to(bfloat16) casts the experts only: at |b| >= 0.5 a bfloat16 selection bias would not move by
+    CMoE's balancing step (gamma 1e-3), and the router's scores would round."""
+    block = block_from(tiny, 0, 16, 4, RoutingPolicy("topk", k=1), router_kind="cmoe").to(torch.bfloat16)
+    assert (
+        block.gate_up_proj.dtype == torch.bfloat16
+        and block.shared_expert.down_proj.weight.dtype == torch.bfloat16
+    )
+    routing = [block.selection_bias, block.gate_scale, block.load_counts, *block.router.parameters()]
+    assert all(t.dtype == torch.float32 for t in routing)
+    block.selection_bias.fill_(0.5)
+    block.train()
+    block.balance_gamma = 1e-3
+    with torch.no_grad():
+        block(torch.randn(32, 64, dtype=torch.bfloat16))
+    assert (block.selection_bias != 0.5).any()

@@ -239,3 +239,16 @@ def test_the_sweep_never_tunes_on_the_windows_perplexity_is_scored_on():
     cfg = SweepConfig(seq_len=32, n_windows=2)
     windows = eval_windows(load_documents(EVAL_TEXT), tokenizer, 32, cfg.skip_windows + 2, source=EVAL_TEXT)
     assert torch.equal(held_out_windows(tokenizer, cfg), windows[-2:])  # the first ones past the scored head
+
+
+def test_timings_wait_for_cuda_kernels(monkeypatch):
+    """time_pair synchronises CUDA before and after each timed call (asynchronous kernels would read ~0)."""
+    from moe_core import sweep as sweep_module
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("sync"))
+    sweep_module.time_pair(lambda: calls.append("a"), lambda: calls.append("b"), repeats=2)
+    timed = calls[2:]  # after the two warm-up calls
+    assert timed == ["sync", "a", "sync", "sync", "b", "sync"] * 2
