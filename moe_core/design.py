@@ -12,11 +12,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-ROUTER_ROWS = {
-    "cmoe": 2,
-    "linear": 1,
-    "native": 1,
-}  # CMoE scores with gate and up rows of a representative neuron
+# router rows per routed expert: CMoE scores with the gate and up rows of a representative neuron
+ROUTER_ROWS = {"cmoe": 2, "linear": 1, "native": 1}
 
 
 def router_kind(routing=None) -> str:
@@ -159,7 +156,8 @@ def shared_statistic(profile, layer: int, cmoe=None) -> tuple[torch.Tensor, str]
         stat, name = profile.rates, "activation rate"
     if stat is None:
         raise ValueError(
-            "This profile predates the carving statistics: profile again to draw the shared expert."
+            f"This profile lacks the {name} that carving ranks by (an older profile, or cosine rates without "
+            "profile_model(cosine=True)): profile again to draw the shared expert."
         )
     return stat[layer], name
 
@@ -167,8 +165,7 @@ def shared_statistic(profile, layer: int, cmoe=None) -> tuple[torch.Tensor, str]
 def shared_cutoff(profile, layer: int, n_experts: int, shared_ratio: float, cmoe=None) -> dict | None:
     """Which of a layer's neurons a design's shared expert holds: the ``shared_size`` neurons that rank highest
     by the statistic the carving uses (:func:`shared_statistic`; ``cmoe`` a CMoEConfig, None: its defaults).
-    {"shared": bool mask (I,), "by": the statistic's name, "rate": the lowest activation rate among them,
-    "shared_size", "n_shared"}; None when S = 0."""
+    {"shared": bool mask (I,), "by": the statistic's name, "shared_size", "n_shared"}; None when S = 0."""
     from .methods.cmoe import expert_sizes
 
     stat, by = shared_statistic(profile, layer, cmoe)
@@ -179,5 +176,4 @@ def shared_cutoff(profile, layer: int, n_experts: int, shared_ratio: float, cmoe
         return None
     shared = torch.zeros(stat.numel(), dtype=torch.bool)
     shared[torch.sort(stat, descending=True, stable=True).indices[:size]] = True  # carving's order
-    rate = float(profile.rates[layer][shared].min())
-    return {"shared": shared, "by": by, "rate": rate, "shared_size": size, "n_shared": n_shared}
+    return {"shared": shared, "by": by, "shared_size": size, "n_shared": n_shared}

@@ -158,8 +158,12 @@ def profile_model(
     text_spec: str = "",
     progress: Callable[[float, str], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    cosine: bool = False,
 ) -> ActivationProfile:
-    """Profile every FFN of a dense model on input_ids (N, T), one decoder layer at a time."""
+    """Profile every FFN of a dense model on input_ids (N, T), one decoder layer at a time.
+
+    cosine: also the cosine ATopK rates (what carving with shared_by="rate" ranks by); it recomputes every
+    FFN's gate and up projections on normalised inputs, about 1.5x the profiling time, so it is opt-in."""
     n_neurons = dense.adapter.down(dense.mlp(0)).in_features
     if not 1 <= k_act <= n_neurons:
         raise ValueError(f"K_a must be between 1 and the intermediate size ({n_neurons}), got {k_act}.")
@@ -172,11 +176,12 @@ def profile_model(
         # The input of the down projection is exactly h = act(gate(x)) * up(x): read it, not recompute it.
         mlp = dense.mlp(i)
         w_gate, w_up, w_down = dense.adapter.weights(mlp)
-        acc.mlp = (w_gate, w_up, dense.adapter.act_fn(mlp))
         handles = [
-            dense.adapter.down(mlp).register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0])),
-            mlp.register_forward_pre_hook(lambda m, args, acc=acc: acc.add_input(args[0])),
+            dense.adapter.down(mlp).register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0]))
         ]
+        if cosine:
+            acc.mlp = (w_gate, w_up, dense.adapter.act_fn(mlp))
+            handles.append(mlp.register_forward_pre_hook(lambda m, args, acc=acc: acc.add_input(args[0])))
         try:
             inputs = run_layer(layer, inputs)
         finally:
@@ -189,7 +194,7 @@ def profile_model(
     return ActivationProfile(
         rates=torch.stack([s.counts / s.tokens for s in stats]),
         mean_abs=torch.stack([s.abs_sum / s.tokens for s in stats]),
-        cosine_rates=torch.stack([s.cosine_counts / s.tokens for s in stats]),
+        cosine_rates=torch.stack([s.cosine_counts / s.tokens for s in stats]) if cosine else None,
         contribution=torch.stack([s.abs_sum / s.tokens * s.down_norms for s in stats]),
         h_hist_counts=torch.stack([s.hist for s in stats]),
         h_hist_edges=torch.stack([s.edges for s in stats]),

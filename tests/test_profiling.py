@@ -87,7 +87,7 @@ def test_the_drawn_shared_expert_is_the_one_carving_builds(tiny, carving):
     from moe_core.methods.cmoe import carve_block
 
     ids = torch.randint(0, 250, (3, 20))
-    profile = profile_model(tiny, ids, k_act=5)
+    profile = profile_model(tiny, ids, k_act=5, cosine=True)
     seen = []
     hook = tiny.mlp(0).register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, 64)))
     try:
