@@ -187,8 +187,10 @@ def param_report(dense, seq_len: int = 512) -> dict:
     FLOPs per token = 2 * (active params - input embedding) + 4 * L * d_attn * seq_len / 2:
     one multiply-add per weight the token meets (the LM head counts even when tied to the embedding),
     plus QK^T and AV over the mean causal context of a seq_len window (d_attn = heads * head_dim).
-    active_ffn_share = active FFN params (routers included) / expert weights (shared + routed): the share
-    of the dense FFN a token runs, slightly above (S + A) / E because of the routers.
+    active_ffn_share = active FFN params (routers included) / the dense FFN's weights (3 H I per layer, I from
+    the model config): the share of the dense FFN a token runs, slightly above (S + A) / E because of the
+    routers. Against the dense FFN, not the experts' total: DIVE's experts overlap (their total exceeds the
+    FFN) and FLAP's single pruned expert is all of its block but only part of the FFN.
     """
     model, cfg = dense.model, dense.text_config
     total = sum(p.numel() for p in model.parameters())
@@ -213,13 +215,16 @@ def param_report(dense, seq_len: int = 512) -> dict:
 
 
 def _ffn_counts(dense) -> tuple[int, float, int]:
-    """(total, active per token, expert weights) summed over every layer's MLP; routers are in the first two."""
+    """(total, active per token, dense FFN weights) summed over every layer's MLP; routers are in the first two."""
     blocks, total, active, weights = moe_blocks(dense), 0, 0.0, 0
+    width = getattr(dense.text_config, "intermediate_size", None)
     for i in range(dense.n_layers):
         if i in blocks:
             counts = blocks[i].param_counts()
             total, active = total + counts["total"], active + counts["active"]
-            weights += counts["shared"] + counts["routed"]
+            layer_width = width[i] if isinstance(width, list | tuple) else width
+            dense_ffn = 3 * blocks[i].hidden_size * layer_width if layer_width else 0
+            weights += dense_ffn or counts["shared"] + counts["routed"]
         else:
             n = sum(p.numel() for p in dense.mlp(i).parameters())
             total, active, weights = total + n, active + n, weights + n
