@@ -236,21 +236,42 @@ def cmd_convert(args) -> int:
 def convert_overrides(args, method: str = "cmoe") -> dict:
     """The convert flags the user gave, as a nested config dict (the model, data and out flags aside).
 
-    method: the run's method (from --method or the config file): --n-experts, --top-k and --steps belong to
-    its section only, so `--method cmoe --top-k 9` is not read as a LaDiMo setting."""
-    cmoe = {"experts": args.experts, "variant": args.variant, "k_act": args.k_act, "budget": args.budget}
-    cmoe |= {"shared_by": args.shared_by, "cluster_on": args.cluster_on}
-    ladimo = (
-        {"n_experts": args.n_experts, "top_k": args.top_k, "steps": args.steps} if method == "ladimo" else {}
-    )
-    extra = {"method": args.method, "cmoe": {k: v for k, v in cmoe.items() if v is not None}}
-    extra["ladimo"] = {k: v for k, v in ladimo.items() if v is not None}
-    extra["dive"] = _dive_overrides(args, method)
+    method: the run's method (from --method or the config file): a method's flags (moe_core.methods: its
+    options) fill its own section only, so `--method cmoe --top-k 9` is not read as a LaDiMo setting; a flag
+    the run's method does not have is ignored with a warning."""
+    from .methods import METHODS, lookup
+
+    entry = lookup(method)
+    section: dict = {}
+    for option in entry.options:
+        value = getattr(args, _dest(option.flag), None) if option.flag else None
+        if value is not None:
+            option.put(section, option.from_text(value))
+    own = {o.flag for o in entry.options}
+    for flag, owners in _method_flags(METHODS).items():
+        if flag not in own and getattr(args, _dest(flag), None) is not None:
+            titles = ", ".join(METHODS[m].title for m in owners)
+            warnings.warn(f"{flag} is an option of {titles}, not of {entry.title}: ignored.", stacklevel=2)
+    extra = {"method": args.method, method: section}
     routing = {"router": args.router, "form": args.routing_form, "refit": args.refit}
     extra["routing"] = _pick(routing | {"compensate": args.compensate})
     extra["distill"] = _distill_overrides(args)
     extra["finetune"] = {"enabled": True} if args.finetune else {}
     return {k: v for k, v in extra.items() if v}
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _method_flags(methods) -> dict[str, list[str]]:
+    """{flag: names of the methods that have it}, in registry order."""
+    out: dict[str, list[str]] = {}
+    for name, entry in methods.items():
+        for option in entry.options:
+            if option.flag:
+                out.setdefault(option.flag, []).append(name)
+    return out
 
 
 def _pick(flags: dict) -> dict:
@@ -272,39 +293,15 @@ def _distill_overrides(args) -> dict:
     return ({"enabled": True} | flags) if (args.distill or flags) else {}
 
 
-def _dive_overrides(args, method: str) -> dict:
-    """The dive section from its flags; --n-experts / --top-k serve it too when the method is dive."""
-    flags = {"prune_ratio": args.prune_ratio, "shared_share": args.shared_share}
-    if method == "dive":
-        flags |= {"n_experts": args.n_experts, "top_k": args.top_k}
-    if args.domains is not None:
-        flags["domains"] = [d.strip() for d in args.domains.split(",") if d.strip()]
-    retrain = {"stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps}
-    retrain = {k: v for k, v in retrain.items() if v is not None}
-    return {k: v for k, v in flags.items() if v is not None} | ({"retrain": retrain} if retrain else {})
-
-
 def _convert_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", help="conversion method (cmoe, ladimo, dive)")
+    from .methods import METHODS
+
+    titles = ", ".join(f"{name} ({m.title})" for name, m in METHODS.items())
+    p.add_argument("--method", choices=list(METHODS), help=f"conversion method: {titles}")
     p.add_argument(
         "--finetune", action="store_true", help="light LoRA fine-tuning after conversion (finetune section)"
     )
-    p.add_argument("--experts", help="CMoE SxAyEz: x shared + y active routed of z experts, e.g. S2A2E8")
-    p.add_argument("--variant", choices=["paper", "code"], help="CMoE variant (see moe_core/methods/cmoe.py)")
-    p.add_argument("--k-act", type=int, help="CMoE K_a: neurons marked active per token when profiling")
-    p.add_argument(
-        "--shared-by",
-        choices=["rate", "magnitude"],
-        help="CMoE: shared neurons by ATopK rate or |h| ||W_down||",
-    )
-    p.add_argument(
-        "--cluster-on", choices=["markers", "magnitude"], help="CMoE: cluster ATopK markers or |h| ||W_down||"
-    )
-    p.add_argument(
-        "--budget",
-        type=float,
-        help="CMoE: active FFN share (e.g. 0.5), allocated per layer by measured sensitivity",
-    )
+    _method_options(p, METHODS)
     p.add_argument(
         "--router", choices=["method", "trained"], help="routing step: keep the method's router or train one"
     )
@@ -338,21 +335,27 @@ def _convert_flags(p: argparse.ArgumentParser) -> None:
         "--distill-train", help="parts that train, comma-separated: experts,shared,routers,norms,..."
     )
     p.add_argument("--distill-lora-r", type=int, help="0: parts train in full; r > 0: LoRA of rank r")
-    _ladimo_flags(p)
-    p.add_argument(
-        "--domains",
-        help="DIVE: comma-separated text sources, name=spec or spec; --n-experts, --top-k set DIVE's too",
-    )
-    p.add_argument("--prune-ratio", type=float, help="DIVE: channels each expert drops (default 1 - 0.5/k)")
-    p.add_argument("--shared-share", type=float, help="DIVE: share of channels in an always-on shared expert")
-    p.add_argument("--stage1-steps", type=int, help="DIVE: router-training steps (0 skips)")
-    p.add_argument("--stage2-steps", type=int, help="DIVE: LoRA expert-training steps (0 skips)")
 
 
-def _ladimo_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--n-experts", type=int, help="LaDiMo: experts per FFN (equal slices)")
-    p.add_argument("--top-k", type=int, help="LaDiMo: experts per token after conversion (uniform policy)")
-    p.add_argument("--steps", type=int, help="LaDiMo: distillation steps per layer")
+def _method_options(p: argparse.ArgumentParser, methods) -> None:
+    """One flag per method option (moe_core.methods); a flag several methods share is added once and says
+    what it means for each."""
+    options: dict[str, list] = {}
+    for entry in methods.values():
+        for option in entry.options:
+            if option.flag:
+                options.setdefault(option.flag, []).append((entry.title, option))
+    for flag, owners in options.items():
+        first = owners[0][1]
+        kind = first.kind
+        kwargs: dict = {"help": "; ".join(f"{title}: {o.help}" for title, o in owners).replace("%", "%%")}
+        if isinstance(kind, tuple):
+            kwargs["choices"] = list(kind)
+        elif kind in (int, float):
+            kwargs["type"] = kind
+        elif kind == "optional":
+            kwargs["type"] = float
+        p.add_argument(flag, **kwargs)
 
 
 def cmd_sweep(args) -> int:
@@ -424,7 +427,9 @@ def _sweep_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--windows", type=int, help="held-out windows scored per (layer, policy)")
     p.add_argument("--max-ppl-increase", type=float, help="plan: perplexity increase at most (0.05: 5%%)")
     p.add_argument("--min-active-reduction", type=float, help="plan: share fewer active FFN params (0.2)")
-    _ladimo_flags(p)
+    from .methods import METHODS
+
+    _method_options(p, {"ladimo": METHODS["ladimo"]})  # the LaDiMo conversion a dense spec is swept with
 
 
 def cmd_export(args) -> int:
@@ -495,7 +500,7 @@ COMMANDS = {
     "eval": (cmd_eval, "perplexity, KL and agreement vs dense, parameters, expert load", _eval_flags),
     "convert": (
         cmd_convert,
-        "dense -> MoE (CMoE, LaDiMo, DIVE); saves a folder load_converted reloads",
+        "dense -> MoE with a registered method (--method); saves a folder load_converted reloads",
         _convert_flags,
     ),
     "sweep": (cmd_sweep, "per-layer accuracy / throughput curves (LaDiMo); picks a plan", _sweep_flags),

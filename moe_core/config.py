@@ -11,7 +11,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal, get_args
+from typing import ClassVar, Literal
 
 
 def _check(ok: bool, message: str) -> None:
@@ -418,7 +418,9 @@ def from_dict(cls, data: dict | None):
     kwargs = {}
     for name, value in data.items():
         ftype = known[name].type
-        sub = _NESTED.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
+        sub = (
+            ftype if dataclasses.is_dataclass(ftype) else _NESTED.get(ftype if isinstance(ftype, str) else "")
+        )
         kwargs[name] = from_dict(sub, value) if sub and isinstance(value, dict) else value
     try:
         return cls(**kwargs)
@@ -453,9 +455,6 @@ class ProfileRun:
     data: DataConfig = field(default_factory=DataConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     out: str = "outputs/profile"
-
-
-ConvertMethod = Literal["cmoe", "ladimo", "dive"]  # a new method adds its name here and a section below
 
 
 @dataclass(frozen=True)
@@ -601,8 +600,10 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
-class ConvertRun:
-    """Root config of `python -m moe_core convert`: the method named by `method` reads its own section.
+class ConvertRunBase:
+    """Root config of `python -m moe_core convert` without its method sections: :data:`ConvertRun` adds one
+    section per registered method (moe_core.methods.METHODS: ``cmoe``, ``ladimo``, ``dive``, ...), and the method
+    named by ``method`` reads its own.
 
     A conversion writes this config, completed, as its run_config.json, and loading that file back runs the
     same conversion: the per-layer active experts (``active_per_layer``) and an applied routing plan (``plan``)
@@ -619,10 +620,7 @@ class ConvertRun:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    method: ConvertMethod = "cmoe"
-    cmoe: CMoEConfig = field(default_factory=CMoEConfig)
-    ladimo: LaDiMoConfig = field(default_factory=LaDiMoConfig)
-    dive: DIVEConfig = field(default_factory=DIVEConfig)
+    method: str = "cmoe"
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -634,8 +632,9 @@ class ConvertRun:
     out: str = "outputs/convert"
 
     def __post_init__(self):
-        methods = get_args(ConvertMethod)
-        _check(self.method in methods, f"Unknown method '{self.method}'. Methods: {', '.join(methods)}.")
+        from .methods import METHODS
+
+        _check(self.method in METHODS, f"Unknown method '{self.method}'. Methods: {', '.join(METHODS)}.")
         _check(bool(str(self.out).strip()), "out is empty: give the folder to write the converted model to.")
         if self.active_per_layer is not None:
             active = tuple(self.active_per_layer)
@@ -653,6 +652,24 @@ class ConvertRun:
     def section(self):
         """The config section of the chosen method (e.g. self.cmoe)."""
         return getattr(self, self.method)
+
+
+def _convert_run_class() -> type:
+    """ConvertRunBase plus one field per registered method, named after it and holding its config section
+    (built once, on first use: the registry imports the method modules, which import this one)."""
+    from .methods import METHODS
+
+    sections = [(name, m.config, field(default_factory=m.config)) for name, m in METHODS.items()]
+    cls = dataclasses.make_dataclass("ConvertRun", sections, bases=(ConvertRunBase,), frozen=True)
+    cls.__module__, cls.__doc__ = __name__, ConvertRunBase.__doc__
+    return cls
+
+
+def __getattr__(name: str):
+    if name == "ConvertRun":
+        globals()["ConvertRun"] = cls = _convert_run_class()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _NESTED = {

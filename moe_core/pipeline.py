@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import ConvertRun, DataConfig, from_dict, to_dict
+from .methods import lookup
 
 Progress = Callable[[float, str], None] | None
 Cancel = Callable[[], bool] | None
@@ -129,19 +130,11 @@ def _flag_values(cfg: ConvertRun) -> list[tuple[str, object]]:
         flags.append(("--device", cfg.model.device))
     flags += [("--text", cfg.data.text), ("--n-sequences", cfg.data.n_sequences)]
     flags += [("--seq-len", cfg.data.seq_len), ("--seed", cfg.data.seed), ("--method", cfg.method)]
-    if cfg.method == "cmoe":
-        c = cfg.cmoe
-        flags += [("--experts", c.experts), ("--variant", c.variant), ("--k-act", c.k_act)]
-        flags += [("--shared-by", c.shared_by), ("--cluster-on", c.cluster_on)]
-        flags += [("--budget", c.budget)] if c.budget is not None else []
-    if cfg.method == "ladimo":
-        l = cfg.ladimo  # noqa: E741
-        flags += [("--n-experts", l.n_experts), ("--top-k", l.top_k), ("--steps", l.steps)]
-    if cfg.method == "dive":
-        d = cfg.dive
-        flags += [("--domains", ",".join(f"{n}={s}" for n, s in d.domains)), ("--n-experts", d.n_experts)]
-        flags += [("--top-k", d.top_k), ("--prune-ratio", d.prune_ratio), ("--shared-share", d.shared_share)]
-        flags += [("--stage1-steps", d.retrain.stage1_steps), ("--stage2-steps", d.retrain.stage2_steps)]
+    section = cfg.section()
+    for option in lookup(cfg.method).options:
+        value = option.get(section)
+        if option.flag and value is not None:
+            flags.append((option.flag, option.to_text(value)))
     r = cfg.routing
     flags += [("--router", r.router), ("--routing-form", r.form)]
     flags += [("--refit" if r.refit else "--no-refit", None)]
@@ -155,6 +148,16 @@ def _flag_values(cfg: ConvertRun) -> list[tuple[str, object]]:
     return flags + [("--out", cfg.out)]
 
 
+def _section_tree(cfg: ConvertRun) -> dict:
+    """The method section's settings that its flags express, as a nested dict."""
+    tree: dict = {}
+    section = cfg.section()
+    for option in lookup(cfg.method).options:
+        if option.flag:
+            option.put(tree, option.get(section))
+    return tree
+
+
 def command_line(cfg: ConvertRun, config_file: str = "run_config.yaml") -> str:
     """The `python -m moe_core convert` line that reproduces ``cfg``: flags alone where they express every
     setting, else ``--config config_file`` (the YAML of :func:`config_yaml`) with the same flags on top."""
@@ -162,10 +165,7 @@ def command_line(cfg: ConvertRun, config_file: str = "run_config.yaml") -> str:
     tree: dict = {"model": {"spec": cfg.model.spec, "device": cfg.model.device}, "method": cfg.method}
     tree["data"] = to_dict(cfg.data)
     tree["out"] = cfg.out
-    if cfg.method == "cmoe":
-        c = cfg.cmoe
-        tree["cmoe"] = {"experts": c.experts, "variant": c.variant, "k_act": c.k_act, "budget": c.budget}
-        tree["cmoe"] |= {"shared_by": c.shared_by, "cluster_on": c.cluster_on}
+    tree[cfg.method] = _section_tree(cfg)
     r = cfg.routing
     tree["routing"] = {"router": r.router, "form": r.form, "refit": r.refit, "compensate": r.compensate}
     d = cfg.distill
@@ -173,17 +173,6 @@ def command_line(cfg: ConvertRun, config_file: str = "run_config.yaml") -> str:
     if d.enabled:
         tree["distill"] |= {"tokens": d.tokens, "lr": d.lr, "max_minutes": d.max_minutes}
         tree["distill"] |= {"train": list(d.train), "lora_r": d.lora_r}
-    if cfg.method == "ladimo":
-        l = cfg.ladimo  # noqa: E741
-        tree["ladimo"] = {"n_experts": l.n_experts, "top_k": l.top_k, "steps": l.steps}
-    if cfg.method == "dive":
-        d = cfg.dive
-        tree["dive"] = {"domains": d.domains, "n_experts": d.n_experts, "top_k": d.top_k}
-        tree["dive"] |= {"prune_ratio": d.prune_ratio, "shared_share": d.shared_share}
-        tree["dive"]["retrain"] = {
-            "stage1_steps": d.retrain.stage1_steps,
-            "stage2_steps": d.retrain.stage2_steps,
-        }
     if cfg.finetune.enabled:
         tree["finetune"] = {"enabled": True}
     try:

@@ -164,7 +164,7 @@ def test_convert_through_the_registry_leaves_the_source_untouched():
     dense = tiny_model("qwen2", n_layers=3)
     before = {k: v.clone() for k, v in dense.model.state_dict().items()}
     cfg = LaDiMoConfig(n_experts=4, n_shared=0, top_k=3, layers=(1,), **FAST)
-    moe = METHODS["ladimo"](dense, ids(), cfg)
+    moe = METHODS["ladimo"].convert(dense, ids(), cfg)
     assert [type(moe.mlp(i)).__name__ for i in range(3)] == ["Qwen2MLP", "MoEMLP", "Qwen2MLP"]
     assert moe.mlp(1).policy == RoutingPolicy("topk", k=3) and moe.mlp(1).gate_mode == "prob"
     assert all(torch.equal(v, dense.model.state_dict()[k]) for k, v in before.items())

@@ -16,7 +16,8 @@ import pytest
 
 from moe_core import design
 from moe_core.cli import _run_config, build_parser
-from moe_core.config import ConvertRun, from_dict, load_config_file
+from moe_core.config import ConvertRun, from_dict, load_config_file, to_dict
+from moe_core.methods import METHODS
 from views import (
     compare_tab,
     convert_tab,
@@ -27,6 +28,7 @@ from views import (
     model_tab,
     profile_tab,
     routing_tab,
+    widgets,
 )
 from views.state import Session, Workspace
 
@@ -52,9 +54,9 @@ def options(**changes) -> list:
     """Option values of the Convert tab's accordions, in build order, with defaults from ConvertRun."""
     defaults = ConvertRun()
     values = []
-    for m, name, kind in convert_tab._option_fields(convert_tab.sections()):
-        default = convert_tab._to_input(kind, convert_tab._option_value(getattr(defaults, m), name))
-        values.append(changes.get(f"{m}.{name}", default))
+    for m, option in convert_tab._option_fields(convert_tab.sections()):
+        default = convert_tab._to_input(option, option.get(getattr(defaults, m)))
+        values.append(changes.get(f"{m}.{option.path}", default))
     return values
 
 
@@ -241,7 +243,7 @@ def test_fine_tuning_from_the_convert_tab(loaded, tmp_path):
     tuned = session.metrics["finetune"]
     assert len(tuned["losses"]) == 1 and "fine-tuning loss" in summary  # 2 sequences, batch 2: one step
     values = convert_tab.load_config(config_path, loaded, len(opts))
-    n_tune = len(convert_tab.OPTIONS["finetune"])
+    n_tune = len(convert_tab.STEPS["finetune"])
     assert values[-n_tune:] == opts[-n_tune:] == [True, "builtin:pydoc", 2, 16, 5e-4]
     plain = convert_tab.run_config(loaded, DATA, DESIGN, "cmoe", *options())[0]
     assert not plain.finetune.enabled
@@ -383,7 +385,7 @@ def test_dive_accordion_makes_a_valid_run_and_command_line(loaded, tmp_path):
     args = build_parser().parse_args(argv[3:])
     assert _run_config(ConvertRun, args, {"method": "dive"}) == cfg
     values = convert_tab.load_config(str(tmp_path / "run_config.yaml"), loaded, len(opts))
-    fields = [(m, name) for m, name, _ in convert_tab._option_fields(convert_tab.sections())]
+    fields = [(m, option.path) for m, option in convert_tab._option_fields(convert_tab.sections())]
     expected = ["0.5" if f == ("dive", "prune_ratio") else v for f, v in zip(fields, opts, strict=True)]
     assert values[12] == "dive" and values[13:] == expected  # the prune ratio comes back resolved
 
@@ -431,9 +433,9 @@ BUDGET = layout(8, 0.25, "budget", 2, "", 0.5, "S2A1E8, dense")  # tiny-llama ha
 def test_every_choice_input_offers_the_config_default():
     """A radio whose default is not one of its choices is refused by Gradio when the form is sent."""
     defaults = ConvertRun()
-    for m, name, kind in convert_tab._option_fields(convert_tab.sections()):
-        if isinstance(kind, list):
-            assert convert_tab._option_value(getattr(defaults, m), name) in kind, (m, name, kind)
+    for m, option in convert_tab._option_fields(convert_tab.sections()):
+        if isinstance(option.kind, tuple):
+            assert option.get(getattr(defaults, m)) in option.kind, (m, option)
 
 
 def test_routing_distill_and_budget_round_trip_through_a_config_file(loaded, tmp_path):
@@ -447,7 +449,7 @@ def test_routing_distill_and_budget_round_trip_through_a_config_file(loaded, tmp
     assert cfg.cmoe.budget == 0.5 and cfg.cmoe.layer_experts == ("S2A1E8", "dense")
     (tmp_path / "run.yaml").write_text(convert_tab.preview(loaded, *DATA, *BUDGET, "cmoe", *opts)[0])
     values = convert_tab.load_config(str(tmp_path / "run.yaml"), loaded, len(opts))
-    fields = [(m, name) for m, name, _ in convert_tab._option_fields(convert_tab.sections())]
+    fields = [(m, option.path) for m, option in convert_tab._option_fields(convert_tab.sections())]
     auto = 13 + fields.index(("dive", "prune_ratio"))  # empty (auto) comes back resolved, as DIVE will run it
     assert values[:auto] + values[auto + 1 :] == [
         TINY,
@@ -596,3 +598,22 @@ def test_export_status_says_whether_portable_is_exact(loaded):
     assert "reproduce it exactly" in export_tab.status_text(replace(loaded, moe=native))
     text = export_tab.status_text(replace(loaded, moe=plain))
     assert "no Qwen2-MoE form" in text and "not a linear map" in text
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_registered_method_is_a_convert_tab_choice(loaded, name):
+    """The Convert tab offers every method of the registry, with its options, and applies the Design tab's
+    layout to its section the way its registry entry says."""
+    from moe_core.methods import Layout
+
+    design_values = layout(4, 0.25, "uniform", 2)  # S1A2E4: DIVE's six default domains make up to 6 groups
+    cfg, d = convert_tab.run_config(loaded, DATA, design_values, name, *options())
+    entry = METHODS[name]
+    expected = entry.from_layout(Layout(d.n_experts, d.n_shared, d.active, 0.25))
+    section = to_dict(cfg)[name]
+    assert cfg.method == name and all(section[k] == v for k, v in expected.items() if k != "domains")
+    n_tab = sum(o.tab for o in entry.options)
+    assert len(convert_tab.section_options(name)) == n_tab
+    assert entry.title in widgets.converted_status(
+        replace(loaded, moe=object(), run_config=to_dict(cfg)), "", ""
+    )

@@ -10,7 +10,8 @@ from dataclasses import dataclass, replace
 
 import gradio as gr
 
-from moe_core.config import DISTILL_PARTS, CMoEConfig, ConvertRun, LaDiMoConfig, RoutingConfig, from_dict
+from moe_core.config import DISTILL_PARTS, ConvertRun, RoutingConfig, from_dict
+from moe_core.methods import METHODS, Layout, Option, choices
 from views import plots, widgets
 from views.data_tab import DataTab, data_config
 from views.design_tab import DEFAULTS as DESIGN_DEFAULTS
@@ -25,14 +26,12 @@ EMPTY = widgets.empty(
     "No converted model yet: press <b>Convert</b>. Then evaluate, tune routing or export it."
 )
 CONFIG_FILE = "run_config.yaml"
-TITLES = {"cmoe": "CMoE", "dive": "DIVE", "ladimo": "LaDiMo", "routing": "Routing", "distill": "Distillation",
-          "finetune": "Fine-tuning"}  # fmt: skip
+TITLES = {
+    "routing": "Routing",
+    "distill": "Distillation",
+    "finetune": "Fine-tuning",
+}  # the steps after a method
 ABOUT = {
-    "cmoe": "CMoE (arXiv 2502.04416): carve neurons into experts by co-activation; no training, seconds per layer.",
-    "dive": "DIVE (arXiv 2506.09351): one FLAP-pruned expert per group of related domains, then two short "
-    "retraining stages. E and A come from the Design tab; the shared ratio is a share of channels. After "
-    "converting, a heatmap shows the mined domain affinity and which domains became which expert.",
-    "ladimo": "LaDiMo (arXiv 2408.04278): split each FFN, then distil experts and router layer by layer.",
     "routing": "After any method, layer by layer: a linear router trained on each token's best experts (oracle "
     "labels), a least-squares refit of the down projections, and the form the model is saved in. After "
     "converting, the summary shows the held-out error before and after, and the oracle bound.",
@@ -45,91 +44,51 @@ ABOUT = {
 NO_STEP = "The loss curve appears after the first distillation step."
 
 
-def _choices(cls, name: str) -> list[str]:
-    """The values a config field's Literal allows (the radio's choices follow the config)."""
-    import typing
-
-    return list(typing.get_args(typing.get_type_hints(cls)[name]))
+def _step(path: str, label: str, kind, help_text: str) -> Option:
+    """An input of a step after the method (their flags are the command line's own)."""
+    return Option(path, "", help_text, label, kind)
 
 
-# Method options shown in each accordion: (field, label, choices or type, one-line help). Fields of the
-# layout (experts, n_experts, n_shared, top_k) come from the Design tab and are not repeated here.
-OPTIONS = {
-    "cmoe": [
-        (
-            "variant",
-            "Variant",
-            _choices(CMoEConfig, "variant"),
-            "code: cosine profiling, L1 clusters, |s| router (lower ppl)",
-        ),
-        ("k_act", "K_a", int, "neurons per token marked active when grouping neurons"),
-        ("kmeans_iters", "Clustering rounds", int, "balanced-assignment + centroid rounds (the code does 1)"),
-    ],
-    "dive": [
-        (
-            "domains",
-            "Domains",
-            "domains",
-            "name=text source, comma-separated; one expert per group of domains",
-        ),
-        ("prune_ratio", "Prune ratio", "optional", "channels each expert drops; empty: 1 - 0.5 / A"),
-        ("n_sequences", "Sequences per domain", int, "calibration windows per domain"),
-        ("retrain.stage1_steps", "Stage 1 steps", int, "router only, every expert on (0 skips)"),
-        ("retrain.stage2_steps", "Stage 2 steps", int, "LoRA on experts + router + norms (0 skips)"),
-    ],
-    "ladimo": [
-        ("steps", "Steps per layer", int, "Adam distillation steps per layer (~15 s per SmolLM2 layer)"),
-        ("lr", "Learning rate", float, "experts; the router uses 10x"),
-        (
-            "partition",
-            "Partition",
-            _choices(LaDiMoConfig, "partition"),
-            "contiguous slices (paper), co-activation clusters (cmoe) or |h| ||W_down|| clusters (magnitude)",
-        ),
-        (
-            "router_init",
-            "Router init",
-            _choices(LaDiMoConfig, "router_init"),
-            "oracle: trained on each token's best experts, then refit; random: near uniform",
-        ),
-    ],
+# The inputs of the steps after any method; each method's own inputs are its registry options (moe_core.methods)
+# with tab=True (the layout fields come from the Design tab and are not repeated here).
+STEPS = {
     "routing": [
-        (
-            "router",
-            "Router",
-            _choices(RoutingConfig, "router"),
-            "trained: a linear router fitted to each token's best experts",
-        ),
-        (
-            "form",
-            "Routing form",
-            _choices(RoutingConfig, "form"),
-            "native: Qwen2-MoE's routing, so the export to Qwen2-MoE (vLLM, SGLang, llama.cpp) is exact",
-        ),
-        ("refit", "Refit the down projections", bool, "least squares given the routing; seconds per layer"),
-        (
-            "compensate",
-            "Compensation biases",
-            bool,
-            "analytic form with a refit: a bias per expert, refitted too (holds FLAP's compensation)",
-        ),
+        _step("router", "Router", choices(RoutingConfig, "router"),
+              "trained: a linear router fitted to each token's best experts"),
+        _step("form", "Routing form", choices(RoutingConfig, "form"),
+              "native: Qwen2-MoE's routing, so the export to Qwen2-MoE (vLLM, SGLang, llama.cpp) is exact"),
+        _step("refit", "Refit the down projections", bool, "least squares given the routing; seconds per layer"),
+        _step("compensate", "Compensation biases", bool,
+              "analytic form with a refit: a bias per expert, refitted too (holds FLAP's compensation)"),
     ],
     "distill": [
-        ("enabled", "Distil after converting", bool, "minutes on a CPU for the defaults"),
-        ("tokens", "Token budget", int, "training tokens, one pass"),
-        ("max_minutes", "Minutes budget", "optional", "empty: no time limit"),
-        ("lr", "Learning rate", float, "Adam, warm-up then cosine decay"),
-        ("train", "Parts that train", "parts", "gate_scales and biases exist in CMoE and DIVE models"),
-        ("lora_r", "LoRA rank", int, "0: the matrices train in full; r > 0: LoRA factors, merged at the end"),
+        _step("enabled", "Distil after converting", bool, "minutes on a CPU for the defaults"),
+        _step("tokens", "Token budget", int, "training tokens, one pass"),
+        _step("max_minutes", "Minutes budget", "optional", "empty: no time limit"),
+        _step("lr", "Learning rate", float, "Adam, warm-up then cosine decay"),
+        _step("train", "Parts that train", "parts", "gate_scales and biases exist in CMoE and DIVE models"),
+        _step("lora_r", "LoRA rank", int, "0: the matrices train in full; r > 0: LoRA factors, merged at the end"),
     ],
     "finetune": [
-        ("enabled", "Fine-tune after converting", bool, "minutes on a CPU for the defaults"),
-        ("text", "Text", str, "auto: shared:calib-wikipedia when present, else builtin:pydoc"),
-        ("n_sequences", "Sequences", int, "training windows"),
-        ("seq_len", "Tokens per sequence", int, "window length"),
-        ("lr", "Learning rate", float, "LoRA; the gate scales use their own rate"),
+        _step("enabled", "Fine-tune after converting", bool, "minutes on a CPU for the defaults"),
+        _step("text", "Text", str, "auto: shared:calib-wikipedia when present, else builtin:pydoc"),
+        _step("n_sequences", "Sequences", int, "training windows"),
+        _step("seq_len", "Tokens per sequence", int, "window length"),
+        _step("lr", "Learning rate", float, "LoRA; the gate scales use their own rate"),
     ],
-}
+}  # fmt: skip
+
+
+def title(section: str) -> str:
+    """A method's or a step's title."""
+    return METHODS[section].title if section in METHODS else TITLES.get(section, section)
+
+
+def section_options(section: str) -> list[Option]:
+    """The inputs of one config section in this tab: a method's tab options, or a step's."""
+    if section in METHODS:
+        return [o for o in METHODS[section].options if o.tab]
+    return STEPS.get(section, [])
 
 
 AFTER = ("routing", "distill", "finetune")  # the sections that apply after any method, in build order
@@ -139,8 +98,6 @@ SWITCHED = ("distill", "finetune")  # sections with an `enabled` switch: off, th
 def sections() -> list[str]:
     """The config sections with inputs in this tab, in build order: every method, then routing, distillation
     and fine-tuning."""
-    from moe_core.methods import METHODS
-
     return [*METHODS, *AFTER]
 
 
@@ -148,7 +105,7 @@ def sections() -> list[str]:
 class ConvertTab:
     status: gr.Markdown
     method: gr.Radio
-    options: list  # one component per (method, field) of OPTIONS, in order
+    options: list  # one component per (section, option) of _option_fields(sections()), in order
     summary: gr.HTML
     loss: gr.Plot  # the distillation's loss curve, live while it trains
     converted: object  # the convert event's Dependency
@@ -161,15 +118,16 @@ class ConvertTab:
         loaded.then(after_figures, state, list(self.figures), api_visibility="private", **widgets.LIGHT)
 
 
-def _option_fields(methods: list[str]) -> list[tuple[str, str, object]]:
-    """(method, field, type or choices) of every option component, in the order they are built."""
-    return [(m, f[0], f[2]) for m in methods for f in OPTIONS.get(m, [])]
+def _option_fields(names: list[str]) -> list[tuple[str, Option]]:
+    """(section, option) of every option component, in the order they are built."""
+    return [(m, o) for m in names for o in section_options(m)]
 
 
-def _to_config(kind, value):
+def _to_config(option: Option, value):
     """An input's value as its config field wants it."""
-    if kind == "domains":
-        return [part.strip() for part in str(value or "").split(",") if part.strip()]
+    kind = option.kind
+    if kind == "list":
+        return option.from_text(str(value or ""))
     if kind == "optional":  # a textbox: a browser's empty number field would send 0, not "unset"
         text = str(value if value is not None else "").strip()
         try:
@@ -183,20 +141,15 @@ def _to_config(kind, value):
     return kind(value) if kind in (int, float, bool) else value
 
 
-def _to_input(kind, value):
-    if kind == "domains":
-        return ", ".join(f"{name}={spec}" for name, spec in value)
+def _to_input(option: Option, value):
+    kind = option.kind
+    if kind == "list":
+        return option.to_text(value)
     if kind == "parts":
         return list(value)
     if kind == "optional":
         return "" if value is None else f"{value:g}"
     return value
-
-
-def _option_value(section, name: str):
-    for part in name.split("."):
-        section = getattr(section, part)
-    return section
 
 
 def split(values) -> tuple:
@@ -213,32 +166,23 @@ def run_config(
     d = design(session, *design_values)
     names = sections()
     sections_ = {m: {} for m in names}
-    for (m, name, kind), value in zip(_option_fields(names), option_values, strict=True):
-        if value is None and kind != "optional":
-            raise ValueError(f"{TITLES.get(m, m)} option '{name}' is empty: give a value.")
-        node = sections_[m]
-        *parents, leaf = name.split(".")
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = _to_config(kind, value)
+    for (m, option), value in zip(_option_fields(names), option_values, strict=True):
+        if value is None and option.kind != "optional":
+            raise ValueError(f"{title(m)} option '{option.path}' is empty: give a value.")
+        option.put(sections_[m], _to_config(option, value))
     for m in SWITCHED:  # a step that does not run keeps its defaults (the YAML leaves it out)
         if not sections_[m]["enabled"]:
             sections_[m] = {"enabled": False}
-    sections_["cmoe"]["experts"] = d.experts
-    if d.budget is not None:
-        if method != "cmoe":
-            raise ValueError(
-                "The Design tab's budget mode gives each layer its own CMoE shape: choose CMoE, or set the "
-                "Design tab to uniform or per layer."
-            )
-        sections_["cmoe"] |= {"budget": d.budget, "layer_experts": d.layer_experts}
-    sections_["ladimo"] |= {"n_experts": d.n_experts, "n_shared": d.n_shared, "top_k": d.active}
-    if "dive" in sections_:  # DIVE's experts overlap (pruned copies): the shared ratio is a share of channels
-        sections_["dive"] |= {
-            "n_experts": d.n_experts,
-            "top_k": d.active,
-            "shared_share": float(design_values[1]),
-        }
+    entry = METHODS[method]
+    if d.budget is not None and not entry.budget:
+        budgeted = ", ".join(m.title for m in METHODS.values() if m.budget)
+        raise ValueError(
+            f"The Design tab's budget mode gives each layer its own shape, which {entry.title} does not take: "
+            f"choose {budgeted}, or set the Design tab to uniform or per layer."
+        )
+    ratio = float(design_values[1])
+    layout = Layout(d.n_experts, d.n_shared, d.active, ratio, d.budget, d.layer_experts)
+    sections_[method] |= entry.from_layout(layout)
     model = {"spec": session.dense.spec if session.dense is not None else "builtin:smollm2-135m"}
     if session.dense is not None:
         model["device"] = session.dense.device.type
@@ -250,8 +194,7 @@ def run_config(
         "active_per_layer": d.per_layer,  # None unless the Design tab sets A per layer
         **{m: sections_[m] for m in AFTER},
     }
-    if method in sections_ and method in ConvertRun.__dataclass_fields__:
-        tree[method] = sections_[method]  # the other methods keep their defaults
+    tree[method] = sections_[method]  # the other methods keep their defaults
     return from_dict(ConvertRun, tree), d
 
 
@@ -344,24 +287,9 @@ def _after_tiles(m: dict) -> list[str]:
     return tiles
 
 
-def layout_text(run: dict) -> str:
-    """The layout a run config converted to, in one phrase."""
-    layout = run.get(run["method"], {})
-    shapes = layout.get("layer_experts")
-    if shapes:
-        from collections import Counter
-
-        counts = ", ".join(f"{shape} x{n}" for shape, n in Counter(shapes).most_common())
-        return f"one shape per layer for a {layout.get('budget') or 0:.0%} budget, layers per shape: {counts}"
-    return (
-        layout.get("experts")
-        or f"E{layout.get('n_experts')} S{layout.get('n_shared')} top-{layout.get('top_k')}"
-    )
-
-
 def summary_html(session: Session, seconds: float) -> str:
     m, run = session.metrics, session.run_config
-    method = TITLES.get(run["method"], run["method"])
+    method = title(run["method"])
     tiles = [
         widgets.tile(f"{m['moe_layers']}", "MoE layers"),
         widgets.tile(
@@ -378,7 +306,7 @@ def summary_html(session: Session, seconds: float) -> str:
     ]
     per_layer = run.get("active_per_layer")
     footer = (
-        f'<div class="moe-bar-label">Layout {html.escape(layout_text(run))}'
+        f'<div class="moe-bar-label">Layout {html.escape(widgets.layout_text(run))}'
         + (f", A per layer {html.escape(str(per_layer))}" if per_layer else "")
         + ". Next: <b>Evaluate</b> against the dense model, tune <b>Routing policy</b>, or <b>Export</b>.</div>"
     )
@@ -508,16 +436,13 @@ def load_config(path, session: Session, n_options: int):
     from moe_core.config import load_config_file
 
     cfg = from_dict(ConvertRun, load_config_file(path))
-    section = cfg.section()
-    n_experts = getattr(section, "n_experts", None) or section.shape[2]
-    n_shared = getattr(section, "n_shared", None)
-    n_shared = section.shape[0] if n_shared is None and hasattr(section, "shape") else (n_shared or 0)
-    active = getattr(section, "top_k", None) or section.shape[1]
-    ratio = getattr(section, "shared_share", None)
-    ratio = n_shared / n_experts if ratio is None else ratio
-    options = [
-        _to_input(k, _option_value(getattr(cfg, m), name)) for m, name, k in _option_fields(sections())
-    ]
+    entry = METHODS[cfg.method]
+    options = [_to_input(o, o.get(getattr(cfg, m))) for m, o in _option_fields(sections())]
+    if entry.to_layout is None:  # the method takes no expert layout: the Design tab keeps its own
+        layout = [gr.skip()] * N_DESIGN
+    else:
+        n_experts, active, ratio = entry.to_layout(cfg.section())
+        layout = [n_experts, ratio, *_budget_inputs(cfg, active)]
     if session.dense is None or session.dense.spec != cfg.model.spec:
         gr.Info(f"The config names the model {cfg.model.spec}: press Load in the Model tab to use it.")
     if cfg.plan is not None:
@@ -532,9 +457,7 @@ def load_config(path, session: Session, n_options: int):
         d.n_sequences,
         d.seq_len,
         d.seed,
-        n_experts,
-        ratio,
-        *_budget_inputs(cfg, active),
+        *layout,
         cfg.method,
         *options[:n_options],
     ]
@@ -556,11 +479,12 @@ def _budget_inputs(cfg: ConvertRun, active: int) -> list:
 
 
 def _inputs(section: str, defaults: ConvertRun) -> list:
-    """One input component per OPTIONS entry of a config section, holding the default value."""
+    """One input component per option of a config section (:func:`section_options`), holding the default."""
     out = []
-    for name, label, kind, help_text in OPTIONS.get(section, []):
-        value = _to_input(kind, _option_value(getattr(defaults, section), name))
-        if kind == "domains":
+    for option in section_options(section):
+        kind, label, help_text = option.kind, option.label, option.help
+        value = _to_input(option, option.get(getattr(defaults, section)))
+        if kind == "list":
             out.append(gr.Textbox(value, label=label, info=help_text, lines=2))
         elif kind == "optional":
             out.append(gr.Textbox(value, label=label, info=help_text, placeholder="empty"))
@@ -570,16 +494,14 @@ def _inputs(section: str, defaults: ConvertRun) -> list:
             out.append(gr.Checkbox(value, label=label, info=help_text))
         elif kind is str:
             out.append(gr.Textbox(value, label=label, info=help_text))
-        elif isinstance(kind, list):
-            out.append(gr.Radio(kind, value=value, label=label, info=help_text))
+        elif isinstance(kind, tuple):
+            out.append(gr.Radio(list(kind), value=value, label=label, info=help_text))
         else:
             out.append(gr.Number(value, label=label, info=help_text, precision=0 if kind is int else None))
     return out
 
 
 def build(state: gr.State, data: DataTab, design_tab: DesignTab, source: gr.Dropdown) -> ConvertTab:
-    from moe_core.methods import METHODS
-
     methods = list(METHODS)
     defaults = ConvertRun()
     with gr.Tab("Convert", id="convert"):
@@ -587,15 +509,15 @@ def build(state: gr.State, data: DataTab, design_tab: DesignTab, source: gr.Drop
         with gr.Row(equal_height=False):
             with gr.Column(scale=2):
                 method = gr.Radio(
-                    [(TITLES.get(m, m), m) for m in methods],
+                    [(title(m), m) for m in methods],
                     value="cmoe",
                     label="Method",
                     info="Expert layout from the Design tab, calibration text from the Data tab.",
                 )
                 options = []
                 for m in methods:
-                    with gr.Accordion(f"{TITLES.get(m, m)} options", open=m == "cmoe") as acc:
-                        gr.Markdown(ABOUT.get(m, ""), elem_classes="moe-help")
+                    with gr.Accordion(f"{title(m)} options", open=m == "cmoe") as acc:
+                        gr.Markdown(METHODS[m].about, elem_classes="moe-help")
                         options += _inputs(m, defaults)
                     method.change(
                         lambda v, m=m: gr.Accordion(open=v == m),
@@ -604,10 +526,10 @@ def build(state: gr.State, data: DataTab, design_tab: DesignTab, source: gr.Drop
                         queue=False,
                         api_visibility="private",
                     )
-                for section, title in (("routing", "Routing (any method)"),
-                                       ("distill", "Distillation (optional, any method)"),
-                                       ("finetune", "Fine-tuning (optional, any method)")):  # fmt: skip
-                    with gr.Accordion(title, open=False):
+                for section, heading in (("routing", "Routing (any method)"),
+                                         ("distill", "Distillation (optional, any method)"),
+                                         ("finetune", "Fine-tuning (optional, any method)")):  # fmt: skip
+                    with gr.Accordion(heading, open=False):
                         gr.Markdown(ABOUT[section], elem_classes="moe-help")
                         options += _inputs(section, defaults)
                 with gr.Row():

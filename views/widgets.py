@@ -125,7 +125,13 @@ def problem(title: str, message: str) -> str:
     return f'<div class="moe-problem"><b>{html.escape(title)}</b><br>{html.escape(message)}</div>'
 
 
-METHOD_TITLES = {"cmoe": "CMoE", "dive": "DIVE", "ladimo": "LaDiMo"}
+def layout_text(run: dict) -> str:
+    """The layout a run config converted to, in one phrase (its method's registry entry says how)."""
+    from moe_core.methods import METHODS
+
+    method = run.get("method", "")
+    section = run.get(method) or {}
+    return METHODS[method].layout_text(section) if method in METHODS else "?"
 
 
 def converted_status(session, no_moe: str, ready: str) -> str:
@@ -133,16 +139,15 @@ def converted_status(session, no_moe: str, ready: str) -> str:
 
     no_moe: what to do when nothing is converted yet; ready: what this tab does with the converted model.
     """
+    from moe_core.methods import METHODS
+
     if session.moe is None:
         if session.dense is None:
             return no_moe
         return f"Model **{session.dense.spec}** is loaded, not converted yet. {no_moe}"
     run = session.run_config or {}
     method = run.get("method", "moe")
-    section = run.get(method, {})
-    layout = section.get("experts") or f"E{section.get('n_experts', '?')} top-{section.get('top_k', '?')}"
-    if section.get("layer_experts"):
-        layout = f"one shape per layer, {section.get('budget') or 0:.0%} active budget"
+    title = METHODS[method].title if method in METHODS else method
     plan = ", with a per-layer routing plan" if run.get("plan") else ""
     spec = session.dense.spec if session.dense is not None else "?"
-    return f"Converted: **{METHOD_TITLES.get(method, method)} {layout}** of **{spec}**{plan}. {ready}"
+    return f"Converted: **{title} {layout_text(run)}** of **{spec}**{plan}. {ready}"

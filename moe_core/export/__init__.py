@@ -21,7 +21,7 @@ is written as ``<out>.partial`` and renamed when complete; :func:`make_zip` pack
 """
 
 from .card import make_zip, model_card
-from .config import EXACT_TOL, FORMATS, GGUF_TYPES, PAPERS, ExportConfig, ExportResult
+from .config import EXACT_TOL, FORMATS, GGUF_TYPES, ExportConfig, ExportResult
 from .formats import export_model, write_exact, write_native
 from .native import ExportError
 from .verify import compare, reload_logits, verify
@@ -30,7 +30,6 @@ __all__ = [
     "EXACT_TOL",
     "FORMATS",
     "GGUF_TYPES",
-    "PAPERS",
     "ExportConfig",
     "ExportError",
     "ExportResult",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .config import EXACT_TOL, PAPERS, ExportResult
+from .config import EXACT_TOL, ExportResult
 from .native import ExportError
 
 # ---------------------------------------------------------------------------------------------
@@ -23,6 +23,7 @@ def provenance(moe, cfg, calib_ids, calib_text, run_config, source_metrics) -> d
     import transformers
 
     from .. import __version__
+    from ..methods import METHODS
 
     conversion = getattr(moe, "conversion", None)
     run_config = run_config or getattr(moe, "run_config", None) or {}
@@ -34,7 +35,7 @@ def provenance(moe, cfg, calib_ids, calib_text, run_config, source_metrics) -> d
     return {
         "source_model": (run_config.get("model") or {}).get("spec") or moe.spec,
         "method": method,
-        "paper": PAPERS.get(method or ""),
+        "paper": METHODS[method].paper if method in METHODS else None,
         "method_config": conversion.config if conversion is not None else run_config.get(method or "", None),
         "run_config": {**run_config, "export": asdict(cfg)},
         "calibration": calib,

@@ -17,13 +17,6 @@ EVAL_TEXT = (
     "bridges, schools and a library. Today its museums describe how ordinary people lived, worked and "
     "argued about the future of their streets."
 )
-PAPERS = {
-    "cmoe": "Z. Pei et al., CMoE: Converting Mixture-of-Experts from Dense to Accelerate LLM Inference "
-    "(Analytical FFN-to-MoE Restructuring via Activation Pattern Analysis), arXiv 2502.04416, ACL 2026",
-    "dive": "Y. Feng et al., DIVE into MoE: Diversity-Enhanced Reconstruction of Large Language Models from "
-    "Dense into Mixture-of-Experts, arXiv 2506.09351, ACL 2025",
-    "ladimo": "S. Kim et al., LaDiMo: Layer-wise Distillation Inspired MoEfier, arXiv 2408.04278",
-}
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ from ..layerwise import convert_layers
 from ..moe import MoEMLP, Router, RoutingPolicy
 from ..plumbing import shell_copy
 from ..reconstruct import ReconstructSettings, reconstruct_block
+from . import Layout, Method, Option, choices
 
 
 @dataclass(frozen=True)
@@ -311,3 +312,89 @@ def _config_dict(cfg: CMoEConfig) -> dict:
     out = asdict(cfg)
     out["layers"] = None if cfg.layers is None else list(cfg.layers)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry entry
+
+
+def _from_layout(layout: Layout) -> dict:
+    out: dict = {"experts": layout.experts}
+    if layout.budget is not None:
+        out |= {"budget": layout.budget, "layer_experts": layout.layer_experts}
+    return out
+
+
+def _to_layout(cfg: CMoEConfig) -> tuple[int, int, float]:
+    n_shared, active, n_experts = cfg.shape
+    return n_experts, active, n_shared / n_experts
+
+
+def _describe(section: dict) -> str:
+    shapes = section.get("layer_experts")
+    if shapes:
+        from collections import Counter
+
+        counts = ", ".join(f"{shape} x{n}" for shape, n in Counter(shapes).most_common())
+        return (
+            f"one shape per layer for a {section.get('budget') or 0:.0%} budget, layers per shape: {counts}"
+        )
+    return str(section.get("experts"))
+
+
+METHOD = Method(
+    name="cmoe",
+    title="CMoE",
+    paper="Z. Pei et al., CMoE: Converting Mixture-of-Experts from Dense to Accelerate LLM Inference "
+    "(Analytical FFN-to-MoE Restructuring via Activation Pattern Analysis), arXiv 2502.04416, ACL 2026",
+    about="CMoE (arXiv 2502.04416): carve neurons into experts by co-activation; no training, seconds per layer.",
+    config=CMoEConfig,
+    convert=convert,
+    options=(
+        Option(
+            "experts", "--experts", "SxAyEz: x shared + y active routed of z experts, e.g. S2A2E8", tab=False
+        ),
+        Option(
+            "variant",
+            "--variant",
+            "code: cosine profiling, L1 clusters, |s| router (lower ppl)",
+            "Variant",
+            choices(CMoEConfig, "variant"),
+        ),  # fmt: skip
+        Option("k_act", "--k-act", "neurons per token marked active when grouping neurons", "K_a", int),
+        Option(
+            "kmeans_iters",
+            "",
+            "balanced-assignment + centroid rounds (the code does 1)",
+            "Clustering rounds",
+            int,
+        ),
+        Option(
+            "shared_by",
+            "--shared-by",
+            "shared neurons by ATopK rate or |h| ||W_down||",
+            kind=choices(CMoEConfig, "shared_by"),
+            tab=False,
+        ),  # fmt: skip
+        Option(
+            "cluster_on",
+            "--cluster-on",
+            "cluster ATopK markers or |h| ||W_down||",
+            kind=choices(CMoEConfig, "cluster_on"),
+            tab=False,
+        ),  # fmt: skip
+        Option(
+            "budget",
+            "--budget",
+            "active FFN share (e.g. 0.5), allocated per layer by measured sensitivity",
+            kind=float,
+            tab=False,
+        ),  # fmt: skip
+    ),
+    from_layout=_from_layout,
+    to_layout=_to_layout,
+    describe=_describe,
+    budget=True,
+    routes_inside=True,
+    order=0,
+)

@@ -55,6 +55,7 @@ from ..layerwise import run_decoder
 from ..moe import MoEMLP, Router, RoutingPolicy
 from ..plumbing import shell_copy
 from ..profiling import check_cancel
+from . import Method, Option
 
 Progress = Callable[[float, str], None] | None
 Cancel = Callable[[], bool] | None
@@ -486,3 +487,79 @@ def _config_dict(cfg: DIVEConfig) -> dict:
     out = asdict(cfg)
     out["domains"] = [list(d) for d in cfg.domains]
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry entry
+
+
+def _domains_text(domains) -> str:
+    return ",".join(f"{name}={spec}" for name, spec in domains)
+
+
+def _domains(text: str) -> list[str]:
+    return [part.strip() for part in str(text or "").split(",") if part.strip()]
+
+
+METHOD = Method(
+    name="dive",
+    title="DIVE",
+    paper="Y. Feng et al., DIVE into MoE: Diversity-Enhanced Reconstruction of Large Language Models from "
+    "Dense into Mixture-of-Experts, arXiv 2506.09351, ACL 2025",
+    about="DIVE (arXiv 2506.09351): one FLAP-pruned expert per group of related domains, then two short "
+    "retraining stages. E and A come from the Design tab; the shared ratio is a share of channels. After "
+    "converting, a heatmap shows the mined domain affinity and which domains became which expert.",
+    config=DIVEConfig,
+    convert=convert,
+    options=(
+        Option(
+            "domains",
+            "--domains",
+            "name=text source (or a source), comma-separated; one expert per group of domains",
+            "Domains",
+            "list",
+            parse=_domains,
+            show=_domains_text,
+        ),  # fmt: skip
+        Option("n_experts", "--n-experts", "experts (groups of domains)", kind=int, tab=False),
+        Option("top_k", "--top-k", "experts per token", kind=int, tab=False),
+        Option(
+            "prune_ratio",
+            "--prune-ratio",
+            "channels each expert drops; empty: 1 - 0.5 / A",
+            "Prune ratio",
+            "optional",
+        ),  # fmt: skip
+        Option(
+            "shared_share",
+            "--shared-share",
+            "share of channels in an always-on shared expert",
+            kind=float,
+            tab=False,
+        ),
+        Option("n_sequences", "", "calibration windows per domain", "Sequences per domain", int),
+        Option(
+            "retrain.stage1_steps",
+            "--stage1-steps",
+            "router only, every expert on (0 skips)",
+            "Stage 1 steps",
+            int,
+        ),
+        Option(
+            "retrain.stage2_steps",
+            "--stage2-steps",
+            "LoRA on experts + router + norms (0 skips)",
+            "Stage 2 steps",
+            int,
+        ),
+    ),
+    # DIVE's experts overlap (pruned copies): the shared ratio is a share of channels
+    from_layout=lambda layout: {
+        "n_experts": layout.n_experts,
+        "top_k": layout.active,
+        "shared_share": layout.shared_ratio,
+    },
+    to_layout=lambda cfg: (cfg.n_experts, cfg.top_k, cfg.shared_share),
+    describe=lambda s: f"E{s.get('n_experts')} top-{s.get('top_k')}",
+    order=20,
+)

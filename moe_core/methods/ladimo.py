@@ -65,6 +65,7 @@ from ..moe import MoEMLP, Router, RoutingPolicy
 from ..plumbing import shell_copy
 from ..profiling import check_cancel
 from ..reconstruct import ReconstructSettings, reconstruct_block
+from . import Method, Option, choices
 from .cmoe import ConversionReport, atopk_markers, carve, carve_features, expert_sizes, magnitude_features
 
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)  # dynamic-policy thresholds profiled per layer (routing distribution)
@@ -376,3 +377,52 @@ def _config_dict(cfg: LaDiMoConfig) -> dict:
     out = asdict(cfg)
     out["layers"] = None if cfg.layers is None else list(cfg.layers)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry entry
+
+METHOD = Method(
+    name="ladimo",
+    title="LaDiMo",
+    paper="S. Kim et al., LaDiMo: Layer-wise Distillation Inspired MoEfier, arXiv 2408.04278",
+    about="LaDiMo (arXiv 2408.04278): split each FFN, then distil experts and router layer by layer.",
+    config=LaDiMoConfig,
+    convert=convert,
+    options=(
+        Option("n_experts", "--n-experts", "experts per FFN", kind=int, tab=False),
+        Option(
+            "top_k", "--top-k", "experts per token after conversion (uniform policy)", kind=int, tab=False
+        ),
+        Option(
+            "steps",
+            "--steps",
+            "Adam distillation steps per layer (~15 s per SmolLM2 layer)",
+            "Steps per layer",
+            int,
+        ),  # fmt: skip
+        Option("lr", "", "experts; the router uses 10x", "Learning rate", float),
+        Option(
+            "partition",
+            "",
+            "contiguous slices (paper), co-activation clusters (cmoe) or |h| ||W_down|| clusters (magnitude)",
+            "Partition",
+            choices(LaDiMoConfig, "partition"),
+        ),  # fmt: skip
+        Option(
+            "router_init",
+            "",
+            "oracle: trained on each token's best experts, then refit; random: near uniform",
+            "Router init",
+            choices(LaDiMoConfig, "router_init"),
+        ),  # fmt: skip
+    ),
+    from_layout=lambda layout: {
+        "n_experts": layout.n_experts,
+        "n_shared": layout.n_shared,
+        "top_k": layout.active,
+    },
+    to_layout=lambda cfg: (cfg.n_experts, cfg.top_k, cfg.n_shared / cfg.n_experts),
+    describe=lambda s: f"E{s.get('n_experts')} S{s.get('n_shared')} top-{s.get('top_k')}",
+    order=10,
+)
