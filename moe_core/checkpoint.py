@@ -3,7 +3,8 @@
 A checkpoint folder holds:
 
 - ``config.json``: the dense model's transformers config (the skeleton to rebuild);
-- ``model.safetensors``: the full state dict, MoE layers included; a tied LM head is stored once;
+- ``model.safetensors``: the full state dict, MoE layers included; a tied LM head is stored once (a streamed
+  conversion, moe_core.streaming, writes it as numbered shards with ``model.safetensors.index.json``);
 - ``moe_layers.json``: ``{"format", "version", "dtype", "tied", "layers": {index: MoEMLP.spec()}}``;
 - the tokenizer files, ``run_config.json`` (the config that made it) and ``metrics.json``.
 
@@ -145,11 +146,23 @@ def load_converted(folder: str | Path, device: str = "cpu", trust_remote_code: b
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     for i, spec in meta["layers"].items():
         adapter.set_mlp(model, int(i), MoEMLP.from_spec(spec).to(dtype))
-    _load_state(model, load_file(str(folder / "model.safetensors")), meta["tied"])
+    _load_state(model, _read_weights(folder, load_file), meta["tied"])
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     dense = DenseModel(model.to(device).eval(), tokenizer, adapter, str(folder))
     dense.run_config, dense.metrics = read_json(folder, "run_config.json"), read_json(folder, "metrics.json")
     return dense
+
+
+def _read_weights(folder: Path, load_file) -> dict:
+    """The state dict of a checkpoint: one model.safetensors, or the shards a streamed conversion writes."""
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return load_file(str(single))
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    state = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        state |= load_file(str(folder / shard))
+    return state
 
 
 def _load_state(model, state: dict, tied: dict[str, str]) -> None:

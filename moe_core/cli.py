@@ -49,6 +49,7 @@ def _overrides(args) -> dict:
         ("model", "spec"): "model",
         ("model", "device"): "device",
         ("model", "trust_remote_code"): "trust_remote_code",
+        ("model", "max_memory"): "max_memory",
         ("data", "text"): "text",
         ("data", "n_sequences"): "n_sequences",
         ("data", "seq_len"): "seq_len",
@@ -222,10 +223,16 @@ def cmd_convert(args) -> int:
     """Convert a dense model (method from the config) and save it with its run config and metrics."""
     from .config import ConvertRun
     from .pipeline import convert_run
+    from .streaming import open_model, should_stream
 
     base = load_config_file(args.config) if args.config else {}
     cfg = _run_config(ConvertRun, args, convert_overrides(args, args.method or base.get("method") or "cmoe"))
-    outcome = convert_run(load_dense(cfg.model), cfg, folder=cfg.out, progress=_progress)
+    if should_stream(cfg.model):  # a folder larger than --max-memory: one layer at a time
+        m = cfg.model
+        source = open_model(m.spec, m.device, m.dtype, m.trust_remote_code)
+        outcome = convert_run(source.dense, cfg, folder=cfg.out, progress=_progress, source=source)
+    else:
+        outcome = convert_run(load_dense(cfg.model), cfg, folder=cfg.out, progress=_progress)
     metrics = outcome.metrics
     summary = {"method": cfg.method, "seconds": metrics["convert_seconds"], "out": str(outcome.folder)}
     keys = ("ffn_params", "ffn_active_params", "active_ffn_share", "total_params", "active_params")
@@ -296,6 +303,10 @@ def _distill_overrides(args) -> dict:
 def _convert_flags(p: argparse.ArgumentParser) -> None:
     from .methods import METHODS
 
+    p.add_argument(
+        "--max-memory",
+        help="e.g. 2GB: a model folder larger than this converts one layer at a time, never whole in memory",
+    )
     titles = ", ".join(f"{name} ({m.title})" for name, m in METHODS.items())
     p.add_argument("--method", choices=list(METHODS), help=f"conversion method: {titles}")
     p.add_argument(

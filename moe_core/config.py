@@ -28,11 +28,18 @@ class ModelConfig:
     device: str = "cpu"
     dtype: str = "auto"  # float32 on CPU (bf16 matmuls are ~1000x slower there), bfloat16 on CUDA
     trust_remote_code: bool = False  # off: never run a repository's code unless the user says so
+    # e.g. "2GB": a conversion of a model folder larger than this streams, one layer at a time (moe_core.streaming)
+    max_memory: str | None = None
 
     def __post_init__(self):
         _check(
             bool(self.spec.strip()), "model.spec is empty: give builtin:smollm2-135m, a folder or a hub id."
         )
+        if self.max_memory is not None:
+            from .streaming import parse_bytes
+
+            object.__setattr__(self, "max_memory", str(self.max_memory).strip())
+            parse_bytes(self.max_memory)  # ValueError saying how to write it
         _check(
             self.dtype in ("auto", "float32", "bfloat16", "float16"),
             f"model.dtype '{self.dtype}' is not one of auto, float32, bfloat16, float16.",

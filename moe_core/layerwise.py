@@ -302,13 +302,22 @@ def convert_layers(
 
     sequential: the next layer's inputs come from the converted layer, so each layer is built on what the
     converted prefix really produces (the CMoE code's behaviour); else from the original layer (teacher
-    forcing: layers are independent). Only one layer's calibration activations are alive at a time.
+    forcing: layers are independent). Only one layer's calibration activations are alive at a time. Inside
+    :func:`moe_core.streaming.streaming`, only one layer's weights are too: each is read from the shards before
+    its turn and written out and freed after it.
     reference(i): the module whose output on x is y (default: the layer's MLP as it is when its turn comes).
     """
+    from .streaming import active
+
+    stream = active()  # a model not whole in memory: each layer is read before its turn and written after it
     layers, infos = model.adapter.layers(model.model), []
     inputs, last = capture_layer_inputs(model, input_ids, batch_size), max(targets)
+    if stream is not None:
+        stream.captured(model)
     for i in range(last + 1):
         check_cancel(cancel)
+        if stream is not None:
+            stream.load(model, i)
         layer = layers[i]
         if i in targets:
             mlp = model.adapter.mlp(model.model, i)
@@ -322,5 +331,7 @@ def convert_layers(
                 inputs = run_layer(layer, inputs) if sequential else original
         else:
             inputs = run_layer(layer, inputs)
+        if stream is not None:
+            stream.done(model, i)
         report(progress, (i + 1) / (last + 1), f"{label}: layer {i + 1}/{last + 1}")
     return infos

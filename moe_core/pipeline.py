@@ -6,7 +6,9 @@ app can run one step per click. Each is a short composition of the public functi
 
 from __future__ import annotations
 
+import contextlib
 import shlex
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -48,6 +50,7 @@ def convert_run(
     progress: Progress = None,
     cancel: Cancel = None,
     on_step=None,
+    source=None,
 ) -> ConvertOutcome:
     """Convert ``dense`` (already loaded, untouched) as ``cfg`` says: a per-layer budget's allocation first
     (cmoe.budget), the method and its routing step, the per-layer active experts (cfg.active_per_layer), then
@@ -65,6 +68,12 @@ def convert_run(
 
     if active is not None:
         cfg = replace(cfg, active_per_layer=tuple(int(a) for a in active))
+    if source is not None:  # streamed from its shards (moe_core.streaming): refused now if it cannot be
+        from .streaming import check_streamable
+
+        check_streamable(cfg)
+        if folder is None:
+            raise ValueError("A streamed conversion writes its layers as it goes: give the output folder.")
 
     ids, _ = calibration(dense, cfg.data)
     start = time.perf_counter()
@@ -76,10 +85,11 @@ def convert_run(
         budget = plan_budget(dense, cfg, ids, span(progress, 0, cut / 2), cancel)
         cfg = replace(cfg, cmoe=replace(cfg.cmoe, layer_experts=tuple(budget["layer_experts"])))
     lo = cut / 2 if budget is not None else 0.0
-    moe = convert(
-        dense, ids, cfg.section(), method=cfg.method, routing=cfg.routing, progress=span(progress, lo, cut),
-        cancel=cancel,
-    )  # fmt: skip
+    with _streamed(source, dense, folder) as stream:
+        moe = convert(
+            dense, ids, cfg.section(), method=cfg.method, routing=cfg.routing, progress=span(progress, lo, cut),
+            cancel=cancel,
+        )  # fmt: skip
     run = to_dict(cfg)
     if cfg.active_per_layer is not None:
         set_active(moe, cfg.active_per_layer)
@@ -106,8 +116,33 @@ def convert_run(
     metrics |= param_report(moe, cfg.data.seq_len)
     metrics["conversion"] = moe.conversion.as_dict()
     moe.run_config, moe.metrics = run, metrics
-    out = save_converted(moe, folder, run, metrics) if folder is not None else None
+    if stream is not None:
+        from .streaming import finish
+
+        metrics["streamed"] = True
+        out = finish(moe, stream, stream.writer.folder, folder, run, metrics)
+    else:
+        out = save_converted(moe, folder, run, metrics) if folder is not None else None
     return ConvertOutcome(moe, ids, run, metrics, out)
+
+
+@contextlib.contextmanager
+def _streamed(source, dense, folder):
+    """The LayerStream of a streamed conversion (None otherwise); its temporary folder goes on failure."""
+    if source is None:
+        yield None
+        return
+    from .streaming import LayerStream, start_writer, streaming
+
+    writer, tmp = start_writer(folder)
+    try:
+        with streaming(
+            LayerStream(source, writer, next(iter(dense.model.parameters())).dtype, dense.device)
+        ) as s:
+            yield s
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def set_active(moe, active: tuple[int, ...]) -> None:

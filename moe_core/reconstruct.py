@@ -199,8 +199,8 @@ def refit_down(block: MoEMLP, x, y, ridge: float = 1e-2, chunk: int = 4096) -> N
     rhs = torch.zeros(n_feat, y.shape[1], dtype=torch.float64, device=x.device)
     for xs, ys in zip(x.split(chunk), y.split(chunk), strict=True):
         phi = _features(block, xs).float()  # (t, D): float32 products per chunk, float64 sums across chunks
-        gram += (phi.T @ phi).double()
-        rhs += (phi.T @ ys.float()).double()
+        gram.add_(phi.T @ phi)  # the float32 product added into float64 in place: no float64 temporary (D, D)
+        rhs.add_(phi.T @ ys.float())
     # the ridge scales with the hidden features' mean diagonal: the bias columns (gate values, ~1 per token)
     # would otherwise inflate it and shrink every weight
     n_hidden = n_feat - (block.n_experts if block.expert_bias is not None else 0)

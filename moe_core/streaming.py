@@ -1,0 +1,364 @@
+"""Convert a model that does not fit in memory: one decoder layer at a time, straight from its safetensors shards.
+
+The model is a meta-device shell (accelerate's ``init_empty_weights``: modules, no weights). The embeddings and
+the final norm are read once; the calibration tokens are embedded and every layer's call arguments recorded
+(:func:`moe_core.layerwise.capture_layer_inputs`, which runs no layer). Then, for each decoder layer in turn,
+its weights are read from the shards (``safe_open``, one tensor at a time, in the compute dtype), the method
+converts it on what the converted layers before it produce, it runs once to produce the next layer's inputs,
+its tensors go to the output shards at once, and it goes back to the meta device. At no time does more than one
+layer's weights, plus the embeddings and the calibration activations, live in memory. The LM head is never read
+into the model: it is copied from the input shards to the output ones.
+
+The output is this project's converted checkpoint (``moe_core.checkpoint``), in numbered shards with an index,
+so ``load_converted`` and every export read it as they read an in-memory conversion's; on the same folder the
+two give identical weights. What streams: CMoE with its routing step (each layer routed and refitted as it is
+carved). What cannot, refused before anything is read, with what would run it: the per-layer budget's
+sensitivity measurement, distillation and fine-tuning (they train through the whole model), a routing plan,
+and the methods that need the whole model at once (LaDiMo's and DIVE's routing pass, DIVE's mining, FLAP's
+statistics pass).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+         "GIB": 2**30}  # fmt: skip
+SHARD_BYTES = 0  # output shard size: 0 writes each layer to its own shard at once (nothing waits in memory)
+INDEX = "model.safetensors.index.json"
+
+
+def parse_bytes(text: str | int | None) -> int | None:
+    """'2GB', '1.5 GiB', '800MB' or a number of bytes -> bytes; None stays None."""
+    if text is None or isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in UNITS:
+        raise ValueError(f"'{text}' is not a memory size: write it like 2GB, 1.5GiB or 800MB.")
+    return int(float(match.group(1)) * UNITS[unit])
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards in, shards out
+
+
+class ShardReader:
+    """The tensors of a model folder's safetensors files (one, or shards with an index), read one at a time."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index = self.folder / INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: self.folder / file for name, file in weight_map.items()}
+        else:
+            self.files = {}
+            for path in sorted(self.folder.glob("*.safetensors")):
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt") as f:
+                    self.files |= dict.fromkeys(f.keys(), path)
+        if not self.files:
+            raise ValueError(
+                f"'{folder}' holds no safetensors weights: streaming reads model folders of shards."
+            )
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor, copied out of its shard (the file's mapping is closed again at once, so the pages read
+        do not stay counted in this process's memory)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            tensor = f.get_tensor(name)
+        return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+
+    def nbytes(self) -> int:
+        return sum(p.stat().st_size for p in set(self.files.values()))
+
+
+def folder_bytes(folder: str | Path) -> int:
+    """Bytes of a folder's safetensors files (0 when it has none)."""
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+class ShardWriter:
+    """Writes tensors to numbered safetensors shards as they come (a shard closes once it passes ``shard_bytes``),
+    then the index."""
+
+    def __init__(self, folder: Path, metadata: dict[str, str], shard_bytes: int = SHARD_BYTES):
+        self.folder, self.metadata, self.shard_bytes = folder, metadata, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes, self.shards, self.weight_map = 0, [], {}
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, tensor in tensors.items():
+            self.pending[name] = tensor.detach().contiguous().cpu()
+            self.pending_bytes += tensor.numel() * tensor.element_size()
+        if self.pending_bytes >= self.shard_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        name = f"model-{len(self.shards) + 1:05d}.safetensors"
+        save_file(self.pending, str(self.folder / name), metadata=self.metadata)
+        self.shards.append(name)
+        self.weight_map |= dict.fromkeys(self.pending, name)
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        """Flush the last shard, name the shards -of-N, write the index."""
+        self._flush()
+        n, renamed = len(self.shards), {}
+        for k, name in enumerate(self.shards, 1):
+            final = f"model-{k:05d}-of-{n:05d}.safetensors"
+            (self.folder / name).rename(self.folder / final)
+            renamed[name] = final
+        weight_map = {t: renamed[f] for t, f in sorted(self.weight_map.items())}
+        total = sum((self.folder / f).stat().st_size for f in renamed.values())
+        index = {"metadata": {"total_size": total, **self.metadata}, "weight_map": weight_map}
+        (self.folder / INDEX).write_text(json.dumps(index, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model, one layer at a time
+
+
+def _set(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    from accelerate.utils import set_module_tensor_to_device
+
+    set_module_tensor_to_device(model, name, value.device, value=value)
+
+
+class LayerStream:
+    """What the layer-by-layer driver asks of a model that is not whole in memory: ``load(model, i)`` before
+    layer i runs, ``done(model, i)`` once its outputs are computed (its tensors are written and freed)."""
+
+    def __init__(self, source: Source, writer: ShardWriter, dtype: torch.dtype, device):
+        self.source, self.reader, self.writer = source, source.reader, writer
+        self.adapter, self.dtype, self.device = source.dense.adapter, dtype, torch.device(device)
+        self.written: set[int] = set()
+        self.released: set[str] = set()  # tensors outside the layers already written and freed
+
+    def captured(self, dense) -> None:
+        """The calibration tokens are embedded: write the input embedding out now and free it (a large
+        vocabulary's table is the biggest tensor a conversion would otherwise hold to the end)."""
+        name = self.source.embed_name
+        if name in self.released:
+            return
+        self.writer.add({name: dense.model.get_parameter(name).detach()})
+        for model in {
+            id(m): m for m in (dense.model, self.source.dense.model)
+        }.values():  # a shell copy shares it
+            _set(model, name, torch.empty(model.get_parameter(name).shape, device="meta"))
+        self.released.add(name)
+
+    def _prefix(self, i: int) -> str:
+        return f"{self.adapter.layers_path}.{i}."
+
+    def load(self, dense, i: int) -> None:
+        """Read decoder layer i's weights from the shards into ``dense`` (a DenseModel), then check its MLP."""
+        prefix, layer = self._prefix(i), self.adapter.layers(dense.model)[i]
+        for name, tensor in layer.state_dict(keep_vars=True).items():
+            if tensor.is_meta:
+                value = self.reader.get(prefix + name, self.dtype).to(self.device)
+                _set(layer, name, value)
+        self.adapter.check(dense.model)  # skips the layers still on the meta device
+
+    def done(self, dense, i: int) -> None:
+        """Write decoder layer i (an MoE block or the dense MLP) to the output shards and free its weights (the
+        modules stay, on the meta device: the checkpoint's layer specs are read from them at the end)."""
+        layer = self.adapter.layers(dense.model)[i]
+        self.writer.add({self._prefix(i) + n: t for n, t in layer.state_dict().items()})
+        self.adapter.layers(dense.model)[i] = layer.to("meta")
+        self.written.add(i)
+
+    def copy(self, i: int) -> None:
+        """Layer i left as it is: its tensors go from the input shards to the output ones, never into the model."""
+        prefix = self._prefix(i)
+        self.writer.add(
+            {n: self.reader.get(n, self.dtype) for n in self.reader.files if n.startswith(prefix)}
+        )
+        self.written.add(i)
+
+
+_STREAM: list[LayerStream] = []  # the stream of the conversion running in this thread, if any
+
+
+@contextlib.contextmanager
+def streaming(stream: LayerStream):
+    """Inside, the layer-by-layer driver (moe_core.layerwise.convert_layers) reads and frees layers via ``stream``."""
+    _STREAM.append(stream)
+    try:
+        yield stream
+    finally:
+        _STREAM.remove(stream)
+
+
+def active() -> LayerStream | None:
+    return _STREAM[-1] if _STREAM else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening a folder, and what may stream
+
+
+@dataclass
+class Source:
+    """A model folder opened for streaming: the DenseModel shell (embeddings and final norm read, every decoder
+    layer and an untied LM head on the meta device), its shards, and the LM head's name and tie."""
+
+    dense: object
+    reader: ShardReader
+    head_name: str | None
+    embed_name: str
+    tied: bool
+
+
+@torch.no_grad()
+def open_model(
+    folder: str | Path, device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False
+) -> Source:
+    """Open a model folder for streaming (:class:`Source`): only its config, tokenizer, embeddings and final norm
+    are read."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .model_io import DenseModel, adapter_for_config, resolve_dtype
+
+    folder = Path(folder).expanduser()
+    reader = ShardReader(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    adapter = adapter_for_config(config, trust_remote_code)
+    torch_dtype = resolve_dtype(device, dtype)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
+    layers_prefix = adapter.layers_path + "."
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    head_name = None if head is None else f"{names[id(head)]}.weight"
+    embed_name = f"{names[id(embed)]}.weight"
+    tied = head is not None and head.weight is embed.weight
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name.startswith(layers_prefix) or name == head_name or not tensor.is_meta:
+            continue
+        if name not in reader:
+            raise ValueError(
+                f"'{folder}' has no tensor '{name}': streaming reads folders whose tensor names are the model's "
+                "own (a transformers save_pretrained folder)."
+            )
+        _set(model, name, reader.get(name, torch_dtype).to(device))
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    dense = DenseModel(model, tokenizer, adapter, str(folder))
+    return Source(dense, reader, head_name, embed_name, tied)
+
+
+def should_stream(model_cfg) -> bool:
+    """Whether a conversion of ``model_cfg`` streams: a local folder of safetensors larger than max_memory."""
+    limit = parse_bytes(getattr(model_cfg, "max_memory", None))
+    folder = Path(model_cfg.spec).expanduser()
+    if limit is None or not folder.is_dir():
+        return False
+    size = folder_bytes(folder)
+    if size == 0:
+        raise ValueError(
+            f"--max-memory streams model folders of safetensors shards, and '{folder}' has none; convert it "
+            "without --max-memory."
+        )
+    return size > limit
+
+
+def check_streamable(cfg) -> None:
+    """ValueError before anything is read when ``cfg`` (a ConvertRun) needs the whole model at once."""
+    from .methods import lookup
+
+    reasons = []
+    if not lookup(cfg.method).routes_inside:
+        reasons.append(f"method '{cfg.method}' needs the whole model at once (only CMoE converts layer by layer "
+                       "with its routing step)")  # fmt: skip
+    if cfg.method == "cmoe" and cfg.cmoe.budget is not None and cfg.cmoe.layer_experts is None:
+        reasons.append("a per-layer budget measures every layer's sensitivity on the whole model first (give "
+                       "cmoe.layer_experts from an earlier measurement instead)")  # fmt: skip
+    if cfg.distill.enabled or cfg.finetune.enabled:
+        reasons.append("distillation and fine-tuning train through the whole model (run them on a GPU that "
+                       "holds it, or with accelerate's CPU offload)")  # fmt: skip
+    if cfg.plan is not None:
+        reasons.append("a routing plan is measured on the whole model (apply it after converting)")
+    if reasons:
+        raise ValueError(
+            "This conversion cannot stream within model.max_memory: "
+            + "; ".join(reasons)
+            + ". Raise or drop "
+            "--max-memory to convert in memory."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the converted folder
+
+
+def start_writer(folder: str | Path) -> tuple[ShardWriter, Path]:
+    """A writer into a temporary sibling of ``folder`` (renamed into place by :func:`finish`)."""
+    from .checkpoint import FORMAT, is_converted
+
+    folder = Path(folder).expanduser()
+    if folder.exists() and any(folder.iterdir()) and not is_converted(folder):
+        raise ValueError(
+            f"'{folder}' exists and is not a converted checkpoint; choose an empty or new output folder."
+        )
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return ShardWriter(tmp, {"format": FORMAT}), tmp
+
+
+def finish(moe, stream: LayerStream, tmp: Path, folder: str | Path, run_config: dict, metrics: dict) -> Path:
+    """Copy the layers no method touched, write what is not a decoder layer (a tied head once), the configs and
+    the tokenizer, then rename the folder into place. moe: the converted DenseModel (its layers on meta)."""
+    from .checkpoint import FORMAT, MOE_LAYERS, VERSION, _moe_specs, _swap_into_place, _write_json
+
+    for i in range(moe.n_layers):
+        if i not in stream.written:
+            stream.copy(i)
+    source, layers_prefix, rest = stream.source, stream.adapter.layers_path + ".", {}
+    for name, tensor in moe.model.state_dict(keep_vars=True).items():
+        if (
+            name.startswith(layers_prefix)
+            or (name == source.head_name and source.tied)
+            or name in stream.released
+        ):
+            continue
+        rest[name] = stream.reader.get(name, stream.dtype) if name == source.head_name else tensor
+    stream.writer.add(rest)
+    stream.writer.close()
+    moe.model.config.save_pretrained(tmp)
+    moe.tokenizer.save_pretrained(tmp)
+    tied = {source.head_name: source.embed_name} if source.tied else {}
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": str(stream.dtype).removeprefix("torch."),
+        "tied": tied,
+    }
+    _write_json(tmp / MOE_LAYERS, meta | {"source": moe.spec, "layers": _moe_specs(moe), "streamed": True})
+    _write_json(tmp / "run_config.json", run_config)
+    _write_json(tmp / "metrics.json", metrics or {})
+    _swap_into_place(tmp, Path(folder).expanduser())
+    return Path(folder).expanduser()

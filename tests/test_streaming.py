@@ -1,0 +1,134 @@
+"""Streaming conversion (moe_core.streaming): a model folder converted one decoder layer at a time, never whole
+in memory, gives the in-memory conversion's checkpoint exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moe_core.checkpoint import load_converted
+from moe_core.cli import main
+from moe_core.config import ConvertRun, from_dict
+from moe_core.model_io import load_model
+from moe_core.pipeline import convert_run
+from moe_core.streaming import LayerStream, ShardReader, ShardWriter, open_model, parse_bytes
+
+DATA = {"text": "builtin:pydoc", "n_sequences": 4, "seq_len": 32}
+
+
+def _folder(tmp_path_factory, spec: str):
+    """A bf16 save_pretrained folder of a tiny model, in several shards (as hub checkpoints come)."""
+    dense = load_model(spec)
+    folder = tmp_path_factory.mktemp(spec.split(":")[1])
+    dense.model.to(torch.bfloat16).save_pretrained(folder, max_shard_size="100KB")
+    dense.tokenizer.save_pretrained(folder)
+    assert len(list(folder.glob("*.safetensors"))) > 1
+    return folder
+
+
+@pytest.fixture(scope="module", params=["builtin:tiny-llama", "builtin:tiny-qwen2"])
+def source(request, tmp_path_factory):
+    return _folder(tmp_path_factory, request.param)
+
+
+def _run(folder, **changes) -> ConvertRun:
+    tree = {"model": {"spec": str(folder), "max_memory": "10KB"}, "data": DATA, "cmoe": {"experts": "S1A2E4"}}
+    return from_dict(ConvertRun, tree | changes)
+
+
+@torch.no_grad()
+def test_streaming_gives_the_in_memory_conversion_exactly(source, tmp_path):
+    cfg = _run(source)
+    in_memory = convert_run(load_model(str(source)), cfg, folder=tmp_path / "mem")
+    opened = open_model(source)
+    streamed = convert_run(opened.dense, cfg, folder=tmp_path / "stream", source=opened)
+    assert streamed.metrics["streamed"] and (tmp_path / "stream" / "model.safetensors.index.json").is_file()
+    a, b = load_converted(tmp_path / "mem"), load_converted(tmp_path / "stream")
+    x = in_memory.calib_ids[:2]
+    torch.testing.assert_close(a.model(x).logits, b.model(x).logits, rtol=0, atol=0)
+    for name, tensor in a.model.state_dict().items():
+        torch.testing.assert_close(tensor, b.model.state_dict()[name], rtol=0, atol=0, msg=name)
+    keys = ("active_ffn_share", "total_params", "active_params", "moe_layers")
+    assert {k: in_memory.metrics[k] for k in keys} == {k: streamed.metrics[k] for k in keys}
+
+
+def test_at_most_one_decoder_layer_is_ever_in_memory(source, tmp_path, monkeypatch):
+    """Count the decoder layers holding real weights each time one is read: never more than the one read."""
+    opened = open_model(source)
+    layers = opened.dense.adapter.layers
+    seen = []
+    load = LayerStream.load
+
+    def counting(self, dense, i):
+        load(self, dense, i)
+        real = [j for j, layer in enumerate(layers(dense.model)) if not next(layer.parameters()).is_meta]
+        seen.append(real)
+
+    monkeypatch.setattr(LayerStream, "load", counting)
+    assert all(next(layer.parameters()).is_meta for layer in layers(opened.dense.model))
+    head = opened.dense.model.get_output_embeddings()
+    assert opened.tied or head.weight.is_meta  # an untied LM head is never read into the model
+    convert_run(opened.dense, _run(source), folder=tmp_path / "out", source=opened)
+    assert seen == [[i] for i in range(opened.dense.n_layers)]
+
+
+def test_the_command_line_streams_a_folder_larger_than_max_memory(source, tmp_path, capsys):
+    argv = [
+        "convert",
+        "--model",
+        str(source),
+        "--text",
+        "builtin:pydoc",
+        "--n-sequences",
+        "2",
+        "--seq-len",
+        "32",
+    ]
+    assert main([*argv, "--experts", "S1A2E4", "--max-memory", "10KB", "--out", str(tmp_path / "s")]) == 0
+    assert main([*argv, "--experts", "S1A2E4", "--max-memory", "1GB", "--out", str(tmp_path / "m")]) == 0
+    streamed = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    in_memory = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert streamed.get("streamed") is True and "streamed" not in in_memory
+    run = json.loads((tmp_path / "s" / "run_config.json").read_text())
+    assert run["model"]["max_memory"] == "10KB"
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"method": "ladimo"}, "method 'ladimo' needs the whole model at once"),
+        ({"distill": {"enabled": True}}, "distillation and fine-tuning train through the whole model"),
+        ({"cmoe": {"experts": "S1A2E4", "budget": 0.5}}, "a per-layer budget measures every layer"),
+    ],
+)
+def test_what_cannot_stream_is_refused_before_anything_is_read(source, tmp_path, changes, reason):
+    opened = open_model(source)
+    with pytest.raises(ValueError, match=reason):
+        convert_run(opened.dense, _run(source, **changes), folder=tmp_path / "x", source=opened)
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp-*"))
+
+
+def test_memory_sizes_parse_and_bad_ones_say_how_to_write_them():
+    assert parse_bytes("2GB") == 2 * 10**9 and parse_bytes("1.5 GiB") == int(1.5 * 2**30)
+    assert parse_bytes("800mb") == 800 * 10**6 and parse_bytes(None) is None
+    with pytest.raises(ValueError, match="write it like 2GB"):
+        parse_bytes("two gigs")
+    with pytest.raises(ValueError, match="write it like 2GB"):
+        from_dict(ConvertRun, {"model": {"max_memory": "lots"}})
+
+
+def test_shards_close_at_their_size_and_the_index_names_every_tensor(tmp_path):
+    writer = ShardWriter(tmp_path, {"format": "test"}, shard_bytes=1000)
+    tensors = {f"t{i}": torch.full((100,), float(i)) for i in range(5)}  # 400 bytes each
+    for name, tensor in tensors.items():
+        writer.add({name: tensor})
+    writer.close()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert shards == [f"model-0000{k}-of-00002.safetensors" for k in (1, 2)]
+    reader = ShardReader(tmp_path)
+    for name, tensor in tensors.items():
+        torch.testing.assert_close(reader.get(name), tensor)
