@@ -144,6 +144,11 @@ def _set(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     set_module_tensor_to_device(model, name, value.device, value=value)
 
 
+def _tie(model: torch.nn.Module) -> None:
+    """The LM head is the input embedding again (after either was replaced)."""
+    model.get_output_embeddings().weight = model.get_input_embeddings().weight
+
+
 class LayerStream:
     """What the layer-by-layer driver asks of a model that is not whole in memory: ``load(model, i)`` before
     layer i runs, ``done(model, i)`` once its outputs are computed (its tensors are written and freed)."""
@@ -161,10 +166,11 @@ class LayerStream:
         if name in self.released:
             return
         self.writer.add({name: dense.model.get_parameter(name).detach()})
-        for model in {
-            id(m): m for m in (dense.model, self.source.dense.model)
-        }.values():  # a shell copy shares it
+        models = {id(m): m for m in (dense.model, self.source.dense.model)}  # a shell copy shares the table
+        for model in models.values():
             _set(model, name, torch.empty(model.get_parameter(name).shape, device="meta"))
+            if self.source.tied:
+                _tie(model)
         self.released.add(name)
 
     def _prefix(self, i: int) -> str:
@@ -254,7 +260,8 @@ def open_model(
     names = {id(m): n for n, m in model.named_modules()}
     head_name = None if head is None else f"{names[id(head)]}.weight"
     embed_name = f"{names[id(embed)]}.weight"
-    tied = head is not None and head.weight is embed.weight
+    # tied: the shell ties them, or the checkpoint has no head of its own (it is the embedding, saved once)
+    tied = head is not None and (head.weight is embed.weight or head_name not in reader)
     for name, tensor in model.state_dict(keep_vars=True).items():
         if name.startswith(layers_prefix) or name == head_name or not tensor.is_meta:
             continue
@@ -264,6 +271,8 @@ def open_model(
                 "own (a transformers save_pretrained folder)."
             )
         _set(model, name, reader.get(name, torch_dtype).to(device))
+    if tied:
+        _tie(model)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     dense = DenseModel(model, tokenizer, adapter, str(folder))

@@ -19,16 +19,26 @@ DATA = {"text": "builtin:pydoc", "n_sequences": 4, "seq_len": 32}
 
 
 def _folder(tmp_path_factory, spec: str):
-    """A bf16 save_pretrained folder of a tiny model, in several shards (as hub checkpoints come)."""
+    """A bf16 save_pretrained folder of a tiny model, in several shards (as hub checkpoints come); "+tied" ties
+    its LM head to the embedding first, so the folder holds no head of its own (SmolLM2's case)."""
+    spec, _, tied = spec.partition("+")
     dense = load_model(spec)
+    if tied:
+        dense.model.config.tie_word_embeddings = True
+        dense.model.lm_head.weight = dense.model.get_input_embeddings().weight
     folder = tmp_path_factory.mktemp(spec.split(":")[1])
     dense.model.to(torch.bfloat16).save_pretrained(folder, max_shard_size="100KB")
     dense.tokenizer.save_pretrained(folder)
     assert len(list(folder.glob("*.safetensors"))) > 1
+    from moe_core.streaming import ShardReader
+
+    assert ("lm_head.weight" in ShardReader(folder)) != bool(tied)
     return folder
 
 
-@pytest.fixture(scope="module", params=["builtin:tiny-llama", "builtin:tiny-qwen2"])
+@pytest.fixture(
+    scope="module", params=["builtin:tiny-llama", "builtin:tiny-qwen2", "builtin:tiny-llama+tied"]
+)
 def source(request, tmp_path_factory):
     return _folder(tmp_path_factory, request.param)
 
