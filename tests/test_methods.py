@@ -63,14 +63,15 @@ def test_a_flag_fills_only_the_run_methods_section():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_the_design_layout_maps_onto_every_method(name):
-    """From the Design tab's S1A2E4 (shared ratio 0.25) each method takes what its section holds."""
+    """From the Design tab's S1A1E2 (shared ratio 0.5) each method takes what its section holds (two experts:
+    DIVE's default domains make two groups on any machine, six with the shared data)."""
     entry = METHODS[name]
-    layout = Layout(n_experts=4, n_shared=1, active=2, shared_ratio=0.25)
+    layout = Layout(n_experts=2, n_shared=1, active=1, shared_ratio=0.5)
     values = entry.from_layout(layout)
     cfg = from_dict(ConvertRun, {"method": name, name: values})
     if entry.to_layout is not None:
         n_experts, active, ratio = entry.to_layout(cfg.section())
-        assert (n_experts, active) == (4, 2) and ratio == pytest.approx(0.25)
+        assert (n_experts, active) == (2, 1) and ratio == pytest.approx(0.5)
     text = entry.layout_text(to_dict(cfg)[name])
     assert text and "None" not in text
 

@@ -606,10 +606,10 @@ def test_every_registered_method_is_a_convert_tab_choice(loaded, name):
     layout to its section the way its registry entry says."""
     from moe_core.methods import Layout
 
-    design_values = layout(4, 0.25, "uniform", 2)  # S1A2E4: DIVE's six default domains make up to 6 groups
+    design_values = layout(2, 0.5, "uniform", 1)  # S1A1E2: DIVE's default domains make two groups anywhere
     cfg, d = convert_tab.run_config(loaded, DATA, design_values, name, *options())
     entry = METHODS[name]
-    expected = entry.from_layout(Layout(d.n_experts, d.n_shared, d.active, 0.25))
+    expected = entry.from_layout(Layout(d.n_experts, d.n_shared, d.active, 0.5))
     section = to_dict(cfg)[name]
     assert cfg.method == name and all(section[k] == v for k, v in expected.items() if k != "domains")
     n_tab = sum(o.tab for o in entry.options)
