@@ -159,9 +159,10 @@ def build_dive(b: Bench, budget: float):
 
 
 def build_flap(b: Bench, budget: float):
-    from moe_core.methods.dive import flap_prune, flap_stats
+    from moe_core.methods.flap import FLAPConfig
 
-    return flap_prune(b.dense, flap_stats(b.dense, b.calib), 1 - budget), {}
+    # the registered method without its routing step: FLAP as published (no refit)
+    return convert(b.dense, b.calib, FLAPConfig(prune_ratio=1 - budget), method="flap"), {}
 
 
 BUILDERS = {
