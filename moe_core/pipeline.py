@@ -120,7 +120,11 @@ def convert_run(
         from .streaming import finish
 
         metrics["streamed"] = True
-        out = finish(moe, stream, stream.writer.folder, folder, run, metrics)
+        try:
+            out = finish(moe, stream, stream.writer.folder, folder, run, metrics)
+        except BaseException:
+            shutil.rmtree(stream.writer.folder, ignore_errors=True)  # no half-written checkpoint stays behind
+            raise
     else:
         out = save_converted(moe, folder, run, metrics) if folder is not None else None
     return ConvertOutcome(moe, ids, run, metrics, out)

@@ -61,10 +61,10 @@ class ShardReader:
             weight_map = json.loads(index.read_text())["weight_map"]
             self.files = {name: self.folder / file for name, file in weight_map.items()}
         else:
+            from safetensors import safe_open
+
             self.files = {}
             for path in sorted(self.folder.glob("*.safetensors")):
-                from safetensors import safe_open
-
                 with safe_open(str(path), framework="pt") as f:
                     self.files |= dict.fromkeys(f.keys(), path)
         if not self.files:
