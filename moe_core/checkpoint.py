@@ -58,12 +58,9 @@ def _moe_specs(dense) -> dict[str, dict]:
     return {str(i): dense.mlp(i).spec() for i in range(dense.n_layers) if isinstance(dense.mlp(i), MoEMLP)}
 
 
-def save_converted(dense_moe, folder: str | Path, run_config: dict, metrics: dict | None = None) -> Path:
-    """Write a converted DenseModel to ``folder`` (replacing an earlier checkpoint there); returns the folder.
-
-    Refuses to overwrite a non-empty folder that is not a converted checkpoint.
-    """
-    folder = Path(folder).expanduser()
+def temp_folder(folder: Path) -> Path:
+    """A fresh temporary sibling of ``folder`` to write a checkpoint into (renamed into place once whole);
+    refuses a non-empty ``folder`` that is not a converted checkpoint."""
     if folder.exists() and any(folder.iterdir()) and not is_converted(folder):
         raise ValueError(
             f"'{folder}' exists and is not a converted checkpoint; choose an empty or new output folder."
@@ -71,6 +68,16 @@ def save_converted(dense_moe, folder: str | Path, run_config: dict, metrics: dic
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    return tmp
+
+
+def save_converted(dense_moe, folder: str | Path, run_config: dict, metrics: dict | None = None) -> Path:
+    """Write a converted DenseModel to ``folder`` (replacing an earlier checkpoint there); returns the folder.
+
+    Refuses to overwrite a non-empty folder that is not a converted checkpoint.
+    """
+    folder = Path(folder).expanduser()
+    tmp = temp_folder(folder)
     try:
         _write_folder(dense_moe, tmp, run_config, metrics)
         _swap_into_place(tmp, folder)

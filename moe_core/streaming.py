@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -325,16 +323,9 @@ def check_streamable(cfg) -> None:
 
 def start_writer(folder: str | Path) -> tuple[ShardWriter, Path]:
     """A writer into a temporary sibling of ``folder`` (renamed into place by :func:`finish`)."""
-    from .checkpoint import FORMAT, is_converted
+    from .checkpoint import FORMAT, temp_folder
 
-    folder = Path(folder).expanduser()
-    if folder.exists() and any(folder.iterdir()) and not is_converted(folder):
-        raise ValueError(
-            f"'{folder}' exists and is not a converted checkpoint; choose an empty or new output folder."
-        )
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = temp_folder(Path(folder).expanduser())
     return ShardWriter(tmp, {"format": FORMAT}), tmp
 
 
