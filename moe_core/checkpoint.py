@@ -132,12 +132,14 @@ def load_converted(folder: str | Path, device: str = "cpu", trust_remote_code: b
     """Rebuild a converted DenseModel saved by save_converted: same modules, same weights, same logits.
     trust_remote_code: a source family that only its repository's code defines (its config, model, tokenizer).
 
-    The result also carries ``run_config`` and ``metrics`` (the folder's JSON files) as attributes.
+    Returns a ConvertedModel: with the folder's run config and metrics, the method's report (metrics'
+    "conversion") and the routing plan the run config applied, if any.
     """
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .model_io import DenseModel, adapter_for_config
+    from .methods import report_from_dict
+    from .model_io import ConvertedModel, adapter_for_config
     from .moe import MoEMLP
 
     folder = Path(folder).expanduser()
@@ -155,9 +157,16 @@ def load_converted(folder: str | Path, device: str = "cpu", trust_remote_code: b
         adapter.set_mlp(model, int(i), MoEMLP.from_spec(spec).to(dtype))
     _load_state(model, _read_weights(folder, load_file), meta["tied"])
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    dense = DenseModel(model.to(device).eval(), tokenizer, adapter, str(folder))
-    dense.run_config, dense.metrics = read_json(folder, "run_config.json"), read_json(folder, "metrics.json")
-    return dense
+    run_config, metrics = read_json(folder, "run_config.json"), read_json(folder, "metrics.json")
+    plan = None
+    if isinstance(run_config.get("plan"), dict):
+        from .sweep import Plan
+
+        plan = Plan.from_dict(run_config["plan"])
+    return ConvertedModel(
+        model.to(device).eval(), tokenizer, adapter, str(folder), conversion=report_from_dict(metrics.get("conversion")),
+        run_config=run_config, metrics=metrics, plan=plan,
+    )  # fmt: skip
 
 
 def _read_weights(folder: Path, load_file) -> dict:

@@ -424,8 +424,9 @@ def _planned_run(moe, cfg, plan) -> dict:
     """The convert run config that rebuilds the planned model (``convert --config`` loads it): the swept
     folder's own run config, or the LaDiMo conversion the sweep made (no routing step), plus the plan."""
     from .config import ConvertRun, RoutingConfig, from_dict
+    from .model_io import ConvertedModel
 
-    base = getattr(moe, "run_config", None) or to_dict(
+    base = (moe.run_config if isinstance(moe, ConvertedModel) else None) or to_dict(
         ConvertRun(
             method="ladimo", model=cfg.model, data=cfg.data, ladimo=cfg.ladimo,
             routing=RoutingConfig(router="method", form="analytic", refit=False),

@@ -23,7 +23,7 @@ import re
 import shutil
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -596,6 +596,36 @@ class DenseModel:
             device=str(first.device),
             memory_mb=sum(p.numel() * p.element_size() for p in params) / 2**20,
         )
+
+
+@dataclass
+class ConvertedModel(DenseModel):
+    """A converted model and what produced it: the declared result of every conversion, saved and loaded whole.
+
+    conversion: the method's report (moe_core.methods.cmoe.ConversionReport: per-layer sizes, seconds, routing);
+    run_config: the convert run config that rebuilds it (``convert --config`` loads it); metrics: what the
+    conversion measured (metrics.json); plan: the routing plan applied to it (moe_core.sweep.Plan), if any.
+    A checkpoint folder holds all of them (moe_core.checkpoint.save_converted / load_converted).
+    """
+
+    conversion: object | None = None
+    run_config: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    plan: object | None = None
+
+    @classmethod
+    def shell_of(cls, model: DenseModel, **fields) -> ConvertedModel:
+        """A new converted model over ``model``'s own module tree (moe_core.plumbing.shell_copy): its weights are
+        shared until a stage replaces a module or unshares them; ``model`` is never modified."""
+        from .plumbing import shell_copy
+
+        return cls(shell_copy(model.model), model.tokenizer, model.adapter, model.spec, **fields)
+
+    def save(self, folder: str | Path) -> Path:
+        """save_converted with this model's own run config and metrics."""
+        from .checkpoint import save_converted
+
+        return save_converted(self, folder, self.run_config, self.metrics)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def calibration(dense, data: DataConfig) -> tuple[torch.Tensor, dict]:
 
 @dataclass(frozen=True)
 class ConvertOutcome:
-    moe: object  # the converted DenseModel (``conversion`` report attached)
+    moe: object  # the ConvertedModel (moe_core.model_io): its report, run config, metrics and plan
     calib_ids: torch.Tensor  # (N, T)
     run_config: dict
     metrics: dict

@@ -660,9 +660,9 @@ def apply_plan(moe, plan: Plan, dense=None):
     """A copy of ``moe`` with each layer's policy set from ``plan``; layers the plan keeps dense get ``dense``'s
     FFN back (pass the source model then). ``moe`` itself is not modified: the copy shares its weights
     (moe_core.plumbing.shell_copy), and stages that later write into them in place unshare them first."""
-    from .model_io import DenseModel
+    from .model_io import ConvertedModel
 
-    out = DenseModel(shell_copy(moe.model), moe.tokenizer, moe.adapter, moe.spec)  # weights shared with moe
+    out = ConvertedModel.shell_of(moe, plan=plan)  # weights shared with moe
     for layer, spec in plan.policies.items():
         mlp = out.mlp(layer)
         if spec is None and isinstance(mlp, MoEMLP):
@@ -675,5 +675,7 @@ def apply_plan(moe, plan: Plan, dense=None):
             if not isinstance(mlp, MoEMLP):
                 raise ValueError(f"The plan routes layer {layer}, but it is not an MoE layer in this model.")
             mlp.set_policy(RoutingPolicy(**spec))
-    out.conversion, out.plan = getattr(moe, "conversion", None), plan
+    if isinstance(moe, ConvertedModel):
+        out.conversion, out.metrics = moe.conversion, moe.metrics
+        out.run_config = {**moe.run_config, "plan": plan.to_dict()} if moe.run_config else {}
     return out

@@ -92,3 +92,34 @@ def test_cli_convert_reports_bad_config(tmp_path, capsys):
         ["convert", "--model", "builtin:tiny-llama", "--experts", "S4A1E4", "--out", str(tmp_path / "o")]
     )
     assert rc == 2 and "S <= E-1" in capsys.readouterr().err
+
+
+def test_a_conversion_returns_its_declared_result_and_a_checkpoint_loads_it_whole(tmp_path):
+    """Every method returns a ConvertedModel (report, run config, metrics, plan as declared fields), and a saved
+    one loads back with the same report and plan: nothing is attached to a DenseModel and read with getattr."""
+    from moe_core.methods import METHODS
+    from moe_core.model_io import ConvertedModel
+    from moe_core.pipeline import convert_run
+    from moe_core.sweep import Plan
+
+    dense = tiny_model("llama")
+    for name in METHODS:
+        moe = convert(dense, IDS, method=name)
+        assert isinstance(moe, ConvertedModel) and moe.conversion.method == name, name
+        assert not isinstance(dense, ConvertedModel)  # the source is untouched
+        save_converted(moe, tmp_path / name, {"method": name}, {"conversion": moe.conversion.as_dict()})
+        assert type(load_converted(tmp_path / name).conversion) is type(moe.conversion), name
+    plan = {"policies": {"0": None, "1": {"mode": "topk", "k": 1}}, "labels": {"0": "dense", "1": "k=1"}}
+    run = from_dict(ConvertRun, {"model": {"spec": "builtin:tiny-llama"}, "data": {"n_sequences": 2,
+                                 "seq_len": 16, "text": "builtin:pydoc"}, "plan": plan})  # fmt: skip
+    out = convert_run(dense, run, folder=tmp_path / "ck")
+    assert out.moe.plan == Plan.from_dict(plan) and out.moe.run_config["plan"]["labels"] == plan["labels"]
+    again = load_converted(tmp_path / "ck")
+    assert isinstance(again, ConvertedModel)
+    plain = lambda x: json.loads(json.dumps(x))  # noqa: E731 (tuples come back as lists, as from any JSON)
+    assert type(again.conversion) is type(out.moe.conversion) and again.plan == out.moe.plan
+    assert again.conversion.as_dict() == plain(out.moe.conversion.as_dict())
+    assert again.run_config == plain(out.run_config) and again.metrics == plain(out.metrics)
+    assert_same_model(again, out.moe)
+    again.save(tmp_path / "copy")  # its own run config and metrics go with it
+    assert load_converted(tmp_path / "copy").run_config == again.run_config

@@ -24,9 +24,12 @@ def provenance(moe, cfg, calib_ids, calib_text, run_config, source_metrics) -> d
 
     from .. import __version__
     from ..methods import METHODS
+    from ..model_io import ConvertedModel
 
-    conversion = getattr(moe, "conversion", None)
-    run_config = run_config or getattr(moe, "run_config", None) or {}
+    declared = moe  # a bare model (no conversion record): empty fields
+    if not isinstance(moe, ConvertedModel):
+        declared = ConvertedModel(moe.model, moe.tokenizer, moe.adapter, moe.spec)
+    conversion, run_config = declared.conversion, run_config or declared.run_config
     method = run_config.get("method") or (conversion.method if conversion is not None else None)
     calib = {"text": calib_text or (run_config.get("data") or {}).get("text")}
     if calib_ids is not None:
@@ -39,7 +42,7 @@ def provenance(moe, cfg, calib_ids, calib_text, run_config, source_metrics) -> d
         "method_config": conversion.config if conversion is not None else run_config.get(method or "", None),
         "run_config": {**run_config, "export": asdict(cfg)},
         "calibration": calib,
-        "source_metrics": source_metrics or getattr(moe, "metrics", None) or {},
+        "source_metrics": source_metrics or declared.metrics,
         "versions": {
             "moe_studio": __version__,
             "torch": torch.__version__,

@@ -41,7 +41,7 @@ def export_model(
 
     calib_ids (N, T): tokens to fit approximated routers on (portable/llamacpp), and whose hash the card
     records; calib_text: the calibration source's name; run_config / source_metrics: the conversion's
-    run config and metrics (defaults: ``moe.run_config`` / ``moe.metrics`` / ``moe.conversion`` if set).
+    run config and metrics (defaults: those of ``moe``, a ConvertedModel; none for a bare model).
     """
     cfg, start = cfg or ExportConfig(), time.perf_counter()
     out = Path(out)

@@ -8,14 +8,15 @@ config (``ConvertRun`` gets a section per method), ``python -m moe_core convert`
 card all read :data:`METHODS`.
 
 Every ``convert`` has the signature ``convert(dense, input_ids (N, T), cfg, progress=None, cancel=None)`` (plus
-``routing=`` when the method runs the routing step inside its own layer loop) and returns a new DenseModel (the
-caller's model is never modified) whose converted layers are MoEMLP blocks and whose ``conversion`` attribute is
-a report (per-layer sizes, seconds). :func:`convert` seeds the global RNG from the config's ``seed`` first, so
+``routing=`` when the method runs the routing step inside its own layer loop) and returns a new ConvertedModel
+(moe_core.model_io; the caller's model is never modified) whose converted layers are MoEMLP blocks and whose
+``conversion`` field is the method's report (per-layer sizes, seconds). :func:`convert` seeds the global RNG from the config's ``seed`` first, so
 the same config gives the same model in any process or session.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 from collections.abc import Callable
@@ -189,4 +190,17 @@ def convert(
         return moe
 
 
-__all__ = ["METHODS", "Layout", "Method", "Option", "choices", "convert", "lookup"]
+def report_from_dict(data: dict | None):
+    """The method report a checkpoint's metrics.json holds ("conversion"), rebuilt: DIVE's DIVEReport, the
+    other methods' ConversionReport; None when there is none."""
+    if not data:
+        return None
+    from .cmoe import ConversionReport
+    from .dive import DIVEReport
+
+    cls = DIVEReport if data.get("method") == "dive" else ConversionReport
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in known})
+
+
+__all__ = ["METHODS", "Layout", "Method", "Option", "choices", "convert", "lookup", "report_from_dict"]

@@ -53,7 +53,6 @@ import torch.nn.functional as F
 from ..config import CMoEConfig
 from ..layerwise import convert_layers
 from ..moe import MoEMLP, Router, RoutingPolicy
-from ..plumbing import shell_copy
 from ..reconstruct import ReconstructSettings, reconstruct_block
 from . import Layout, Method, Option, choices
 
@@ -276,14 +275,14 @@ def convert(
     """Carve a copy of ``dense`` into CMoE layers on calibration input_ids (N, T); ``dense`` is untouched.
 
     routing: when given, each carved block is routed and refitted right away (moe_core.reconstruct), so the
-    next layer carves on what the finished layer produces. Returns a DenseModel whose listed layers hold
-    MoEMLP blocks; its ``conversion`` attribute is a ConversionReport (per-layer sizes, representatives,
+    next layer carves on what the finished layer produces. Returns a ConvertedModel whose listed layers hold
+    MoEMLP blocks; its ``conversion`` is a ConversionReport (per-layer sizes, representatives,
     routing errors, seconds). Layers whose shape is "dense" (cmoe.layer_experts) stay dense.
     """
-    from ..model_io import DenseModel
+    from ..model_io import ConvertedModel
 
     cfg, start = cfg or CMoEConfig(), time.perf_counter()
-    moe = DenseModel(shell_copy(dense.model), dense.tokenizer, dense.adapter, dense.spec)
+    moe = ConvertedModel.shell_of(dense)
     targets = [i for i in _target_layers(cfg, moe.n_layers) if cfg.layer_shape(i) is not None]
     report = ConversionReport("cmoe", _config_dict(cfg))
     if not targets:

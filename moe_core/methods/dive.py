@@ -53,7 +53,6 @@ import torch
 from ..config import DIVEConfig
 from ..layerwise import run_decoder
 from ..moe import MoEMLP, Router, RoutingPolicy
-from ..plumbing import shell_copy
 from ..profiling import check_cancel
 from . import Method, Option
 
@@ -236,9 +235,9 @@ def pruned_block(dense, i: int, kept: list, biases: list, router: Router, top_k:
 
 
 def _copy(dense):
-    from ..model_io import DenseModel
+    from ..model_io import ConvertedModel
 
-    return DenseModel(shell_copy(dense.model), dense.tokenizer, dense.adapter, dense.spec)
+    return ConvertedModel.shell_of(dense)
 
 
 def _install_flap(target, dense, stats: FlapStats, ratio: float) -> None:
@@ -261,7 +260,6 @@ def flap_prune(dense, stats: FlapStats, ratio: float):
         raise ValueError(f"The pruning ratio must be in [0, 1), got {ratio}.")
     pruned = _copy(dense)
     _install_flap(pruned, dense, stats, ratio)
-    pruned.conversion = None
     return pruned
 
 
@@ -452,7 +450,7 @@ def convert(
     """DIVE conversion of a copy of ``dense`` (untouched): mining, pruned experts, then retraining.
 
     input_ids (N, T): general text for the two retraining stages (the paper's SlimPajama); the domains'
-    own text comes from cfg.domains. Returns a DenseModel of MoEMLP blocks; ``conversion`` is a DIVEReport
+    own text comes from cfg.domains. Returns a ConvertedModel of MoEMLP blocks; ``conversion`` is a DIVEReport
     (affinity matrix, cluster order and groups, per-layer overlap, retraining losses, seconds).
     """
     from ..finetune import dive_retrain

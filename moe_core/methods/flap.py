@@ -55,14 +55,13 @@ def convert(
     """FLAP-prune a copy of ``dense`` (untouched) on calibration input_ids (N, T); every FFN becomes a
     one-expert MoEMLP of the kept channels with the compensation bias. The ``conversion`` report lists the
     channels kept per layer."""
-    from ..model_io import DenseModel
-    from ..plumbing import shell_copy
+    from ..model_io import ConvertedModel
 
     cfg, start = cfg or FLAPConfig(), time.perf_counter()
     if progress:
         progress(0.0, "FLAP: statistics of the down projection inputs")
     stats = flap_stats(dense, input_ids, cfg.batch_size, cancel)
-    moe = DenseModel(shell_copy(dense.model), dense.tokenizer, dense.adapter, dense.spec)
+    moe = ConvertedModel.shell_of(dense)
     _install_flap(moe, dense, stats, cfg.prune_ratio)
     report = ConversionReport("flap", asdict(cfg))
     width = dense.model.config.intermediate_size

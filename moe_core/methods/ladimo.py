@@ -62,7 +62,6 @@ import torch
 from ..config import LaDiMoConfig
 from ..layerwise import convert_layers
 from ..moe import MoEMLP, Router, RoutingPolicy
-from ..plumbing import shell_copy
 from ..profiling import check_cancel
 from ..reconstruct import ReconstructSettings, reconstruct_block
 from . import Method, Option, choices
@@ -340,10 +339,10 @@ def convert(
     policy from cfg; moe_core.sweep picks one per layer) and a ``conversion`` report: per layer the relative
     MSE before / after, losses, routing profile, seconds.
     """
-    from ..model_io import DenseModel
+    from ..model_io import ConvertedModel
 
     cfg, start = cfg or LaDiMoConfig(), time.perf_counter()
-    moe = DenseModel(shell_copy(dense.model), dense.tokenizer, dense.adapter, dense.spec)
+    moe = ConvertedModel.shell_of(dense)
     targets = _target_layers(cfg, moe.n_layers)
     _check_shape(moe, cfg)
     report = ConversionReport("ladimo", _config_dict(cfg))
