@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .config import CMoEConfig, parse_experts
-from .layerwise import apply_chunked, capture_layer_inputs, ffn_inputs, run_layer
+from .layerwise import apply_chunked, ffn_inputs, run_layer, walk_layers
 from .plumbing import Cancel, Progress, check_cancel, report
 
 # Candidate (shared, active) slices per layer for E experts, one per active share (s + a) / E: the shapes
@@ -130,11 +130,10 @@ def measure_sensitivity(
     start = time.perf_counter()
     shapes = shapes or candidate_shapes(cfg.shape[2])
     cache = dense_cache(dense, held_ids, cfg.batch_size)
-    calib = capture_layer_inputs(dense, calib_ids, cfg.batch_size)
-    layers, kl = dense.adapter.layers(dense.model), []
-    for i, layer in enumerate(layers):
-        mlp = dense.mlp(i)
-        x = ffn_inputs(layer, mlp, calib)
+    kl, n_layers = [], dense.n_layers
+    for step in walk_layers(dense, calib_ids, batch_size=cfg.batch_size, cancel=cancel):
+        i, layer, mlp = step.index, step.layer, dense.mlp(step.index)
+        x = ffn_inputs(layer, mlp, step.inputs)
         y = apply_chunked(mlp, x)
         row = []
         for c, shape in enumerate(shapes):
@@ -143,11 +142,8 @@ def measure_sensitivity(
             if routing is not None:
                 reconstruct_block(block, x, y, routing, layer=i)
             row.append(_kl(_tail_logp(dense, i, _with_mlp(layer, mlp, block), cache.inputs[i]), cache.logp))
-            report(
-                progress, (i + (c + 1) / len(shapes)) / len(layers), f"Sensitivity: layer {i + 1}, {shape}"
-            )
+            report(progress, (i + (c + 1) / len(shapes)) / n_layers, f"Sensitivity: layer {i + 1}, {shape}")
         kl.append(row)
-        calib = run_layer(layer, calib)
     return Sensitivity(shapes, kl, int(cache.targets.numel()), round(time.perf_counter() - start, 1))
 
 

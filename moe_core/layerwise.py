@@ -216,38 +216,6 @@ def head_logits(
     return out
 
 
-@torch.no_grad()
-def run_decoder(dense, input_ids: torch.Tensor) -> None:
-    """The model's forward on input_ids (B, T) until its last decoder layer returns (no final norm, no head): for
-    hooks inside the layers."""
-
-    def stop(module, args, output):
-        raise _StopForward
-
-    handle = dense.adapter.layers(dense.model)[-1].register_forward_hook(stop)
-    try:
-        with contextlib.suppress(_StopForward):
-            dense.model(input_ids=input_ids, use_cache=False)
-    finally:
-        handle.remove()
-
-
-@torch.no_grad()
-def mlp_inputs(
-    layer: nn.Module, mlp: nn.Module, inputs: LayerInputs
-) -> tuple[list[torch.Tensor], LayerInputs]:
-    """Run a layer and also return what its MLP received: per micro-batch (B*T, H), and the outputs."""
-    seen = []
-    handle = mlp.register_forward_pre_hook(
-        lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1]))
-    )
-    try:
-        outputs = run_layer(layer, inputs)
-    finally:
-        handle.remove()
-    return seen, outputs
-
-
 class _StopAtMLP(Exception):
     pass
 
@@ -278,6 +246,72 @@ def apply_chunked(module: nn.Module, x: torch.Tensor, chunk: int = 4096) -> torc
     return torch.cat([module(part[None])[0] for part in x.split(chunk)])
 
 
+@dataclass
+class LayerStep:
+    """One decoder layer's turn in :func:`walk_layers`: its index, the layer, and the inputs entering it. A visitor
+    that sets ``outputs`` hands those to the next layer in place of the layer's own outputs on ``inputs``."""
+
+    index: int
+    layer: nn.Module
+    inputs: LayerInputs
+    outputs: LayerInputs | None = None
+
+    def run(self, *hooks: tuple[nn.Module, Callable]) -> LayerInputs:
+        """Run the layer now with forward pre-hooks (module, hook(module, args)) in place (removed after), and
+        hand its outputs to the next layer."""
+        handles = [module.register_forward_pre_hook(hook) for module, hook in hooks]
+        try:
+            self.outputs = run_layer(self.layer, self.inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return self.outputs
+
+    def run_seeing(self, module: nn.Module) -> torch.Tensor:
+        """Run the layer now (as :meth:`run`) and return what ``module`` (its MLP, say) received: (N*T, H)."""
+        seen = []
+        self.run((module, lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1]))))
+        return torch.cat(seen)
+
+
+def walk_layers(
+    model,
+    input_ids: torch.Tensor,
+    *,
+    batch_size: int = 4,
+    last: int | None = None,
+    progress: Progress = None,
+    cancel: Cancel = None,
+    label: str = "Layer",
+) -> Iterator[LayerStep]:
+    """The layer-by-layer driver every one-layer-at-a-time stage runs on (conversion, profiling, sensitivity):
+    yields layer 0 .. ``last`` (default: the last layer) of ``model`` (a DenseModel) in order, each with what
+    enters it on input_ids (N, T); after the visitor's turn the layer runs on those inputs (it may have replaced
+    the layer's MLP, or hooked it) to give the next layer's, unless the visitor set ``step.outputs``.
+
+    Only one layer's calibration activations are alive at a time. Inside :func:`moe_core.streaming.streaming`
+    only one layer's weights are too: each is read from the shards before its turn and written and freed after.
+    Cancel is checked before every layer; progress is reported after each."""
+    from .streaming import active
+
+    stream = active()
+    layers = model.adapter.layers(model.model)
+    last = len(layers) - 1 if last is None else last
+    inputs = capture_layer_inputs(model, input_ids, batch_size)
+    if stream is not None:
+        stream.captured(model)
+    for i in range(last + 1):
+        check_cancel(cancel)
+        if stream is not None:
+            stream.load(model, i)
+        step = LayerStep(i, layers[i], inputs)
+        yield step
+        inputs = step.outputs if step.outputs is not None else run_layer(layers[i], inputs)
+        if stream is not None:
+            stream.done(model, i)
+        report(progress, (i + 1) / (last + 1), f"{label}: layer {i + 1}/{last + 1}")
+
+
 # build(layer index, x (T, H) what the MLP receives, y (T, H) what the dense MLP returns) -> (block, info)
 LayerBuild = Callable[[int, torch.Tensor, torch.Tensor], tuple[nn.Module, dict]]
 
@@ -306,32 +340,24 @@ def convert_layers(
     :func:`moe_core.streaming.streaming`, only one layer's weights are too: each is read from the shards before
     its turn and written out and freed after it.
     reference(i): the module whose output on x is y (default: the layer's MLP as it is when its turn comes).
+    Runs on :func:`walk_layers` (streaming included).
     """
-    from .streaming import active
-
-    stream = active()  # a model not whole in memory: each layer is read before its turn and written after it
-    layers, infos = model.adapter.layers(model.model), []
-    inputs, last = capture_layer_inputs(model, input_ids, batch_size), max(targets)
-    if stream is not None:
-        stream.captured(model)
-    for i in range(last + 1):
-        check_cancel(cancel)
-        if stream is not None:
-            stream.load(model, i)
-        layer = layers[i]
-        if i in targets:
-            mlp = model.adapter.mlp(model.model, i)
-            x = ffn_inputs(layer, mlp, inputs)
-            y = apply_chunked(mlp if reference is None else reference(i), x)
-            original = None if sequential or i == last else run_layer(layer, inputs)
-            block, info = build(i, x, y)
-            model.adapter.set_mlp(model.model, i, block)
-            infos.append(info)
-            if i < last:
-                inputs = run_layer(layer, inputs) if sequential else original
-        else:
-            inputs = run_layer(layer, inputs)
-        if stream is not None:
-            stream.done(model, i)
-        report(progress, (i + 1) / (last + 1), f"{label}: layer {i + 1}/{last + 1}")
+    infos, last = [], max(targets)
+    steps = walk_layers(
+        model, input_ids, batch_size=batch_size, last=last, progress=progress, cancel=cancel, label=label
+    )
+    for step in steps:
+        i, layer = step.index, step.layer
+        if i not in targets:
+            continue
+        mlp = model.adapter.mlp(model.model, i)
+        x = ffn_inputs(layer, mlp, step.inputs)
+        y = apply_chunked(mlp if reference is None else reference(i), x)
+        if i == last:  # nothing runs after the last target
+            step.outputs = step.inputs
+        elif not sequential:  # teacher forcing: the next layer gets the original layer's outputs
+            step.outputs = run_layer(layer, step.inputs)
+        block, info = build(i, x, y)
+        model.adapter.set_mlp(model.model, i, block)
+        infos.append(info)
     return infos

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .layerwise import capture_layer_inputs, run_layer
+from .layerwise import walk_layers
 from .plumbing import Cancelled, check_cancel
 
 __all__ = ["ActivationProfile", "Cancelled", "check_cancel", "profile_model"]
@@ -167,30 +167,22 @@ def profile_model(
     n_neurons = dense.adapter.down(dense.mlp(0)).in_features
     if not 1 <= k_act <= n_neurons:
         raise ValueError(f"K_a must be between 1 and the intermediate size ({n_neurons}), got {k_act}.")
-    inputs = capture_layer_inputs(dense, input_ids, batch_size)
-    layers = dense.adapter.layers(dense.model)
     stats = []
-    for i, layer in enumerate(layers):
-        check_cancel(cancel)
-        acc = _LayerStats(n_neurons, k_act)
+    steps = walk_layers(
+        dense, input_ids, batch_size=batch_size, progress=progress, cancel=cancel, label="Profiled"
+    )
+    for step in steps:
+        i, acc = step.index, _LayerStats(n_neurons, k_act)
         # The input of the down projection is exactly h = act(gate(x)) * up(x): read it, not recompute it.
         mlp = dense.mlp(i)
         w_gate, w_up, w_down = dense.adapter.weights(mlp)
-        handles = [
-            dense.adapter.down(mlp).register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0]))
-        ]
+        hooks = [(dense.adapter.down(mlp), lambda m, args, acc=acc: acc.add(args[0]))]
         if cosine:
             acc.mlp = (w_gate, w_up, dense.adapter.act_fn(mlp))
-            handles.append(mlp.register_forward_pre_hook(lambda m, args, acc=acc: acc.add_input(args[0])))
-        try:
-            inputs = run_layer(layer, inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
+            hooks.append((mlp, lambda m, args, acc=acc: acc.add_input(args[0])))
+        step.run(*hooks)
         acc.down_norms = w_down.float().norm(dim=0).cpu()  # ||W_down[:, i]|| (I,)
         stats.append(acc)
-        if progress:
-            progress((i + 1) / len(layers), f"Profiled layer {i + 1}/{len(layers)}")
     return ActivationProfile(
         rates=torch.stack([s.counts / s.tokens for s in stats]),
         mean_abs=torch.stack([s.abs_sum / s.tokens for s in stats]),

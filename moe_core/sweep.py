@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import SweepConfig
-from .layerwise import LayerInputs, capture_layer_inputs, head_logits, run_layer
+from .layerwise import LayerInputs, head_logits, run_layer, walk_layers
 from .moe import MoEMLP, RoutingPolicy
 from .plumbing import shell_copy
 from .profiling import check_cancel
@@ -211,20 +211,12 @@ def _logits(model, adapter, inputs: LayerInputs) -> torch.Tensor:
 @torch.no_grad()
 def dense_cache(dense, windows, batch_size: int) -> _Cache:
     """One dense pass, one layer at a time, keeping what the candidates restart from."""
-    layers = dense.adapter.layers(dense.model)
-    inputs, kept, ffn_x = capture_layer_inputs(dense, windows, batch_size), [], []
-    for i, layer in enumerate(layers):
-        kept.append(inputs)
-        seen = []
-        handle = dense.mlp(i).register_forward_pre_hook(
-            lambda m, a, seen=seen: seen.append(a[0].reshape(-1, a[0].shape[-1]))
-        )
-        try:
-            inputs = run_layer(layer, inputs)
-        finally:
-            handle.remove()
-        ffn_x.append(torch.cat(seen))
-    logp = F.log_softmax(_logits(dense.model, dense.adapter, inputs), dim=-1)  # (P, V)
+    kept, ffn_x = [], []
+    for step in walk_layers(dense, windows, batch_size=batch_size):
+        kept.append(step.inputs)
+        ffn_x.append(step.run_seeing(dense.mlp(step.index)))
+    outputs = step.outputs
+    logp = F.log_softmax(_logits(dense.model, dense.adapter, outputs), dim=-1)  # (P, V)
     targets = windows[:, 1:].reshape(-1).to(logp.device)
     nll = -float(logp.gather(1, targets[:, None]).mean())
     return _Cache(kept, ffn_x, logp, targets, nll)

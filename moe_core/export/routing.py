@@ -393,13 +393,10 @@ def _ranges(ids: list[int]) -> str:
 @torch.no_grad()
 def _collect_inputs(dense, calib_ids, layers: list[int], batch_size: int, cancel) -> dict[int, torch.Tensor]:
     """{layer: MLP inputs (T, H) float32} on calibration tokens, through the internal model, layer by layer."""
-    from ..layerwise import capture_layer_inputs, mlp_inputs
+    from ..layerwise import walk_layers
 
-    inputs = capture_layer_inputs(dense, calib_ids, batch_size)
-    decoder, wanted, xs = dense.adapter.layers(dense.model), set(layers), {}
-    for i in range(max(layers) + 1):
-        check_cancel(cancel)
-        seen, inputs = mlp_inputs(decoder[i], dense.mlp(i), inputs)
-        if i in wanted:
-            xs[i] = torch.cat(seen).float()
+    wanted, xs = set(layers), {}
+    for step in walk_layers(dense, calib_ids, batch_size=batch_size, last=max(layers), cancel=cancel):
+        if step.index in wanted:
+            xs[step.index] = step.run_seeing(dense.mlp(step.index)).float()
     return xs

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from ..config import DIVEConfig
-from ..layerwise import run_decoder
+from ..layerwise import walk_layers
 from ..moe import MoEMLP, Router, RoutingPolicy
 from ..profiling import check_cancel
 from . import Method, Option
@@ -137,13 +137,12 @@ def pooled(stats: dict[str, FlapStats], names) -> FlapStats:
 
 @torch.no_grad()
 def flap_stats(dense, input_ids: torch.Tensor, batch_size: int = 4, cancel: Cancel = None) -> FlapStats:
-    """FLAP statistics of input_ids (N, T) on the dense model: one forward of the decoder body per micro-batch.
+    """FLAP statistics of input_ids (N, T) on the dense model, layer by layer.
 
-    The hooks read each down projection's input, exactly X = act(W_gate x) * (W_up x); the forward stops after the
-    last decoder layer (no final norm, no LM head).
+    The hooks read each down projection's input, exactly X = act(W_gate x) * (W_up x), one decoder layer at a
+    time (moe_core.layerwise.walk_layers: no final norm, no LM head; streamed when the model is).
     """
-    n_layers, downs = dense.n_layers, [dense.adapter.down(dense.mlp(i)) for i in range(dense.n_layers)]
-    width = downs[0].in_features
+    n_layers, width = dense.n_layers, dense.adapter.down(dense.mlp(0)).in_features
     sums = torch.zeros(n_layers, width, dtype=torch.float64)
     sumsq = torch.zeros(n_layers, width, dtype=torch.float64)
 
@@ -155,14 +154,8 @@ def flap_stats(dense, input_ids: torch.Tensor, batch_size: int = 4, cancel: Canc
 
         return accumulate
 
-    handles = [down.register_forward_pre_hook(hook(i)) for i, down in enumerate(downs)]
-    try:
-        for chunk in input_ids.split(batch_size):
-            check_cancel(cancel)
-            run_decoder(dense, chunk.to(dense.device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    for step in walk_layers(dense, input_ids, batch_size=batch_size, cancel=cancel):
+        step.run((dense.adapter.down(dense.mlp(step.index)), hook(step.index)))
     return FlapStats(sums, sumsq, input_ids.numel())
 
 
