@@ -7,6 +7,7 @@ so any run can be repeated exactly. Errors print one line and exit with status 2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -93,11 +94,11 @@ def load_dense(model_cfg: ModelConfig, progress=_progress):
     )
 
 
-def load_calibration(model_cfg: ModelConfig, data_cfg: DataConfig, progress=_progress):
-    """Load the model and sample calibration sequences: (DenseModel, input_ids (N, T))."""
+def load_calibration(model_cfg: ModelConfig, data_cfg: DataConfig, progress=_progress, dense=None):
+    """Load the model (unless given) and sample calibration sequences: (DenseModel, input_ids (N, T))."""
     from .data import load_documents, parse_text_source, sample_sequences
 
-    dense = load_dense(model_cfg, progress)
+    dense = dense or load_dense(model_cfg, progress)
     dense.check_seq_len(data_cfg.seq_len)
     docs = load_documents(parse_text_source(data_cfg.text), model=dense, seed=data_cfg.seed)
     ids = sample_sequences(docs, dense.tokenizer, data_cfg.n_sequences, data_cfg.seq_len, data_cfg.seed)
@@ -125,20 +126,31 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _read_model(model_cfg):
+    """The model for a stage that reads it layer by layer: a model folder larger than --max-memory is streamed
+    from its shards (moe_core.streaming.reading: one decoder layer in memory at a time), else loaded whole."""
+    from .streaming import open_model, reading, should_stream
+
+    if not should_stream(model_cfg):
+        yield load_dense(model_cfg)
+        return
+    m = model_cfg
+    with reading(open_model(m.spec, m.device, m.dtype, m.trust_remote_code)) as dense:
+        yield dense
+
+
 def cmd_profile(args) -> int:
     from .profiling import profile_model
 
     cfg = _run_config(ProfileRun, args, {"profile": {"k_act": args.k_act}} if args.k_act else None)
-    dense, ids = load_calibration(cfg.model, cfg.data)
-    start = time.perf_counter()
-    profile = profile_model(
-        dense,
-        ids,
-        k_act=cfg.profile.k_act,
-        batch_size=cfg.profile.batch_size,
-        text_spec=cfg.data.text,
-        progress=_progress,
-    )
+    with _read_model(cfg.model) as dense:
+        dense, ids = load_calibration(cfg.model, cfg.data, dense=dense)
+        start = time.perf_counter()
+        profile = profile_model(
+            dense, ids, k_act=cfg.profile.k_act, batch_size=cfg.profile.batch_size, text_spec=cfg.data.text,
+            progress=_progress,
+        )  # fmt: skip
     seconds = time.perf_counter() - start
     out = profile.save(cfg.out)
     (out / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -506,6 +518,13 @@ def _export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fit", action="store_true", help="portable: naive router, no calibration fit")
 
 
+def _profile_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--k-act", type=int, help="CMoE K_a: neurons active per token")
+    p.add_argument(
+        "--max-memory", help="e.g. 2GB: a model folder larger than this is profiled one layer at a time"
+    )
+
+
 COMMANDS = {
     "prepare": (cmd_prepare, "cache the default model (de-quantise the GGUF once)", None),
     "export": (cmd_export, "converted folder -> portable / exact / llama.cpp / GGUF + card", _export_flags),
@@ -519,7 +538,7 @@ COMMANDS = {
     "profile": (
         cmd_profile,
         "per-layer neuron activation rates and hidden-state histograms",
-        lambda p: p.add_argument("--k-act", type=int, help="CMoE K_a: neurons active per token"),
+        _profile_flags,
     ),
 }
 

@@ -12,7 +12,7 @@ into the model: it is copied from the input shards to the output ones.
 The output is this project's converted checkpoint (``moe_core.checkpoint``), in numbered shards with an index,
 so ``load_converted`` and every export read it as they read an in-memory conversion's; on the same folder the
 two give identical weights. What streams: CMoE with its routing step (each layer routed and refitted as it is
-carved). What cannot, refused before anything is read, with what would run it: the per-layer budget's
+carved), and profiling (:func:`reading`: each layer read, profiled and freed, nothing written). What cannot, refused before anything is read, with what would run it: the per-layer budget's
 sensitivity measurement, distillation and fine-tuning (they train through the whole model), a routing plan,
 and the methods that need the whole model at once (LaDiMo's and DIVE's routing pass, DIVE's mining, FLAP's
 statistics pass).
@@ -149,9 +149,10 @@ def _tie(model: torch.nn.Module) -> None:
 
 class LayerStream:
     """What the layer-by-layer driver asks of a model that is not whole in memory: ``load(model, i)`` before
-    layer i runs, ``done(model, i)`` once its outputs are computed (its tensors are written and freed)."""
+    layer i runs, ``done(model, i)`` once its outputs are computed (its tensors are written and freed). Without a
+    writer (a stage that only reads the model: :func:`reading`) nothing is written, only freed."""
 
-    def __init__(self, source: Source, writer: ShardWriter, dtype: torch.dtype, device):
+    def __init__(self, source: Source, writer: ShardWriter | None, dtype: torch.dtype, device):
         self.source, self.reader, self.writer = source, source.reader, writer
         self.adapter, self.dtype, self.device = source.dense.adapter, dtype, torch.device(device)
         self.written: set[int] = set()
@@ -163,7 +164,8 @@ class LayerStream:
         name = self.source.embed_name
         if name in self.released:
             return
-        self.writer.add({name: dense.model.get_parameter(name).detach()})
+        if self.writer is not None:
+            self.writer.add({name: dense.model.get_parameter(name).detach()})
         models = {id(m): m for m in (dense.model, self.source.dense.model)}  # a shell copy shares the table
         for model in models.values():
             _set(model, name, torch.empty(model.get_parameter(name).shape, device="meta"))
@@ -187,7 +189,8 @@ class LayerStream:
         """Write decoder layer i (an MoE block or the dense MLP) to the output shards and free its weights (the
         modules stay, on the meta device: the checkpoint's layer specs are read from them at the end)."""
         layer = self.adapter.layers(dense.model)[i]
-        self.writer.add({self._prefix(i) + n: t for n, t in layer.state_dict().items()})
+        if self.writer is not None:
+            self.writer.add({self._prefix(i) + n: t for n, t in layer.state_dict().items()})
         self.adapter.layers(dense.model)[i] = layer.to("meta")
         self.written.add(i)
 
@@ -211,6 +214,16 @@ def streaming(stream: LayerStream):
         yield stream
     finally:
         _STREAM.remove(stream)
+
+
+@contextlib.contextmanager
+def reading(source: Source):
+    """Inside, the layer-by-layer driver (moe_core.layerwise.walk_layers) reads each decoder layer of ``source``
+    from its shards before its turn and frees it after, writing nothing: for the stages that only read a model
+    that does not fit in memory (profiling). Yields the model (a DenseModel shell)."""
+    dense = source.dense
+    with streaming(LayerStream(source, None, next(iter(dense.model.parameters())).dtype, dense.device)):
+        yield dense
 
 
 def active() -> LayerStream | None:

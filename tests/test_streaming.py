@@ -106,6 +106,38 @@ def test_the_command_line_streams_a_folder_larger_than_max_memory(source, tmp_pa
     capsys.readouterr()
 
 
+def test_profiling_streams_a_folder_larger_than_max_memory(source, tmp_path, monkeypatch, capsys):
+    """`profile --max-memory` reads one decoder layer at a time (through the same driver) and gives the profile
+    the whole model gives."""
+    from moe_core.profiling import ActivationProfile
+
+    loads = []
+    real = LayerStream.load
+    monkeypatch.setattr(
+        LayerStream, "load", lambda self, dense, i: (loads.append(i), real(self, dense, i))[1]
+    )
+    argv = [
+        "profile",
+        "--model",
+        str(source),
+        "--text",
+        "builtin:pydoc",
+        "--n-sequences",
+        "2",
+        "--seq-len",
+        "32",
+    ]
+    assert main([*argv, "--max-memory", "10KB", "--out", str(tmp_path / "s")]) == 0
+    n_layers = load_model(str(source)).n_layers
+    assert loads == list(range(n_layers))  # every layer read from the shards, once, in order
+    assert main([*argv, "--max-memory", "1GB", "--out", str(tmp_path / "m")]) == 0
+    assert loads == list(range(n_layers))  # in memory: nothing streamed
+    a, b = ActivationProfile.load(tmp_path / "s"), ActivationProfile.load(tmp_path / "m")
+    torch.testing.assert_close(a.rates, b.rates, rtol=0, atol=0)
+    torch.testing.assert_close(a.mean_abs, b.mean_abs, rtol=0, atol=0)
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [
