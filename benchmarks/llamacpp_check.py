@@ -51,7 +51,7 @@ def make_export(args, folder: Path) -> Path:
 
 
 def to_gguf(folder: Path, llama_cpp: Path, out: Path) -> Path:
-    """llama.cpp's convert_hf_to_gguf.py at f32 (f16 would underflow the export's 1e-30 shared gate)."""
+    """llama.cpp's convert_hf_to_gguf.py at f32 (f16 would underflow the export's 1e-20 shared gate)."""
     script = llama_cpp / "convert_hf_to_gguf.py"
     if not script.exists():
         raise SystemExit(f"No {script}: --llama-cpp must be a llama.cpp source tree.")

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from moe_core.config import CMoEConfig
 from moe_core.export import GGUF_TYPES, ExportConfig, ExportError, export_model
 from moe_core.export.gguf import QTYPES, pre_tokenizer_name, write_gguf
+from moe_core.export.native import SHARED_GATE
 from moe_core.methods import convert
 from moe_core.model_io import tiny_model
 
@@ -137,7 +138,7 @@ def test_round_trip_within_the_types_rounding(layout, tmp_path, qtype):
     types = {name: t.tensor_type.name for name, t in tensors.items()}
     assert types["blk.0.attn_norm.weight"] == types["blk.1.ffn_gate_inp.weight"] == "F32"
     assert types["blk.0.ffn_gate_inp_shexp.weight"] == "F32"
-    assert float(tensors["blk.0.ffn_gate_inp_shexp.weight"].data[0]) == pytest.approx(1e-30)  # not 0
+    assert float(tensors["blk.0.ffn_gate_inp_shexp.weight"].data[0]) == pytest.approx(SHARED_GATE)  # not 0
     matrix = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0"}[qtype]
     assert types["blk.0.ffn_gate_exps.weight"] == types["token_embd.weight"] == matrix
     # rows of 48 cannot form q8_0 blocks of 32: f16 instead, and the notes say so
@@ -241,3 +242,15 @@ def test_cli_takes_the_gguf_type():
     assert args.format == "gguf" and args.gguf_type == "q8_0"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["export", "--format", "gguf", "--gguf-type", "q4_0"])
+
+
+def test_the_shared_gate_gives_one_half_exactly_and_stays_far_from_llama_cpps_trouble():
+    """The ungated shared expert's gate (the export doubles its down projection): sigmoid(gate . x) must be 0.5
+    exactly in float32 and bfloat16 for any hidden state from 1e-3 to 1e5 in size, and gate . x must stay a
+    normal float32 with a margin of 1e6: llama.cpp computes the sigmoid as silu(z)/z, which gave NaN logits at
+    the 1e-30 used before (llama-cpp-python 0.3.36 on SmolLM2 CMoE)."""
+    for size in (1e-3, 1.0, 1e5):
+        for dtype in (torch.float32, torch.bfloat16):
+            z = torch.tensor([SHARED_GATE * size, -SHARED_GATE * size], dtype=dtype)
+            assert torch.sigmoid(z).tolist() == [0.5, 0.5], (size, dtype)
+    assert SHARED_GATE * 1e-3 > torch.finfo(torch.float32).tiny * 1e6

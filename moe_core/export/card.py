@@ -141,8 +141,8 @@ def _llamacpp_section() -> list[str]:
         "",
         "Laid out for llama.cpp's `qwen2moe` graph: untied embeddings, raw softmax routing weights "
         "(`norm_topk_prob=false`), every layer a MoE layer (dense layers held by the shared expert), a "
-        "nonzero shared-expert gate (1e-30). Convert with `python convert_hf_to_gguf.py <this folder> "
-        "--outtype f32` (or bf16; not f16, where the 1e-30 gate underflows to 0 and llama.cpp's "
+        "nonzero shared-expert gate (1e-20). Convert with `python convert_hf_to_gguf.py <this folder> "
+        "--outtype f32` (or bf16; not f16, where the 1e-20 gate underflows to 0 and llama.cpp's "
         "silu(x)/x sigmoid gives NaN). llama.cpp was not run on this export: `python benchmarks/llamacpp_check.py "
         "--llama-cpp <llama.cpp> --export <this folder>` runs it and compares its logits with transformers on "
         "the same folder (top-k routing may flip near-ties when the summation order changes).",

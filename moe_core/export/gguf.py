@@ -8,7 +8,7 @@ package's GGUFWriter, so a llama.cpp user needs no conversion script:
 - tensor names from gguf's own table (``blk.{i}.ffn_gate_exps`` ...); per-expert matrices stacked to (E, I, H)
   and (E, H, I). GGUF lists dimensions innermost first, so a PyTorch (out, in) matrix reads {in, out} there;
 - types: f32, f16 or q8_0 for the matrices; norms, biases, the router and the shared-expert gate stay f32
-  (llama.cpp's kernels take 1-D tensors in f32, and the gate's 1e-30 underflows in f16, where llama.cpp's
+  (llama.cpp's kernels take 1-D tensors in f32, and the gate's 1e-20 underflows in f16, where llama.cpp's
   sigmoid, computed as silu(x)/x, would give 0/0). A q8_0 matrix whose rows are not a multiple of 32 falls
   back to f16, an f16 one with values beyond 65504 to f32; the notes say which;
 - the vocabulary: byte-level BPE from tokenizer.json (tokens, token types, merges, special ids, chat
@@ -44,7 +44,7 @@ QTYPES = {  # file type name -> (matrix tensor type, general.file_type)
 }
 F16_MAX = float(np.finfo(np.float16).max)  # 65504
 Q8_BLOCK = gguf.GGML_QUANT_SIZES[Q.Q8_0][0]  # 32 values share one f16 scale
-ALWAYS_F32 = (T.FFN_GATE_INP, T.FFN_GATE_INP_SHEXP)  # router logits and the 1e-30 shared gate: full precision
+ALWAYS_F32 = (T.FFN_GATE_INP, T.FFN_GATE_INP_SHEXP)  # router logits and the 1e-20 shared gate: full precision
 # max |dequantised - source| / max |source| per tensor: f16 rounds to 11 bits; q8_0 to half a step of
 # absmax(block) / 127 (its f16 scale adds 2^-11 of that), so 1/127 of the tensor's absmax leaves a margin
 TOLERANCE = {Q.F32: 0.0, Q.F16: 2.0**-10, Q.Q8_0: 1.0 / 127}

@@ -7,8 +7,11 @@ an arbitrary list of dense layers (``mlp_only_layers``); transformers and vLLM l
 - attention, norms, embeddings and dense layers: copied (Qwen2's real q/k/v biases kept, zero biases
   otherwise, because vLLM's module always has them); Phi-3's fused qkv / gate_up are split; Gemma's
   ``(1 + w)`` norms and ``sqrt(H)`` embedding scale are folded into the weights (embeddings untied);
-- the ungated shared expert: gate weight 1e-30, so sigmoid(.) is exactly 0.5 in float32 (0 would be exact
-  too, but llama.cpp computes the sigmoid as silu(x)/x and gets 0/0), and shared down_proj x 2;
+- the ungated shared expert: gate weight 1e-20, so sigmoid(.) is exactly 0.5 in float32 and bfloat16, and
+  shared down_proj x 2. Not 0: llama.cpp computes the sigmoid as silu(x)/x and gets 0/0. Not 1e-30 (used
+  before): llama.cpp 0.3.36's CPU kernels then give NaN logits (measured on SmolLM2 CMoE; fine from 1e-28 up);
+  at 1e-20 the gate input stays a normal float32 by 18 orders of magnitude and below the 1.2e-7 where the
+  sigmoid would move off 0.5;
 - experts and shared experts narrower than the common width: zero-padded (a zero neuron adds act(0)*0 = 0);
   the expert width is also padded to a multiple of 8, which transformers' grouped_mm kernel needs;
 - routing: a linear router with per-expert constants folded into each expert's down_proj (export/routing.py
@@ -24,7 +27,7 @@ import torch
 from ..moe import MoEMLP
 
 WIDTH_ALIGN = 8  # expert width multiple: 16-byte rows in bf16 (grouped_mm refuses other strides)
-SHARED_GATE = 1e-30  # sigmoid(1e-30 * x) == 0.5 exactly in float32 and bfloat16 (not in float16: underflow)
+SHARED_GATE = 1e-20  # sigmoid(1e-20 * x) == 0.5 exactly in float32 and bfloat16 (not in float16: underflow)
 
 NATIVE_FAMILIES = ("llama", "mistral", "qwen2", "gemma", "phi3")
 NOT_NATIVE = {
@@ -190,7 +193,7 @@ def _moe_tensors(shared_parts, router_weight, block, scales, n_experts, width, s
     if shared_parts is not None:
         n = shared_parts["gate"].shape[0]
         sg[:n], su[:n] = shared_parts["gate"], shared_parts["up"]
-        # an ungated shared expert: the 1e-30 gate gives sigmoid = 0.5 exactly, which doubling undoes
+        # an ungated shared expert: the 1e-20 gate gives sigmoid = 0.5 exactly, which doubling undoes
         sd[:, :n] = shared_parts["down"] * (2.0 if gate is None else 1.0)
     return {
         prefix + "gate.weight": router_weight.to(dtype),
