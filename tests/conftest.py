@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -46,11 +47,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def browser_model() -> str:
+    """The model the served app opens: builtin:tiny-llama, or MOE_STUDIO_BROWSER_MODEL (builtin:smollm2-135m
+    with MOE_STUDIO_SCREENSHOTS=assets/screenshots refreshes the README's screenshots on the real model)."""
+    return os.environ.get("MOE_STUDIO_BROWSER_MODEL") or "builtin:tiny-llama"
+
+
 def start_app(auth=None):
-    """(demo, url): the app on builtin:tiny-llama, served on 127.0.0.1 at a free port, in this process."""
+    """(demo, url): the app on :func:`browser_model`, served on 127.0.0.1 at a free port, in this process."""
     import app
 
-    demo = app.build_app("builtin:tiny-llama")
+    demo = app.build_app(browser_model())
     port = free_port()
     app.launch(demo, "127.0.0.1", port, auth=auth, prevent_thread_lock=True, quiet=True)
     return demo, f"http://127.0.0.1:{port}/"
@@ -58,7 +65,7 @@ def start_app(auth=None):
 
 @pytest.fixture(scope="module")
 def server_url():
-    """The URL of the app served for one test module (tiny model)."""
+    """The URL of the app served for one test module (tiny model unless MOE_STUDIO_BROWSER_MODEL says)."""
     demo, url = start_app()
     yield url
     demo.close()
