@@ -74,10 +74,14 @@ def test_model_to_download_in_a_browser(page, shots, tmp_path):
     page.get_by_text("FFN share of the parameters").wait_for()  # the page loads the model on open
     _shot(page, shots, "model_tab")
 
+    tiny = browser_model() == TINY  # a real model walks the default flow: its calibration, no distillation
     _tab(page, "Data")
-    sequences = page.get_by_label("number input for Sequences")  # 8 x 512 keeps the walk to seconds a step
-    sequences.fill("8")
-    sequences.press("Enter")
+    if tiny:
+        sequences = page.get_by_label(
+            "number input for Sequences"
+        )  # 8 x 512 keeps the walk to seconds a step
+        sequences.fill("8")
+        sequences.press("Enter")
     _button(page, "Preview").click()
     page.get_by_text("calibration tokens").wait_for()
     _shot(page, shots, "data_tab")
@@ -90,7 +94,7 @@ def test_model_to_download_in_a_browser(page, shots, tmp_path):
     _tab(page, "Design")
     page.get_by_text("of the FFN runs per token").wait_for()
     _shot(page, shots, "design_tab")
-    if browser_model() == TINY:  # a real model's sensitivity pass takes 15-35 minutes on a CPU
+    if tiny:  # a real model's sensitivity pass takes 15-35 minutes on a CPU
         _radio(page, "budget").check()  # one active budget, a shape per layer from measured sensitivity
         _button(page, "Measure sensitivity").click()
         page.get_by_text("of the FFN runs per token (the allocation)").wait_for()
@@ -102,14 +106,18 @@ def test_model_to_download_in_a_browser(page, shots, tmp_path):
     page.get_by_text("Routing (any method)").click()
     _radio(page, "trained").check()
     page.get_by_label("Refit the down projections").check()
-    page.get_by_text("Distillation (optional, any method)").click()
-    page.get_by_label("Distil after converting").check()
-    page.get_by_label("Token budget").fill("2048")  # 8 windows of 256 tokens: two steps on the tiny model
-    page.get_by_label("Token budget").press("Enter")
-    page.wait_for_function("() => document.body.innerText.includes('--distill-tokens 2048')")  # the preview
+    if tiny:
+        page.get_by_text("Distillation (optional, any method)").click()
+        page.get_by_label("Distil after converting").check()
+        page.get_by_label("Token budget").fill("2048")  # 8 windows of 256 tokens: two steps on the tiny model
+        page.get_by_label("Token budget").press("Enter")
+        page.wait_for_function(
+            "() => document.body.innerText.includes('--distill-tokens 2048')"
+        )  # the preview
     _button(page, "Convert").click()
     page.get_by_text("CMoE conversion of").wait_for()
-    page.get_by_text("Distillation: KL(dense || MoE)").wait_for()
+    if tiny:
+        page.get_by_text("Distillation: KL(dense || MoE)").wait_for()
     page.get_by_text("before → after the routing step").wait_for()
     assert "python -m moe_core convert" in page.locator("body").inner_text()
     _shot(page, shots, "convert_tab")
