@@ -99,18 +99,41 @@ def expert_sizes(n_neurons: int, n_shared: int, n_experts: int) -> tuple[int, li
     return 0, [m + 1] * rest + [m] * (n_routed - rest)
 
 
+TOKEN_CHUNK = 1024  # tokens whose (chunk, I) hidden activations are computed at once (bounds the temporaries)
+
+
+def _hidden(x, w_gate, w_up, act, normalise: bool = False):
+    """(start, h (t, I) float32) per chunk of TOKEN_CHUNK tokens of x (T, H): h = act(x W_gate^T) * (x W_up^T).
+    normalise: from L2-normalised x and unit-norm weight rows (cosines)."""
+    wg, wu = w_gate.float(), w_up.float()
+    if normalise:
+        wg, wu = F.normalize(wg, dim=-1), F.normalize(wu, dim=-1)
+    for start in range(0, x.shape[0], TOKEN_CHUNK):
+        xs = x[start : start + TOKEN_CHUNK].float()
+        if normalise:
+            xs = F.normalize(xs, dim=-1)
+        yield start, act(xs @ wg.T) * (xs @ wu.T)
+
+
 @torch.no_grad()
 def atopk_markers(x, w_gate, w_up, act, k_act: int, normalise: bool) -> torch.Tensor:
     """CMoE ATopK markers: x (T, H), w_gate/w_up (I, H) -> (T, I) float32 in {0, 1}.
 
     normalise (the released code): h from L2-normalised x and unit-norm weight rows, i.e. cosines.
     """
-    xf, wg, wu = x.float(), w_gate.float(), w_up.float()
-    if normalise:
-        xf, wg, wu = F.normalize(xf, dim=-1), F.normalize(wg, dim=-1), F.normalize(wu, dim=-1)
-    h = act(xf @ wg.T) * (xf @ wu.T)  # (T, I)
-    markers = torch.zeros_like(h)
-    return markers.scatter_(1, h.abs().topk(k_act, dim=-1).indices, 1.0)
+    markers = torch.zeros(x.shape[0], w_gate.shape[0], device=x.device)
+    for start, h in _hidden(x, w_gate, w_up, act, normalise):
+        markers[start : start + len(h)].scatter_(1, h.abs().topk(k_act, dim=-1).indices, 1.0)
+    return markers
+
+
+@torch.no_grad()
+def atopk_rates(x, w_gate, w_up, act, k_act: int, normalise: bool) -> torch.Tensor:
+    """The ATopK markers' mean over tokens (I,), without the (T, I) markers."""
+    counts = torch.zeros(w_gate.shape[0], device=x.device)
+    for _, h in _hidden(x, w_gate, w_up, act, normalise):
+        counts.index_add_(0, h.abs().topk(k_act, dim=-1).indices.reshape(-1), torch.ones(h.shape[0] * k_act))
+    return counts / x.shape[0]
 
 
 def distances(feats: torch.Tensor, centroids: torch.Tensor, metric: str) -> torch.Tensor:
@@ -186,9 +209,10 @@ def magnitude_features(x, w_gate, w_up, w_down, act) -> torch.Tensor:
 
     (WINA's score; DOT-MoE's critique of activation-only proxies: they ignore W_down.)
     """
-    xf = x.float()
-    h = act(xf @ w_gate.float().T) * (xf @ w_up.float().T)  # (T, I)
-    return (h.abs() * w_down.float().norm(dim=0)).T.contiguous()
+    norms, out = w_down.float().norm(dim=0), torch.empty(w_gate.shape[0], x.shape[0], device=x.device)
+    for start, h in _hidden(x, w_gate, w_up, act):
+        out[:, start : start + len(h)] = (h.abs() * norms).T
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,11 +245,14 @@ def carve_block(
     if cfg.k_act > w_gate.shape[0]:
         raise ValueError(f"cmoe.k_act={cfg.k_act} exceeds the FFN width {w_gate.shape[0]}; lower it.")
     act = dense.adapter.act_fn(mlp)
-    markers = atopk_markers(x, w_gate, w_up, act, cfg.k_act, cfg.variant == "code")
+    normalise, markers = cfg.variant == "code", None  # markers (T, I) only when the neurons cluster on them
+    if cfg.cluster_on != "magnitude":
+        markers = atopk_markers(x, w_gate, w_up, act, cfg.k_act, normalise)
+    rates = atopk_rates(x, w_gate, w_up, act, cfg.k_act, normalise) if markers is None else markers.mean(0)
     magnitude = None
     if "magnitude" in (cfg.shared_by, cfg.cluster_on):
         magnitude = magnitude_features(x, w_gate, w_up, w_down, act)  # (I, T)
-    scores = markers.mean(0) if cfg.shared_by == "rate" else magnitude.mean(1)
+    scores = rates if cfg.shared_by == "rate" else magnitude.mean(1)
     if cfg.cluster_on == "magnitude":
         feats, metric = magnitude, "cosine"
     else:
@@ -235,7 +262,7 @@ def carve_block(
     router = cmoe_router(w_gate, w_up, cut.representatives, act_name, cfg.variant)
     policy = RoutingPolicy("topk", k=n_active)
     block = MoEMLP.from_dense(w_gate, w_up, w_down, act_name, cut.shared, cut.experts, router, policy, "cmoe")
-    return block, _layer_report(layer_idx, cut, markers.mean(0), cfg.k_act)
+    return block, _layer_report(layer_idx, cut, rates, cfg.k_act)
 
 
 def _layer_report(layer_idx: int, cut: Carving, rates: torch.Tensor, k_act: int) -> dict:
