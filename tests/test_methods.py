@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import replace
-from types import SimpleNamespace
 
 import pytest
 
@@ -87,8 +86,9 @@ def test_only_methods_that_take_a_budget_accept_the_budget_mode():
 def test_the_model_card_cites_the_methods_paper(name):
     from moe_core.export.card import provenance
     from moe_core.export.config import ExportConfig
+    from moe_core.model_io import ConvertedModel
 
-    moe = SimpleNamespace(spec="builtin:tiny-llama", conversion=None, run_config=None, metrics=None)
+    moe = ConvertedModel(None, None, None, "builtin:tiny-llama")  # no report: the run config names the method
     meta = provenance(moe, ExportConfig(), None, None, to_dict(ConvertRun(method=name)), {})
     assert meta["method"] == name and meta["paper"] == METHODS[name].paper and "arXiv" in meta["paper"]
 
