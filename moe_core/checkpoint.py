@@ -163,9 +163,10 @@ def load_converted(folder: str | Path, device: str = "cpu", trust_remote_code: b
         from .sweep import Plan
 
         plan = Plan.from_dict(run_config["plan"])
+    report = report_from_dict(metrics.get("conversion"))
     return ConvertedModel(
-        model.to(device).eval(), tokenizer, adapter, str(folder), conversion=report_from_dict(metrics.get("conversion")),
-        run_config=run_config, metrics=metrics, plan=plan,
+        model.to(device).eval(), tokenizer, adapter, str(folder), conversion=report, run_config=run_config,
+        metrics=metrics, plan=plan,
     )  # fmt: skip
 
 

@@ -98,7 +98,7 @@ def load_calibration(model_cfg: ModelConfig, data_cfg: DataConfig, progress=_pro
     """Load the model (unless given) and sample calibration sequences: (DenseModel, input_ids (N, T))."""
     from .data import load_documents, parse_text_source, sample_sequences
 
-    dense = dense or load_dense(model_cfg, progress)
+    dense = load_dense(model_cfg, progress) if dense is None else dense
     dense.check_seq_len(data_cfg.seq_len)
     docs = load_documents(parse_text_source(data_cfg.text), model=dense, seed=data_cfg.seed)
     ids = sample_sequences(docs, dense.tokenizer, data_cfg.n_sequences, data_cfg.seq_len, data_cfg.seed)

@@ -85,7 +85,7 @@ def convert_run(
         budget = plan_budget(dense, cfg, ids, span(progress, 0, cut / 2), cancel)
         cfg = replace(cfg, cmoe=replace(cfg.cmoe, layer_experts=tuple(budget["layer_experts"])))
     lo = cut / 2 if budget is not None else 0.0
-    with _streamed(source, dense, folder) as stream:
+    with _streamed(source, folder) as stream:
         moe = convert(
             dense, ids, cfg.section(), method=cfg.method, routing=cfg.routing, progress=span(progress, lo, cut),
             cancel=cancel,
@@ -131,7 +131,7 @@ def convert_run(
 
 
 @contextlib.contextmanager
-def _streamed(source, dense, folder):
+def _streamed(source, folder):
     """The LayerStream of a streamed conversion (None otherwise); its temporary folder goes on failure."""
     if source is None:
         yield None
@@ -140,9 +140,7 @@ def _streamed(source, dense, folder):
 
     writer, tmp = start_writer(folder)
     try:
-        with streaming(
-            LayerStream(source, writer, next(iter(dense.model.parameters())).dtype, dense.device)
-        ) as s:
+        with streaming(LayerStream(source, writer)) as s:
             yield s
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

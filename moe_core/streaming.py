@@ -12,7 +12,8 @@ into the model: it is copied from the input shards to the output ones.
 The output is this project's converted checkpoint (``moe_core.checkpoint``), in numbered shards with an index,
 so ``load_converted`` and every export read it as they read an in-memory conversion's; on the same folder the
 two give identical weights. What streams: CMoE with its routing step (each layer routed and refitted as it is
-carved), and profiling (:func:`reading`: each layer read, profiled and freed, nothing written). What cannot, refused before anything is read, with what would run it: the per-layer budget's
+carved), and profiling (:func:`reading`: each layer read, profiled and freed, nothing written). What cannot,
+refused before anything is read, with what would run it: the per-layer budget's
 sensitivity measurement, distillation and fine-tuning (they train through the whole model), a routing plan,
 and the methods that need the whole model at once (LaDiMo's and DIVE's routing pass, DIVE's mining, FLAP's
 statistics pass).
@@ -152,9 +153,9 @@ class LayerStream:
     layer i runs, ``done(model, i)`` once its outputs are computed (its tensors are written and freed). Without a
     writer (a stage that only reads the model: :func:`reading`) nothing is written, only freed."""
 
-    def __init__(self, source: Source, writer: ShardWriter | None, dtype: torch.dtype, device):
+    def __init__(self, source: Source, writer: ShardWriter | None):
         self.source, self.reader, self.writer = source, source.reader, writer
-        self.adapter, self.dtype, self.device = source.dense.adapter, dtype, torch.device(device)
+        self.adapter, self.dtype, self.device = source.dense.adapter, source.dense_dtype, source.dense.device
         self.written: set[int] = set()
         self.released: set[str] = set()  # tensors outside the layers already written and freed
 
@@ -221,9 +222,8 @@ def reading(source: Source):
     """Inside, the layer-by-layer driver (moe_core.layerwise.walk_layers) reads each decoder layer of ``source``
     from its shards before its turn and frees it after, writing nothing: for the stages that only read a model
     that does not fit in memory (profiling). Yields the model (a DenseModel shell)."""
-    dense = source.dense
-    with streaming(LayerStream(source, None, next(iter(dense.model.parameters())).dtype, dense.device)):
-        yield dense
+    with streaming(LayerStream(source, None)):
+        yield source.dense
 
 
 def active() -> LayerStream | None:
@@ -244,6 +244,11 @@ class Source:
     head_name: str | None
     embed_name: str
     tied: bool
+
+    @property
+    def dense_dtype(self) -> torch.dtype:
+        """The compute dtype the shell was built in (each layer is read into it)."""
+        return next(iter(self.dense.model.parameters())).dtype
 
 
 @torch.no_grad()

@@ -48,6 +48,21 @@ def _run(folder, **changes) -> ConvertRun:
     return from_dict(ConvertRun, tree | changes)
 
 
+def _cli(command: str, source) -> list[str]:
+    """A command line on ``source`` with the tests' tiny calibration (2 x 32 tokens of Python's docs)."""
+    return [
+        command,
+        "--model",
+        str(source),
+        "--text",
+        "builtin:pydoc",
+        "--n-sequences",
+        "2",
+        "--seq-len",
+        "32",
+    ]
+
+
 @torch.no_grad()
 def test_streaming_gives_the_in_memory_conversion_exactly(source, tmp_path):
     cfg = _run(source)
@@ -85,17 +100,7 @@ def test_at_most_one_decoder_layer_is_ever_in_memory(source, tmp_path, monkeypat
 
 
 def test_the_command_line_streams_a_folder_larger_than_max_memory(source, tmp_path, capsys):
-    argv = [
-        "convert",
-        "--model",
-        str(source),
-        "--text",
-        "builtin:pydoc",
-        "--n-sequences",
-        "2",
-        "--seq-len",
-        "32",
-    ]
+    argv = _cli("convert", source)
     assert main([*argv, "--experts", "S1A2E4", "--max-memory", "10KB", "--out", str(tmp_path / "s")]) == 0
     assert main([*argv, "--experts", "S1A2E4", "--max-memory", "1GB", "--out", str(tmp_path / "m")]) == 0
     streamed = json.loads((tmp_path / "s" / "metrics.json").read_text())
@@ -116,17 +121,7 @@ def test_profiling_streams_a_folder_larger_than_max_memory(source, tmp_path, mon
     monkeypatch.setattr(
         LayerStream, "load", lambda self, dense, i: (loads.append(i), real(self, dense, i))[1]
     )
-    argv = [
-        "profile",
-        "--model",
-        str(source),
-        "--text",
-        "builtin:pydoc",
-        "--n-sequences",
-        "2",
-        "--seq-len",
-        "32",
-    ]
+    argv = _cli("profile", source)
     assert main([*argv, "--max-memory", "10KB", "--out", str(tmp_path / "s")]) == 0
     n_layers = load_model(str(source)).n_layers
     assert loads == list(range(n_layers))  # every layer read from the shards, once, in order

@@ -26,10 +26,9 @@ def provenance(moe, cfg, calib_ids, calib_text, run_config, source_metrics) -> d
     from ..methods import METHODS
     from ..model_io import ConvertedModel
 
-    declared = moe  # a bare model (no conversion record): empty fields
-    if not isinstance(moe, ConvertedModel):
-        declared = ConvertedModel(moe.model, moe.tokenizer, moe.adapter, moe.spec)
-    conversion, run_config = declared.conversion, run_config or declared.run_config
+    declared = isinstance(moe, ConvertedModel)  # a bare model has no conversion record
+    conversion = moe.conversion if declared else None
+    run_config = run_config or (moe.run_config if declared else {})
     method = run_config.get("method") or (conversion.method if conversion is not None else None)
     calib = {"text": calib_text or (run_config.get("data") or {}).get("text")}
     if calib_ids is not None:
@@ -42,7 +41,7 @@ def provenance(moe, cfg, calib_ids, calib_text, run_config, source_metrics) -> d
         "method_config": conversion.config if conversion is not None else run_config.get(method or "", None),
         "run_config": {**run_config, "export": asdict(cfg)},
         "calibration": calib,
-        "source_metrics": source_metrics or declared.metrics,
+        "source_metrics": source_metrics or (moe.metrics if declared else {}),
         "versions": {
             "moe_studio": __version__,
             "torch": torch.__version__,

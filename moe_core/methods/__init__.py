@@ -10,8 +10,8 @@ card all read :data:`METHODS`.
 Every ``convert`` has the signature ``convert(dense, input_ids (N, T), cfg, progress=None, cancel=None)`` (plus
 ``routing=`` when the method runs the routing step inside its own layer loop) and returns a new ConvertedModel
 (moe_core.model_io; the caller's model is never modified) whose converted layers are MoEMLP blocks and whose
-``conversion`` field is the method's report (per-layer sizes, seconds). :func:`convert` seeds the global RNG from the config's ``seed`` first, so
-the same config gives the same model in any process or session.
+``conversion`` field is the method's report (per-layer sizes, seconds). :func:`convert` seeds the global RNG
+from the config's ``seed`` first, so the same config gives the same model in any process or session.
 """
 
 from __future__ import annotations

@@ -132,7 +132,8 @@ def atopk_rates(x, w_gate, w_up, act, k_act: int, normalise: bool) -> torch.Tens
     """The ATopK markers' mean over tokens (I,), without the (T, I) markers."""
     counts = torch.zeros(w_gate.shape[0], device=x.device)
     for _, h in _hidden(x, w_gate, w_up, act, normalise):
-        counts.index_add_(0, h.abs().topk(k_act, dim=-1).indices.reshape(-1), torch.ones(h.shape[0] * k_act))
+        marked = h.abs().topk(k_act, dim=-1).indices.reshape(-1)
+        counts.index_add_(0, marked, torch.ones(marked.numel(), device=counts.device))
     return counts / x.shape[0]
 
 
