@@ -53,9 +53,9 @@ def _tied_aliases(model) -> dict[str, str]:
 
 
 def _moe_specs(dense) -> dict[str, dict]:
-    from .moe import MoEMLP
+    from .evaluate import moe_blocks
 
-    return {str(i): dense.mlp(i).spec() for i in range(dense.n_layers) if isinstance(dense.mlp(i), MoEMLP)}
+    return {str(i): block.spec() for i, block in moe_blocks(dense).items()}
 
 
 def temp_folder(folder: Path) -> Path:

@@ -203,14 +203,25 @@ def _eval_config(args):
 
 def cmd_eval(args) -> int:
     """Evaluate a model (a converted folder: against its source) with the library's one evaluation."""
+    from .checkpoint import read_json
     from .model_io import load_model
-    from .pipeline import evaluate_pair
+    from .pipeline import evaluate_pair, evaluate_streamed
+    from .streaming import should_stream
 
     cfg = _eval_config(args)
-    moe, source = _load_for_eval(cfg.model)
-    ref_spec = {"auto": source, "none": None}.get(cfg.eval.reference, cfg.eval.reference)
-    ref = load_model(ref_spec, device=cfg.model.device, dtype=cfg.model.dtype) if ref_spec else None
-    report = evaluate_pair(ref, moe, cfg.eval, progress=_progress)
+    if should_stream(cfg.model):  # a folder larger than --max-memory: one decoder layer at a time
+        source = read_json(cfg.model.spec, "run_config.json").get("model", {}).get("spec")
+        ref_spec = {"auto": source, "none": None}.get(cfg.eval.reference, cfg.eval.reference)
+        if cfg.eval.speed and args.speed:
+            raise ValueError(
+                "--speed times the whole model, which is larger than --max-memory here: drop it."
+            )
+        report = evaluate_streamed(cfg.model, cfg.eval, ref_spec, progress=_progress)
+    else:
+        moe, source = _load_for_eval(cfg.model)
+        ref_spec = {"auto": source, "none": None}.get(cfg.eval.reference, cfg.eval.reference)
+        ref = load_model(ref_spec, device=cfg.model.device, dtype=cfg.model.dtype) if ref_spec else None
+        report = evaluate_pair(ref, moe, cfg.eval, progress=_progress)
     path = report.save(cfg.out)
     (path.parent / "run_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     print(json.dumps({**report.summary(), "out": str(path)}))
@@ -218,6 +229,11 @@ def cmd_eval(args) -> int:
 
 
 def _eval_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-memory",
+        help="e.g. 2GB: a model folder larger than this is scored one layer at a time (perplexity, KL; no "
+        "lm-eval tasks or speed)",
+    )
     p.add_argument("--reference", help="dense model for KL: auto (the source model), none, or a spec")
     p.add_argument("--windows", type=int, help="number of perplexity windows (non-overlapping)")
     p.add_argument("--batch-size", type=int, help="windows per forward pass")

@@ -60,8 +60,12 @@ class _Sums:
         self.agree += float((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
 
 
-def _logits(model, ids):  # (B, T) -> (B, T - 1, V): only positions that predict a token
-    return model(input_ids=ids, use_cache=False).logits[:, :-1]
+def _batches(model, windows, batch_size, progress: Progress = None, cancel: Cancel = None):
+    """(ids (B, T), logits (B, T - 1, V)) of ``model`` (a DenseModel) per micro-batch of windows (W, T): the
+    positions that predict a token, on the layer-by-layer driver (a model streamed from its shards is read once)."""
+    from .layerwise import window_logits
+
+    return window_logits(model, windows, batch_size, progress, cancel)
 
 
 @dataclass(frozen=True)
@@ -85,25 +89,12 @@ def reference_logits(
     """Run ``dense`` once over windows (W, T) and keep its logits (W, T - 1, V) in float16."""
     _check_windows(windows)
     sums, kept = _Sums(), []
-    batches = windows.split(batch_size)
-    for b, ids in enumerate(batches):
-        check_cancel(cancel)
-        logits = _logits(dense.model, ids.to(dense.device))  # (B, T-1, V)
+    for ids, logits in _batches(dense, windows, batch_size, progress, cancel):
         targets = ids[:, 1:].reshape(-1).to(logits.device)
         for s, chunk in enumerate(logits.reshape(-1, logits.shape[-1]).split(CHUNK)):
             sums.add_chunk(chunk, None, targets[s * CHUNK : s * CHUNK + len(chunk)])
         kept.append(logits.half().cpu())
-        if progress:
-            progress((b + 1) / len(batches), f"Dense reference: window batch {b + 1}/{len(batches)}")
     return ReferenceLogits(dense.spec, windows.clone(), torch.cat(kept), math.exp(sums.nll / sums.tokens))
-
-
-def _reference_batch(ref, ids, start: int, device):  # -> (B, T-1, V) or None
-    if ref is None:
-        return None
-    if isinstance(ref, ReferenceLogits):
-        return ref.logits[start : start + len(ids)].to(device)
-    return _logits(ref.model, ids.to(ref.device)).to(device)
 
 
 @torch.no_grad()
@@ -114,22 +105,19 @@ def _score(dense, windows, ref=None, batch_size=1, progress: Progress = None, ca
     """
     if isinstance(ref, ReferenceLogits) and not torch.equal(ref.windows, windows):
         raise ValueError("These ReferenceLogits were computed on other windows: pass the same windows.")
-    sums, start = _Sums(), 0
-    batches = windows.split(batch_size)
-    for b, ids in enumerate(batches):
-        check_cancel(cancel)
-        ids = ids.to(dense.device)
-        logits = _logits(dense.model, ids)  # (B, T-1, V)
-        ref_logits = _reference_batch(ref, ids, start, logits.device)
-        start += len(ids)
-        targets = ids[:, 1:].reshape(-1)  # (B*(T-1),)
+    if isinstance(ref, ReferenceLogits):
+        refs = iter(ref.logits.split(batch_size))
+    elif ref is not None:
+        refs = (logits for _, logits in _batches(ref, windows, batch_size, cancel=cancel))
+    sums = _Sums()
+    for ids, logits in _batches(dense, windows, batch_size, progress, cancel):
+        ref_logits = None if ref is None else next(refs).to(logits.device)
+        targets = ids[:, 1:].reshape(-1).to(logits.device)  # (B*(T-1),)
         flat = logits.reshape(-1, logits.shape[-1])
         ref_flat = ref_logits.reshape(flat.shape) if ref_logits is not None else None
         for s in range(0, targets.numel(), CHUNK):
             chunk_ref = ref_flat[s : s + CHUNK] if ref_flat is not None else None
             sums.add_chunk(flat[s : s + CHUNK], chunk_ref, targets[s : s + CHUNK])
-        if progress:
-            progress((b + 1) / len(batches), f"Scored window batch {b + 1}/{len(batches)}")
     return sums
 
 
@@ -472,6 +460,7 @@ class EvalReport:
     seconds: float = 0.0
     speed: dict = field(default_factory=dict)  # measure_speed() against the reference, when asked for
     ref_lm_eval: dict = field(default_factory=dict)  # the reference's scores on the same lm-eval tasks
+    streamed: bool = False  # read one decoder layer at a time from its shards (no speed, no lm-eval)
 
     def summary(self) -> dict:
         """The headline numbers (no per-layer load), for printing."""

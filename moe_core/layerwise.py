@@ -14,6 +14,7 @@ same way (:func:`head_logits`): the model's own forward, with its layers standin
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
@@ -276,40 +277,80 @@ class LayerStep:
 
 def walk_layers(
     model,
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
     *,
+    start: LayerInputs | None = None,
     batch_size: int = 4,
     last: int | None = None,
     progress: Progress = None,
     cancel: Cancel = None,
     label: str = "Layer",
 ) -> Iterator[LayerStep]:
-    """The layer-by-layer driver every one-layer-at-a-time stage runs on (conversion, profiling, sensitivity):
-    yields layer 0 .. ``last`` (default: the last layer) of ``model`` (a DenseModel) in order, each with what
-    enters it on input_ids (N, T); after the visitor's turn the layer runs on those inputs (it may have replaced
-    the layer's MLP, or hooked it) to give the next layer's, unless the visitor set ``step.outputs``.
+    """The layer-by-layer driver every one-layer-at-a-time stage runs on (conversion, profiling, sensitivity,
+    the sweep, evaluation): yields layer 0 .. ``last`` (default: the last layer) of ``model`` (a DenseModel) in
+    order, each with what enters it on input_ids (N, T); after the visitor's turn the layer runs on those inputs
+    (it may have replaced the layer's MLP, or hooked it) to give the next layer's, unless the visitor set
+    ``step.outputs``. Once a layer has run, ``step.outputs`` holds what leaves it (the last step's: the model's
+    final hidden states). ``start``: resume from inputs captured earlier (at layer ``start.layer``) instead.
 
     Only one layer's calibration activations are alive at a time. Inside :func:`moe_core.streaming.streaming`
     only one layer's weights are too: each is read from the shards before its turn and written and freed after.
     Cancel is checked before every layer; progress is reported after each."""
     from .streaming import active
 
+    if (input_ids is None) == (start is None):
+        raise ValueError("walk_layers takes either input_ids or start (inputs captured earlier), not both.")
     stream = active()
     layers = model.adapter.layers(model.model)
     last = len(layers) - 1 if last is None else last
-    inputs = capture_layer_inputs(model, input_ids, batch_size)
-    if stream is not None:
-        stream.captured(model)
-    for i in range(last + 1):
+    inputs = start
+    if inputs is None:
+        inputs = capture_layer_inputs(model, input_ids, batch_size)
+        if stream is not None:
+            stream.captured(model)
+    first = inputs.layer
+    for i in range(first, last + 1):
         check_cancel(cancel)
         if stream is not None:
             stream.load(model, i)
         step = LayerStep(i, layers[i], inputs)
         yield step
         inputs = step.outputs if step.outputs is not None else run_layer(layers[i], inputs)
+        step.outputs = inputs
         if stream is not None:
             stream.done(model, i)
-        report(progress, (i + 1) / (last + 1), f"{label}: layer {i + 1}/{last + 1}")
+        report(progress, (i + 1 - first) / (last + 1 - first), f"{label}: layer {i + 1}/{last + 1}")
+
+
+def run_rest(model, start: LayerInputs, swap: dict[int, nn.Module] | None = None) -> LayerInputs:
+    """Run ``model`` (a DenseModel) from inputs captured at layer ``start.layer`` to its last layer on the
+    driver, decoder layer i stood in for by ``swap[i]`` where given: the final hidden states."""
+    swap = swap or {}
+    step = None
+    for step in walk_layers(model, start=start):
+        if step.index in swap:
+            step.outputs = run_layer(swap[step.index], step.inputs)
+    return start if step is None else step.outputs
+
+
+def window_logits(
+    model, windows: torch.Tensor, batch_size: int = 1, progress: Progress = None, cancel: Cancel = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids (B, T), logits (B, T - 1, V) at its predicting positions) of windows (W, T), one micro-batch of ``batch_size``
+    windows at a time, on the driver: every window goes through layer i, then layer i + 1 (so a streamed model
+    is read once), then the model's own head runs one micro-batch at a time (one batch's logits alive)."""
+    from .streaming import active
+
+    steps = walk_layers(
+        model, windows, batch_size=batch_size, progress=progress, cancel=cancel, label="Scoring"
+    )
+    final = deque(steps, maxlen=1)[0].outputs  # every layer walked; the last one's outputs
+    if active() is not None:
+        active().head(model)  # the embeddings and head a streamed model freed
+    for h, ids in zip(final.hidden, final.ids, strict=True):
+        check_cancel(cancel)
+        one = replace(final, hidden=[h], ids=[ids])
+        yield ids, head_logits(model.model, model.adapter, one, keep=slice(None, -1))[0]
 
 
 # build(layer index, x (T, H) what the MLP receives, y (T, H) what the dense MLP returns) -> (block, info)

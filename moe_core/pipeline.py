@@ -286,6 +286,49 @@ def evaluate_pair(ref, moe, cfg=None, progress: Progress = None, cancel: Cancel 
     return report
 
 
+def evaluate_streamed(model_cfg, cfg, reference=None, progress: Progress = None, cancel: Cancel = None):
+    """The evaluation of a model folder larger than ``model_cfg.max_memory`` (a converted folder or a dense one),
+    one decoder layer in memory at a time (moe_core.streaming.reading): perplexity, and KL and top-1 agreement
+    against ``reference`` (a spec or None), whose logits on the same windows are computed first (streamed too
+    when it is a folder larger than max_memory) and kept in float16; expert load and parameters as usual.
+
+    lm-eval tasks and measured speed run the whole model, so a streamed evaluation refuses tasks and leaves
+    speed out (the report says so). Returns the EvalReport."""
+    from dataclasses import replace as _replace
+
+    from .data import eval_windows, load_documents
+    from .evaluate import evaluate, reference_logits
+    from .model_io import load_model
+    from .plumbing import span
+    from .streaming import open_model, reading, should_stream
+
+    if cfg.tasks:
+        raise ValueError(
+            "lm-eval tasks run the whole model, which is larger than --max-memory here: drop --tasks, or raise "
+            "--max-memory and evaluate in memory."
+        )
+    device, dtype, remote = model_cfg.device, model_cfg.dtype, model_cfg.trust_remote_code
+    source = open_model(model_cfg.spec, device, dtype, remote)
+    docs = load_documents(cfg.text)
+    windows = eval_windows(docs, source.dense.tokenizer, cfg.seq_len, cfg.n_windows, source=cfg.text)
+    ref = None
+    if reference is not None:
+        part = span(progress, 0.0, 0.5)
+        if should_stream(_replace(model_cfg, spec=reference)):
+            with reading(open_model(reference, device, dtype, remote)) as dense:
+                ref = reference_logits(dense, windows, cfg.batch_size, part, cancel)
+        else:
+            ref = reference_logits(
+                load_model(reference, device=device, dtype=dtype), windows, cfg.batch_size, part, cancel
+            )
+    with reading(source) as m:
+        report = evaluate(
+            ref, m, windows, text=cfg.text, batch_size=cfg.batch_size,
+            progress=span(progress, 0.5 if ref is not None else 0.0, 1.0), cancel=cancel,
+        )  # fmt: skip
+    return _replace(report, streamed=True)
+
+
 def sweep_model(dense, moe, cfg, progress: Progress = None, cancel: Cancel = None):
     """LaDiMo's per-layer curves of ``moe`` on the held-out windows ``cfg`` (a SweepConfig) names."""
     from .sweep import held_out_windows, sweep

@@ -184,16 +184,40 @@ class LayerStream:
             if tensor.is_meta:
                 value = self.reader.get(prefix + name, self.dtype).to(self.device)
                 _set(layer, name, value)
+        for name, buffer in layer.named_buffers():
+            if (
+                buffer.is_meta
+            ):  # running state that is never saved (an MoE block's load counts): starts at zero
+                _set(layer, name, torch.zeros(buffer.shape, dtype=buffer.dtype, device=self.device))
         self.adapter.check(dense.model)  # skips the layers still on the meta device
 
     def done(self, dense, i: int) -> None:
         """Write decoder layer i (an MoE block or the dense MLP) to the output shards and free its weights (the
         modules stay, on the meta device: the checkpoint's layer specs are read from them at the end)."""
         layer = self.adapter.layers(dense.model)[i]
+        saved = layer.state_dict()
         if self.writer is not None:
-            self.writer.add({self._prefix(i) + n: t for n, t in layer.state_dict().items()})
+            self.writer.add({self._prefix(i) + n: t for n, t in saved.items()})
+        running = {
+            n: b for n, b in layer.named_buffers() if n not in saved
+        }  # never saved (load counts): kept
         self.adapter.layers(dense.model)[i] = layer.to("meta")
+        for name, buffer in running.items():
+            _set(layer, name, buffer)
         self.written.add(i)
+
+    def head(self, dense) -> None:
+        """Read back what the model's head pass needs (:func:`moe_core.layerwise.head_logits` embeds its ids
+        again): the input embedding freed after the capture and an LM head that was never read."""
+        names = [self.source.embed_name]
+        if self.source.head_name is not None and not self.source.tied:
+            names.append(self.source.head_name)
+        for name in names:
+            if dense.model.get_parameter(name).is_meta:
+                _set(dense.model, name, self.reader.get(name, self.dtype).to(self.device))
+        if self.source.tied:
+            _tie(dense.model)
+        self.released.discard(self.source.embed_name)
 
     def copy(self, i: int) -> None:
         """Layer i left as it is: its tensors go from the input shards to the output ones, never into the model."""
@@ -256,11 +280,13 @@ def open_model(
     folder: str | Path, device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False
 ) -> Source:
     """Open a model folder for streaming (:class:`Source`): only its config, tokenizer, embeddings and final norm
-    are read."""
+    are read. A converted MoE Studio folder opens with its MoE blocks in place (on the meta device too)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .checkpoint import MOE_LAYERS, is_converted, read_json
     from .model_io import DenseModel, adapter_for_config, resolve_dtype
+    from .moe import MoEMLP
 
     folder = Path(folder).expanduser()
     reader = ShardReader(folder)
@@ -271,6 +297,10 @@ def open_model(
         model = AutoModelForCausalLM.from_config(
             config, dtype=torch_dtype, trust_remote_code=trust_remote_code
         )
+    if is_converted(folder):
+        with torch.device("meta"):
+            for i, spec in read_json(folder, MOE_LAYERS)["layers"].items():
+                adapter.set_mlp(model, int(i), MoEMLP.from_spec(spec).to(torch_dtype))
     layers_prefix = adapter.layers_path + "."
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     names = {id(m): n for n, m in model.named_modules()}
@@ -319,11 +349,12 @@ def check_streamable(cfg) -> None:
         reasons.append(f"method '{cfg.method}' needs the whole model at once (only CMoE converts layer by layer "
                        "with its routing step)")  # fmt: skip
     if cfg.method == "cmoe" and cfg.cmoe.budget is not None and cfg.cmoe.layer_experts is None:
-        reasons.append("a per-layer budget measures every layer's sensitivity on the whole model first (give "
-                       "cmoe.layer_experts from an earlier measurement instead)")  # fmt: skip
+        reasons.append("a per-layer budget (the default layout) measures every layer's sensitivity on the whole "
+                       "model first (give --experts for one shape in every layer, or cmoe.layer_experts from an "
+                       "earlier measurement)")  # fmt: skip
     if cfg.distill.enabled or cfg.finetune.enabled:
-        reasons.append("distillation and fine-tuning train through the whole model (run them on a GPU that "
-                       "holds it, or with accelerate's CPU offload)")  # fmt: skip
+        reasons.append("distillation (on by default: --no-distill) and fine-tuning train through the whole model "
+                       "(run them on a GPU that holds it, or with accelerate's CPU offload)")  # fmt: skip
     if cfg.plan is not None:
         reasons.append("a routing plan is measured on the whole model (apply it after converting)")
     if reasons:

@@ -38,7 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from .config import SweepConfig
-from .layerwise import LayerInputs, head_logits, run_layer, walk_layers
+from .evaluate import moe_blocks
+from .layerwise import LayerInputs, head_logits, run_rest, walk_layers
+from .model_io import DenseModel
 from .moe import MoEMLP, RoutingPolicy
 from .plumbing import shell_copy
 from .profiling import check_cancel
@@ -223,12 +225,11 @@ def dense_cache(dense, windows, batch_size: int) -> _Cache:
 
 
 @torch.no_grad()
-def run_from(model, adapter, layer: int, cache: _Cache) -> torch.Tensor:
-    """Logits (P, V) of ``model`` restarted at ``layer`` from the dense cache (layers before it are dense)."""
-    inputs = cache.inputs[layer]
-    for block in adapter.layers(model)[layer:]:
-        inputs = run_layer(block, inputs)
-    return _logits(model, adapter, inputs)
+def run_from(model, layer: int, cache: _Cache) -> torch.Tensor:
+    """Logits (P, V) of ``model`` (a DenseModel) restarted at ``layer`` from the dense cache (layers before it
+    are dense), on the layer-by-layer driver."""
+    final = run_rest(model, cache.inputs[layer])
+    return _logits(model.model, model.adapter, final)
 
 
 def score(logits, cache: _Cache) -> dict:
@@ -313,11 +314,6 @@ def _ratio(model_ms: float, delta_ms: float) -> float:
 # The sweep
 
 
-def moe_layers(moe) -> dict[int, MoEMLP]:
-    """{layer: MoEMLP} of a converted model."""
-    return {i: moe.mlp(i) for i in range(moe.n_layers) if isinstance(moe.mlp(i), MoEMLP)}
-
-
 def candidate_policies(block: MoEMLP, cfg: SweepConfig) -> list[RoutingPolicy]:
     """top-k for each k in cfg.topk (None: 1..E), then a dynamic policy per threshold."""
     ks = list(cfg.topk) if cfg.topk else list(range(1, block.n_experts + 1))
@@ -335,14 +331,14 @@ def layer_points(work, dense, moe, layer: int, cache: _Cache, cfg: SweepConfig, 
     block, mlp, adapter = copy.deepcopy(moe.mlp(layer)), dense.mlp(layer), dense.adapter
     n_params = sum(p.numel() for p in mlp.parameters())
     points, model_ms, decode_ms = [], *model_times_ms
-    adapter.set_mlp(work, layer, block)
+    adapter.set_mlp(work.model, layer, block)
     try:
         for policy in candidate_policies(block, cfg):
             check_cancel(cancel)
             block.set_policy(policy)
             block.reset_load()
             block.track_load = True
-            scores = score(run_from(work, adapter, layer, cache), cache)
+            scores = score(run_from(work, layer, cache), cache)
             block.track_load = False
             mean_k = block.mean_active_experts()
             t = block_times(block, mlp, cache.ffn_x[layer], cfg)
@@ -364,7 +360,7 @@ def layer_points(work, dense, moe, layer: int, cache: _Cache, cfg: SweepConfig, 
                 )
             )
     finally:
-        adapter.set_mlp(work, layer, mlp)
+        adapter.set_mlp(work.model, layer, mlp)
     return [_dense_point(layer, block.n_experts, points[0])] + points
 
 
@@ -397,12 +393,13 @@ def sweep(
     and the cumulative curve (see the module docstring for what is measured and how).
     """
     cfg, clock = cfg or SweepConfig(), time.perf_counter()
-    blocks = moe_layers(moe)
+    blocks = moe_blocks(moe)
     if not blocks:
         raise ValueError("The model has no MoE layers: convert it first (python -m moe_core convert).")
-    work = shell_copy(dense.model)  # candidates are swapped into it one layer at a time; weights are shared
+    # candidates are swapped into a copy one layer at a time; weights are shared
+    work = DenseModel(shell_copy(dense.model), dense.tokenizer, dense.adapter, dense.spec)
     cache = dense_cache(dense, windows, cfg.batch_size)
-    if score(run_from(work, dense.adapter, 0, cache), cache)["kl"] > 1e-4:  # the restart path must be exact
+    if score(run_from(work, 0, cache), cache)["kl"] > 1e-4:  # the restart path must be exact
         raise ValueError(
             f"Restarting {dense.spec} from cached layer inputs does not reproduce its logits: "
             "this architecture is not supported by the sweep."
@@ -460,13 +457,13 @@ def cumulative_curve(
         for k in ks:
             check_cancel(cancel)
             for i in order[:k]:
-                dense.adapter.set_mlp(work, i, blocks[i])
+                dense.adapter.set_mlp(work.model, i, blocks[i])
             result.cumulative.append(
                 _cumulative_point(result, work, dense, order[:k], ref, cache, ids, cfg, k in timed)
             )
     finally:
         for i in order:
-            dense.adapter.set_mlp(work, i, dense.mlp(i))
+            dense.adapter.set_mlp(work.model, i, dense.mlp(i))
     result.sensitivity_order = order
     result.kl_to_logppl = _fit_kl_to_logppl(result.cumulative)
 
@@ -474,7 +471,7 @@ def cumulative_curve(
 def _cumulative_point(result, work, dense, chosen, ref, cache, ids, cfg, measure: bool) -> dict:
     picked = [result.point(i, ref[i]) for i in chosen]
     scores = (
-        score(run_from(work, dense.adapter, min(chosen), cache), cache)
+        score(run_from(work, min(chosen), cache), cache)
         if chosen
         else {"kl": 0.0, "dnll": 0.0, "agreement": 1.0}
     )
@@ -492,7 +489,7 @@ def _cumulative_point(result, work, dense, chosen, ref, cache, ids, cfg, measure
     row |= {"throughput_ratio": _ratio(result.model_ms, delta), "throughput_ratio_measured": None}
     if measure:
         moe_ms, dense_ms = time_pair(
-            lambda: work(input_ids=ids, use_cache=False),
+            lambda: work.model(input_ids=ids, use_cache=False),
             lambda: dense.model(input_ids=ids, use_cache=False),
             cfg.repeats,
         )

@@ -45,6 +45,7 @@ def source(request, tmp_path_factory):
 
 def _run(folder, **changes) -> ConvertRun:
     tree = {"model": {"spec": str(folder), "max_memory": "10KB"}, "data": DATA, "cmoe": {"experts": "S1A2E4"}}
+    tree["distill"] = {"enabled": False}  # on by default, and it trains through the whole model
     return from_dict(ConvertRun, tree | changes)
 
 
@@ -100,7 +101,7 @@ def test_at_most_one_decoder_layer_is_ever_in_memory(source, tmp_path, monkeypat
 
 
 def test_the_command_line_streams_a_folder_larger_than_max_memory(source, tmp_path, capsys):
-    argv = _cli("convert", source)
+    argv = [*_cli("convert", source), "--no-distill"]
     assert main([*argv, "--experts", "S1A2E4", "--max-memory", "10KB", "--out", str(tmp_path / "s")]) == 0
     assert main([*argv, "--experts", "S1A2E4", "--max-memory", "1GB", "--out", str(tmp_path / "m")]) == 0
     streamed = json.loads((tmp_path / "s" / "metrics.json").read_text())
@@ -133,12 +134,48 @@ def test_profiling_streams_a_folder_larger_than_max_memory(source, tmp_path, mon
     capsys.readouterr()
 
 
+def test_evaluation_streams_a_folder_larger_than_max_memory(source, tmp_path, monkeypatch, capsys):
+    """`eval --max-memory` scores a converted folder (and its dense source, the reference) one decoder layer at a
+    time, each read once, all windows through a layer before the next, and reports what in memory reports."""
+    converted = tmp_path / "moe"
+    assert (
+        main([*_cli("convert", source), "--no-distill", "--experts", "S1A2E4", "--out", str(converted)]) == 0
+    )
+    loads = []
+    real = LayerStream.load
+    monkeypatch.setattr(
+        LayerStream, "load", lambda self, dense, i: (loads.append(i), real(self, dense, i))[1]
+    )
+    scored = ["--text", "builtin:pydoc", "--seq-len", "16", "--windows", "3", "--no-speed"]
+    reports = {}
+    for limit in ("10KB", "1GB"):
+        out = tmp_path / f"eval-{limit}"
+        assert (
+            main(["eval", "--model", str(converted), *scored, "--max-memory", limit, "--out", str(out)]) == 0
+        )
+        reports[limit] = json.loads((out / "metrics.json").read_text())
+    n_layers = load_model(str(source)).n_layers
+    assert loads == list(range(n_layers)) * 2  # the reference (the dense source), then the converted model
+    streamed, in_memory = reports["10KB"], reports["1GB"]
+    assert streamed["streamed"] is True and in_memory["streamed"] is False
+    for key in ("ppl", "ppl_ref", "kl", "agreement"):
+        assert streamed[key] == pytest.approx(in_memory[key], rel=1e-4, abs=1e-6), key
+    assert streamed["expert_load"] == in_memory["expert_load"]
+    capsys.readouterr()
+    tasks = ["--tasks", "arc_easy_local"]
+    assert main(["eval", "--model", str(converted), *scored, "--max-memory", "10KB", *tasks]) == 2
+    assert "lm-eval tasks run the whole model" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [
         ({"method": "ladimo"}, "method 'ladimo' needs the whole model at once"),
-        ({"distill": {"enabled": True}}, "distillation and fine-tuning train through the whole model"),
-        ({"cmoe": {"experts": "S1A2E4", "budget": 0.5}}, "a per-layer budget measures every layer"),
+        ({"distill": {"enabled": True}}, "and fine-tuning train through the whole model"),
+        (
+            {"cmoe": {"experts": "S1A2E4", "budget": 0.5}},
+            "a per-layer budget .the default layout. measures every layer",
+        ),
     ],
 )
 def test_what_cannot_stream_is_refused_before_anything_is_read(source, tmp_path, changes, reason):

@@ -53,9 +53,7 @@ def test_restart_from_any_layer_reproduces_dense_logits():
     cache = dense_cache(dense, windows, batch_size=1)
     full = dense.model(windows).logits[:, :-1].reshape(-1, dense.model.config.vocab_size)
     for layer in range(3):
-        torch.testing.assert_close(
-            run_from(dense.model, dense.adapter, layer, cache), full, rtol=1e-4, atol=1e-4
-        )
+        torch.testing.assert_close(run_from(dense, layer, cache), full, rtol=1e-4, atol=1e-4)
     assert score(full, cache)["kl"] < 1e-6
 
 
