@@ -99,6 +99,7 @@ class Bench:
             max_tokens=min(self.calib.numel(), args.routing_tokens),
         )
         self.models: dict = {}  # (budget, recipe) -> model, for the recipes that build on another
+        self.sensitivity = None  # measured once: it serves every budget (the shapes do not depend on it)
         log(f"dense ppl {self.ref.ppl:.2f} on {len(self.windows)} x {args.seq_len} WikiText-2 test tokens")
 
     def carve(self, budget: float, **kw) -> CMoEConfig:
@@ -119,11 +120,16 @@ def build_native(b: Bench, budget: float):
 
 
 def build_budget(b: Bench, budget: float):
-    from moe_core.budget import allocate, allocation_summary, measure_sensitivity
+    from moe_core.budget import SENSITIVITY_TOKENS, allocate, allocation_summary, measure_sensitivity
 
     cfg = b.carve(budget)
-    settings = b.routing.settings()
-    sens = measure_sensitivity(b.dense, b.calib, b.held, cfg, settings, progress=_every(0.1, "sensitivity"))
+    if b.sensitivity is None:
+        calib = b.calib[: max(1, SENSITIVITY_TOKENS // b.calib.shape[1])]  # as plan_budget measures it
+        b.sensitivity = measure_sensitivity(
+            b.dense, calib, b.held, cfg, b.routing.settings(), progress=_every(0.1, "sensitivity"),
+            mode=cfg.sensitivity,
+        )  # fmt: skip
+    sens = b.sensitivity
     shapes = allocate(sens, budget)
     notes = allocation_summary(sens, shapes) | {"sensitivity_minutes": round(sens.seconds / 60, 1)}
     moe = convert(b.dense, b.calib, replace(cfg, layer_experts=tuple(shapes)), routing=b.routing)

@@ -88,7 +88,7 @@ def convert(folder: Path, out: Path, args, max_memory: str | None) -> dict:
     """`python -m moe_core convert` in a child process: (seconds, peak RSS of the child in GB, metrics)."""
     cmd = [sys.executable, "-m", "moe_core", "convert", "--model", str(folder), "--method", "cmoe"]
     cmd += ["--experts", args.experts, "--text", args.calib_text, "--n-sequences", str(args.calib_sequences)]
-    cmd += ["--seq-len", str(args.calib_len), "--out", str(out)]
+    cmd += ["--seq-len", str(args.calib_len), "--no-distill", "--out", str(out)]  # conversion only, as before
     cmd += ["--max-memory", max_memory] if max_memory else []
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()

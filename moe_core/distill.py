@@ -359,6 +359,7 @@ def _restore(model, saved: dict[str, torch.Tensor]) -> None:
             params[name].copy_(value)
 
 
+@torch.enable_grad()  # it trains whatever the caller's grad mode (a conversion runs under no_grad)
 def _train(student, dense, blocks, cfg, ids, held, checkpoint, progress, cancel, on_step) -> dict:
     params = trained_params(student, cfg)
     if not params:

@@ -175,6 +175,7 @@ def _restore(model, blocks: dict[str, MoEMLP], saved: dict, values: bool) -> Non
     model.train(saved["training"])
 
 
+@torch.enable_grad()  # it trains whatever the caller's grad mode
 def _train(peft_model, blocks, batches, opt, cfg: FinetuneConfig, progress, cancel) -> dict:
     """The CMoE loop: MoEMLP moves b by the sign rule inside each forward."""
     for block in blocks.values():

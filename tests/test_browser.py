@@ -74,7 +74,9 @@ def test_model_to_download_in_a_browser(page, shots, tmp_path):
     page.get_by_text("FFN share of the parameters").wait_for()  # the page loads the model on open
     _shot(page, shots, "model_tab")
 
-    tiny = browser_model() == TINY  # a real model walks the default flow: its calibration, no distillation
+    tiny = (
+        browser_model() == TINY
+    )  # a real model walks the default flow: 75% budget, routing step, distillation
     _tab(page, "Data")
     if tiny:
         sequences = page.get_by_label(
@@ -92,9 +94,9 @@ def test_model_to_download_in_a_browser(page, shots, tmp_path):
     _shot(page, shots, "profile_tab")
 
     _tab(page, "Design")
-    page.get_by_text("of the FFN runs per token").wait_for()
+    page.get_by_text("active FFN budget (mean over layers)").wait_for()  # the default layout: a 75% budget
     _shot(page, shots, "design_tab")
-    if tiny:  # a real model's sensitivity pass takes 15-35 minutes on a CPU
+    if tiny:  # a real model walks the default: Convert measures the sensitivity itself (minutes on a CPU)
         _radio(page, "budget").check()  # one active budget, a shape per layer from measured sensitivity
         _button(page, "Measure sensitivity").click()
         page.get_by_text("of the FFN runs per token (the allocation)").wait_for()
@@ -107,7 +109,7 @@ def test_model_to_download_in_a_browser(page, shots, tmp_path):
     _radio(page, "trained").check()
     page.get_by_label("Refit the down projections").check()
     if tiny:
-        page.get_by_text("Distillation (optional, any method)").click()
+        page.get_by_text("Distillation (any method, on by default)").click()
         page.get_by_label("Distil after converting").check()
         page.get_by_label("Token budget").fill("2048")  # 8 windows of 256 tokens: two steps on the tiny model
         page.get_by_label("Token budget").press("Enter")
@@ -124,7 +126,10 @@ def test_model_to_download_in_a_browser(page, shots, tmp_path):
 
     _tab(page, "Evaluate")
     _button(page, "Evaluate").click()
-    page.get_by_text(f"Run #1 cmoe {CMoEConfig().experts}").wait_for()  # the Design tab's default layout
+    layout = (
+        CMoEConfig().experts if tiny else f"budget {CMoEConfig().budget:.0%}"
+    )  # tiny: set to uniform above
+    page.get_by_text(f"Run #1 cmoe {layout}").wait_for()
     _shot(page, shots, "evaluate_tab")
 
     _tab(page, "Compare")

@@ -74,7 +74,7 @@ def test_cli_convert_writes_a_reloadable_folder(tmp_path, capsys):
         "cmoe: {experts: S3A3E8, variant: paper}\n"
     )
     out = tmp_path / "out"
-    rc = main(["convert", "--config", str(config), "--experts", "S1A2E4", "--out", str(out)])
+    rc = main(["convert", "--config", str(config), "--experts", "S1A2E4", "--no-distill", "--out", str(out)])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["active_ffn_share"] < 1 and summary["out"] == str(out)

@@ -152,6 +152,30 @@ def test_convert_flags_express_routing_budget_and_distillation():
     assert _run_config(ConvertRun, args, convert_overrides(args, "cmoe")) == cfg
 
 
+def test_the_default_layout_is_a_budget_and_a_shape_alone_turns_it_off():
+    """CMoE's default is a 75% per-layer budget over 8 experts; --experts alone (or a config giving only the
+    shape, as the Design tab's uniform mode does) means that shape in every layer; a written run config reloads
+    as it was."""
+    from moe_core.cli import _run_config, build_parser, convert_overrides
+    from moe_core.config import CMoEConfig, ConvertRun, from_dict, to_dict
+
+    assert (CMoEConfig().budget, CMoEConfig().experts) == (0.75, "S3A3E8")
+    assert CMoEConfig(experts="S2A2E8").budget is None
+    assert (CMoEConfig(budget=0.5).budget, CMoEConfig(budget=0.5).shape[2]) == (0.5, 8)
+    assert CMoEConfig(layer_experts=("S1A1E8", "dense")).budget is None
+    assert CMoEConfig(experts="S2A2E16", budget=0.5).shape == (2, 2, 16)
+    for cfg in (ConvertRun(), from_dict(ConvertRun, {"cmoe": {"experts": "S2A2E8"}})):
+        assert from_dict(ConvertRun, to_dict(cfg)) == cfg
+    parse = build_parser().parse_args
+    for argv, budget in (
+        ([], 0.75),
+        (["--experts", "S2A2E8"], None),
+        (["--experts", "S2A2E8", "--budget", "0.5"], 0.5),
+    ):
+        args = parse(["convert", *argv])
+        assert _run_config(ConvertRun, args, convert_overrides(args, "cmoe")).cmoe.budget == budget, argv
+
+
 def test_top_k_of_another_method_does_not_reach_ladimo():
     """`--method cmoe --top-k 9`: --top-k is LaDiMo's or DIVE's flag, not read into their sections for CMoE."""
     from moe_core.cli import build_parser, convert_overrides

@@ -32,13 +32,24 @@ def weights(moe):
 @pytest.mark.parametrize("native", [False, True])
 def test_distillation_lowers_the_held_out_kl(dense, native):
     moe = converted(dense, native)
+    flags = {n: p.requires_grad for n, p in moe.model.named_parameters()}
     cfg = DistillConfig(tokens=32 * 32, seq_len=32, batch_size=4, lr=3e-3, eval_every=4)
     stats = distill(moe, dense, cfg, ids(dense, 32), ids(dense, 2, seed=9))
     first, last = stats["held_out"][0][1], stats["held_out"][-1][1]
     assert stats["steps"] == 8 and stats["stopped"] == "tokens"
     assert last < first
     assert not moe.model.training
-    assert all(not p.requires_grad for p in moe.model.parameters()) or True  # flags restored as they were
+    assert {n: p.requires_grad for n, p in moe.model.named_parameters()} == flags  # restored as they were
+
+
+def test_distillation_trains_when_called_under_no_grad(dense):
+    """A conversion runs under torch.no_grad, and the distillation it ends with must still train."""
+    moe = converted(dense)
+    before = weights(moe)
+    with torch.no_grad():
+        cfg = DistillConfig(tokens=4 * 32, seq_len=32, lr=1e-2)
+        distill(moe, dense, cfg, ids(dense, 4), ids(dense, 1, seed=9))
+    assert any(not torch.equal(before[n], p) for n, p in moe.model.named_parameters())
 
 
 def test_only_the_named_parts_change(dense):

@@ -209,6 +209,19 @@ def test_sensitivity_is_measured_per_layer_and_shape(llama):
     assert sum(row[1] for row in sens.kl) < sum(row[0] for row in sens.kl)  # 3/4 active loses less than 1/4
 
 
+def test_fast_sensitivity_measures_the_middle_shape_and_scales_the_rest(llama):
+    shapes = ["S0A1E4", "S1A1E4", "S1A2E4"]
+    calib, held = calibration(llama, 4), calibration(llama, 2, seed=3)
+    full = measure_sensitivity(llama, calib, held, CMoEConfig(), shapes=shapes)
+    fast = measure_sensitivity(llama, calib, held, CMoEConfig(), shapes=shapes, mode="fast")
+    assert fast.mode == "fast" and full.mode == "full"
+    for f, g in zip(fast.kl, full.kl, strict=True):
+        assert f[1] == pytest.approx(g[1], rel=1e-5)  # measured through the tail, as in full
+        assert f[0] > f[1] > f[2] > 0  # scaled by output error: fewer active neurons, more error
+    with pytest.raises(ValueError, match="fast or full"):
+        measure_sensitivity(llama, calib, held, CMoEConfig(), shapes=shapes, mode="quick")
+
+
 def test_per_layer_shapes_carve_each_layer_at_its_own_counts(llama):
     cfg = CMoEConfig(layer_experts=("S1A1E4", "dense"))
     moe = convert(llama, calibration(llama, 4), cfg)

@@ -144,7 +144,7 @@ def test_profile_histogram_marks_the_shared_cutoff(loaded):
 
 def test_convert_fills_the_session_and_writes_a_loadable_run_config(converted):
     session, summary, log, config_path, _, loss = converted
-    assert not loss.visible  # no distillation: no loss curve
+    assert loss.visible and "distill" in session.metrics  # distillation is on by default: its loss curve
     assert session.moe is not None and session.metrics["moe_layers"] == 2
     assert "CMoE conversion" in summary and "MoE layers" in summary
     assert "layer 2/2" in log and "saved" in log
@@ -460,9 +460,10 @@ def test_routing_distill_and_budget_round_trip_through_a_config_file(loaded, tmp
         *opts[auto - 12 :],
     ]
     assert from_dict(ConvertRun, load_config_file(tmp_path / "run.yaml")) == cfg
-    # defaults: no budget, no distillation, the method's own routing
+    # defaults with the uniform layout: no budget (a shape alone turns it off), distillation on, default routing
     plain = convert_tab.run_config(loaded, DATA, DESIGN, "cmoe", *options())[0]
-    assert plain.cmoe.budget is None and plain.routing == ConvertRun().routing and not plain.distill.enabled
+    assert plain.cmoe.budget is None and plain.routing == ConvertRun().routing and plain.distill.enabled
+    assert plain.distill == ConvertRun().distill
 
 
 @pytest.mark.parametrize("allocation", ["", "S2A1E8, dense"])

@@ -62,7 +62,7 @@ STEPS = {
               "analytic form with a refit: a bias per expert, refitted too (holds FLAP's compensation)"),
     ],
     "distill": [
-        _step("enabled", "Distil after converting", bool, "minutes on a CPU for the defaults"),
+        _step("enabled", "Distil after converting", bool, "on by default: 16 steps, about 2 minutes for SmolLM2 on a CPU"),
         _step("tokens", "Token budget", int, "training tokens, one pass"),
         _step("max_minutes", "Minutes budget", "optional", "empty: no time limit"),
         _step("lr", "Learning rate", float, "Adam, warm-up then cosine decay"),
@@ -527,7 +527,7 @@ def build(state: gr.State, data: DataTab, design_tab: DesignTab, source: gr.Drop
                         api_visibility="private",
                     )
                 for section, heading in (("routing", "Routing (any method)"),
-                                         ("distill", "Distillation (optional, any method)"),
+                                         ("distill", "Distillation (any method, on by default)"),
                                          ("finetune", "Fine-tuning (optional, any method)")):  # fmt: skip
                     with gr.Accordion(heading, open=False):
                         gr.Markdown(ABOUT[section], elem_classes="moe-help")

@@ -15,11 +15,15 @@ from views.state import Session
 
 
 def _defaults() -> dict:
-    """The layout of ConvertRun's default CMoE shape (S2A2E8: E 8, S/E 0.25, A 2, half the FFN active)."""
-    n_shared, active, n_experts = ConvertRun().cmoe.shape
+    """The layout of ConvertRun's default CMoE: a 75% budget over 8 experts (budget mode; uniform would be its
+    shape S3A3E8: S/E 3/8, A 3)."""
+    cmoe = ConvertRun().cmoe
+    n_shared, active, n_experts = cmoe.shape
+    budget = cmoe.budget if cmoe.budget is not None else (n_shared + active) / n_experts
     return {
-        "n_experts": n_experts, "shared_ratio": n_shared / n_experts, "mode": "uniform", "active": active,
-        "per_layer": "", "budget": (n_shared + active) / n_experts, "allocation": "",
+        "n_experts": n_experts, "shared_ratio": n_shared / n_experts,
+        "mode": "budget" if cmoe.budget is not None else "uniform", "active": active,
+        "per_layer": "", "budget": budget, "allocation": "",
     }  # fmt: skip
 
 
@@ -31,7 +35,8 @@ NO_SENSITIVITY = "Press Measure sensitivity to see how much each layer loses at 
 SEQ_LEN = 512  # attention FLOPs are counted over the mean context of a window this long
 BUDGET_HELP = (
     "CMoE only. **Measure sensitivity** converts each layer alone at every candidate shape (S shared + A "
-    "active of E slices) and measures the KL to the dense model on held-out text from the **Data** tab, "
+    "active of E slices) and measures the KL to the dense model on held-out text from the **Data** tab "
+    "(fast mode, the default: at the middle shape, the others scaled by their output error), "
     "with the **Convert** tab's CMoE and routing options; the allocation then gives each layer the shape that "
     "loses least for the budget (a layer may stay dense). Moving the budget re-allocates at once. Without a "
     "measurement, **Convert** measures first."
@@ -211,7 +216,8 @@ def budget_html(session: Session, d: Design) -> str:
         tiles.append(widgets.tile(f"E{d.n_experts}", "equal slices per FFN"))
         note = (
             "Not measured yet: <b>Convert</b> measures each layer's sensitivity first (about a second per layer "
-            "and shape on a tiny model, minutes on SmolLM2), or press <b>Measure sensitivity</b> to see it here."
+            "and shape on a tiny model, 4.5 minutes for SmolLM2 on a 2-core CPU), or press <b>Measure sensitivity</b> "
+            "to see it here."
             if d.layer_experts is None
             else "Allocation loaded from a run config: <b>Convert</b> uses it as it is."
         )
@@ -356,16 +362,20 @@ def build(state: gr.State, data: DataTab) -> DesignTab:
                     label="Active experts",
                     info="uniform: A everywhere; per layer: one A each; budget: a shape per layer from measurements",
                 )
+                budget_mode = (
+                    DEFAULTS["mode"] == "budget"
+                )  # the default layout (a budget) sets what shows first
                 active = gr.Slider(
-                    1, 63, value=DEFAULTS["active"], step=1, label="Routed experts per token (A)"
-                )
+                    1, 63, value=DEFAULTS["active"], step=1, label="Routed experts per token (A)",
+                    visible=not budget_mode,
+                )  # fmt: skip
                 per_layer = gr.Textbox(
                     DEFAULTS["per_layer"],
                     label="A per layer",
                     placeholder="e.g. 2,2,3,4: one value per layer (one value: every layer)",
-                    visible=False,
+                    visible=DEFAULTS["mode"] == "per layer",
                 )
-                with gr.Column(visible=False) as budget_box:
+                with gr.Column(visible=budget_mode) as budget_box:
                     budget = gr.Slider(
                         0.05, 0.95, value=DEFAULTS["budget"], step=0.01,
                         label="Active FFN budget (share of the FFN that runs per token, mean over layers)",
@@ -383,7 +393,7 @@ def build(state: gr.State, data: DataTab) -> DesignTab:
                     )
             with gr.Column(scale=3):
                 card = gr.HTML(NO_MODEL)
-                with gr.Column(visible=False) as plot_box:
+                with gr.Column(visible=DEFAULTS["mode"] == "budget") as plot_box:
                     heat = gr.Plot(plots.placeholder(NO_SENSITIVITY), show_label=False)
                     bars = gr.Plot(
                         plots.placeholder("The allocation appears after a measurement."), show_label=False

@@ -417,6 +417,13 @@ METHOD = Method(
             kind=float,
             tab=False,
         ),  # fmt: skip
+        Option(
+            "sensitivity",
+            "--sensitivity",
+            "the budget's sensitivity: fast (one KL per layer, scaled by output error) or full (every shape)",
+            kind=choices(CMoEConfig, "sensitivity"),
+            tab=False,
+        ),  # fmt: skip
     ),
     from_layout=_from_layout,
     to_layout=_to_layout,
