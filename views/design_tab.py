@@ -216,7 +216,7 @@ def budget_html(session: Session, d: Design) -> str:
         tiles.append(widgets.tile(f"E{d.n_experts}", "equal slices per FFN"))
         note = (
             "Not measured yet: <b>Convert</b> measures each layer's sensitivity first (about a second per layer "
-            "and shape on a tiny model, 4.5 minutes for SmolLM2 on a 2-core CPU), or press <b>Measure sensitivity</b> "
+            "and shape on a tiny model, 6 minutes for SmolLM2 on a 2-core CPU), or press <b>Measure sensitivity</b> "
             "to see it here."
             if d.layer_experts is None
             else "Allocation loaded from a run config: <b>Convert</b> uses it as it is."
