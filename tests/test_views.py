@@ -599,6 +599,9 @@ def test_export_status_says_whether_portable_is_exact(loaded):
     assert "reproduce it exactly" in export_tab.status_text(replace(loaded, moe=native))
     text = export_tab.status_text(replace(loaded, moe=plain))
     assert "no Qwen2-MoE form" in text and "not a linear map" in text
+    budget = convert(loaded.dense, ids, CMoEConfig(layer_experts=("S1A1E8", "S4A2E8")), routing=None)
+    text = export_tab.status_text(replace(loaded, moe=budget))  # 7 and 4 routed experts: no Qwen2-MoE config
+    assert "only **exact** exports it" in text and "4 routed, 7 routed" in text
 
 
 @pytest.mark.parametrize("name", list(METHODS))

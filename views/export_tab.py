@@ -82,13 +82,23 @@ APPROXIMATE = (
 )
 
 
+PER_LAYER = (
+    "Its layers route among different numbers of experts (a per-layer budget: {counts}), and Qwen2-MoE takes one "
+    "count for every layer: only **exact** exports it (trust_remote_code). To serve it with vLLM, SGLang or "
+    "llama.cpp, convert with one shape (Design tab: uniform) in routing form *native*. " + READY
+)
+
+
 def status_text(session: Session) -> str:
     from moe_core.evaluate import moe_blocks
     from moe_core.export.routing import approximation_reasons
 
     blocks = moe_blocks(session.moe).values() if session.moe is not None else []
+    counts = sorted({b.n_experts for b in blocks})
     reasons = [r for b in blocks for r in approximation_reasons(b)]
     ready = APPROXIMATE.format(reason=reasons[0]) if reasons else EXACT
+    if len(counts) > 1:
+        ready = PER_LAYER.format(counts=", ".join(f"{c} routed" for c in counts))
     return widgets.converted_status(session, NO_MOE, ready)
 
 
