@@ -11,7 +11,9 @@ After Alloc-MoE (arXiv 2604.08133) and cmoe-improve's per-layer allocation:
    same held-out FFN inputs (KL is quadratic in a small change of one layer's output): 7x fewer tails.
 2. Allocation (:func:`allocate`): dynamic programming over layers (a multiple-choice knapsack): the shapes,
    one per layer, with the least summed KL whose mean active share is within the budget. A layer may stay
-   dense (KL 0, share 1) when the budget allows it.
+   dense (KL 0, share 1) when the budget allows it. A servable allocation uses one shape in every converted
+   layer (the others dense), the form serving engines load: on SmolLM2 its summed KL is 5% above the free
+   allocation's at 75% (0.633 vs 0.602, dense + S1A1E8) and 2% at 50% (2.031 vs 1.987).
 
 Measured on SmolLM2-135M (30 layers): layer 0 loses 1.57 nats at one active slice of eight, the middle
 layers 0.2-0.3, so a uniform shape spends the budget where it buys least.
@@ -179,11 +181,15 @@ def measure_sensitivity(
 # Allocating
 
 
-def allocate(sens: Sensitivity, budget: float, allow_dense: bool = True) -> list[str]:
+def allocate(sens: Sensitivity, budget: float, allow_dense: bool = True, servable: bool = False) -> list[str]:
     """One shape per layer ("dense" allowed) with the least summed KL and mean active share <= budget.
 
     Exact dynamic programming over layers; shares are counted in units of 1/E (E from the shapes).
+    servable: every converted layer takes the same shape, the others stay dense (the best such shape), which is
+    what Qwen2-MoE, and so vLLM and transformers without remote code, can express: one expert count, one top-k.
     """
+    if servable:
+        return _allocate_servable(sens, budget, allow_dense)
     n_experts = parse_experts(sens.shapes[0])[2]
     options = [(int(round(active_share(s) * n_experts)), kl_row, s) for s, kl_row in _columns(sens)]
     if allow_dense:
@@ -205,6 +211,24 @@ def allocate(sens: Sensitivity, budget: float, allow_dense: bool = True) -> list
                     nxt[total] = (cost + kl_row[layer], chosen + [shape])
         best = nxt
     return min(best.values(), key=lambda v: v[0])[1]
+
+
+def _allocate_servable(sens: Sensitivity, budget: float, allow_dense: bool) -> list[str]:
+    """The least-KL allocation among those that use one shape (plus dense layers)."""
+    best, problem = None, None
+    for c, shape in enumerate(sens.shapes):
+        one = Sensitivity([shape], [[row[c]] for row in sens.kl], sens.tokens, sens.seconds, sens.mode)
+        try:
+            shapes = allocate(one, budget, allow_dense)
+        except ValueError as exc:
+            problem = problem or exc
+            continue
+        kl = allocation_summary(one, shapes)["predicted_kl_sum"]
+        if best is None or kl < best[0]:
+            best = (kl, shapes)
+    if best is None:
+        raise problem
+    return best[1]
 
 
 def _columns(sens: Sensitivity):
@@ -240,5 +264,5 @@ def plan_budget(
     sens = measure_sensitivity(
         dense, calib_ids, held, cfg.cmoe, routing, progress=progress, cancel=cancel, mode=cfg.cmoe.sensitivity
     )
-    shapes = allocate(sens, cfg.cmoe.budget)
+    shapes = allocate(sens, cfg.cmoe.budget, servable=cfg.cmoe.servable)
     return {"budget": cfg.cmoe.budget, **allocation_summary(sens, shapes), "sensitivity": sens.as_dict()}

@@ -394,6 +394,8 @@ def _method_options(p: argparse.ArgumentParser, methods) -> None:
             kwargs["type"] = kind
         elif kind == "optional":
             kwargs["type"] = float
+        elif kind is bool:
+            kwargs |= {"action": "store_const", "const": True}  # None when not given: the config decides
         p.add_argument(flag, **kwargs)
 
 

@@ -135,6 +135,9 @@ class CMoEConfig:
     # how the budget's sensitivity is measured: fast (one KL per layer, the other shapes scaled by their output
     # error; 3.1x faster on SmolLM2, its allocation's summed KL within 1.5% of full's) or full (every shape)
     sensitivity: Literal["fast", "full"] = "fast"
+    # the budget's allocation uses one shape (the others dense): Qwen2-MoE's form, which vLLM and transformers
+    # serve without remote code (a free allocation exports only as exact: its layers differ in expert count)
+    servable: bool = False
 
     def __post_init__(self):
         if self.experts is None:  # no shape given: the budget (the default one when none is given either)
@@ -158,6 +161,11 @@ class CMoEConfig:
                 if shape.lower() != "dense":
                     parse_experts(shape)
             object.__setattr__(self, "layer_experts", shapes)
+            converted = {shape for shape in shapes if shape.lower() != "dense"}
+            _check(
+                not self.servable or len(converted) <= 1,
+                f"cmoe.servable means one shape in every converted layer; layer_experts has {sorted(converted)}.",
+            )
         _check(
             self.budget is None or 0 < self.budget < 1,
             f"cmoe.budget is the active share of the FFN, in (0, 1) (e.g. 0.5), got {self.budget}.",

@@ -170,7 +170,9 @@ def _flag_values(cfg: ConvertRun) -> list[tuple[str, object]]:
     section = cfg.section()
     for option in lookup(cfg.method).options:
         value = option.get(section)
-        if option.flag and value is not None:
+        if option.flag and option.kind is bool:  # a switch: given when on
+            flags += [(option.flag, None)] if value else []
+        elif option.flag and value is not None:
             flags.append((option.flag, option.to_text(value)))
     r = cfg.routing
     flags += [("--router", r.router), ("--routing-form", r.form)]

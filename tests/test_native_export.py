@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -54,6 +56,20 @@ def test_native_form_exports_exactly(dense, method, tmp_path):
     f = result.fidelity
     assert result.exact_by_construction and f["identical"] and f["max_abs_logit_diff"] <= 1e-4
     assert f["loaded_class"] == "Qwen2MoeForCausalLM" and f["clean_process"]
+
+
+def test_servable_budget_exports_exactly_with_dense_layers(dense, tmp_path):
+    """A servable budget's model (one shape, some layers dense) in the native form is Qwen2-MoE with
+    mlp_only_layers: exact in the portable export."""
+    cfg = CMoEConfig(budget=0.6, layer_experts=("S2A2E8", "dense", "S2A2E8"), servable=True)
+    moe = convert(dense, ids(), cfg, routing=NATIVE)
+    result = export_model(moe, tmp_path / "out", ExportConfig(format="portable"), calib_ids=ids(2, seed=3))
+    f = result.fidelity
+    assert result.exact_by_construction and f["identical"] and f["max_abs_logit_diff"] <= 1e-4
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["mlp_only_layers"] == [1]
+    with pytest.raises(ValueError, match="one shape"):
+        CMoEConfig(budget=0.6, layer_experts=("S2A2E8", "S1A1E8", "dense"), servable=True)
 
 
 def test_analytic_cmoe_is_approximated_and_says_so(dense, tmp_path):

@@ -193,6 +193,30 @@ def test_allocation_is_optimal_and_within_budget():
         assert got == pytest.approx(best)
 
 
+def test_servable_allocation_is_the_best_single_shape():
+    """servable: one shape in every converted layer (Qwen2-MoE's form), the best such choice, never better
+    than the free allocation."""
+    g = torch.Generator().manual_seed(1)
+    shapes = candidate_shapes(8)
+    kl = (torch.rand(5, len(shapes), generator=g) * torch.linspace(1, 0.1, len(shapes))).tolist()
+    sens = Sensitivity(shapes, kl, tokens=10)
+
+    def summed(chosen):
+        return sum(0.0 if s == "dense" else kl[i][shapes.index(s)] for i, s in enumerate(chosen))
+
+    for budget in (0.3, 0.5, 0.8):
+        chosen = allocate(sens, budget, servable=True)
+        assert len(set(chosen) - {"dense"}) == 1 and sum(map(active_share, chosen)) / 5 <= budget + 1e-9
+        best = math.inf
+        for c, shape in enumerate(shapes):
+            for converted in itertools.product((False, True), repeat=5):
+                share = sum(active_share(shape) if on else 1.0 for on in converted) / 5
+                if share <= budget + 1e-9:
+                    best = min(best, sum(kl[i][c] for i, on in enumerate(converted) if on))
+        assert summed(chosen) == pytest.approx(best)
+        assert summed(chosen) >= summed(allocate(sens, budget)) - 1e-12
+
+
 def test_allocation_refuses_an_impossible_budget():
     sens = Sensitivity(candidate_shapes(8), [[0.1] * 7] * 3, tokens=10)
     with pytest.raises(ValueError, match="below the smallest shape"):

@@ -42,12 +42,13 @@ DESIGN = [
     "",
     design_tab.DEFAULTS["budget"],
     "",
-]  # S2A2E8 (then the budget mode's budget, allocation)
+    False,
+]  # S2A2E8 (then the budget mode's budget, allocation, servable)
 
 
-def layout(n_experts, ratio, mode, active, per_layer="", budget=0.5, allocation="") -> list:
+def layout(n_experts, ratio, mode, active, per_layer="", budget=0.5, allocation="", servable=False) -> list:
     """The Design tab's input values, in order."""
-    return [n_experts, ratio, mode, active, per_layer, budget, allocation]
+    return [n_experts, ratio, mode, active, per_layer, budget, allocation, servable]
 
 
 def options(**changes) -> list:
@@ -220,15 +221,15 @@ def test_ladimo_with_per_layer_active_experts(loaded):
     assert policies == [1, 3] and session.run_config["active_per_layer"] == (1, 3)
     assert from_dict(ConvertRun, load_config_file(config_path)).active_per_layer == (1, 3)
     values = convert_tab.load_config(config_path, loaded, len(opts))
-    assert values[5:8] == design[:3] and values[9] == "1, 3" and values[12] == "ladimo"  # E, S/E, mode, A's
+    assert values[5:8] == design[:3] and values[9] == "1, 3" and values[13] == "ladimo"  # E, S/E, mode, A's
 
 
 def test_load_config_file_fills_the_inputs(loaded, tmp_path):
     config_path = tmp_path / "run.yaml"
     config_path.write_text(convert_tab.preview(loaded, *DATA, *DESIGN, "cmoe", *options())[0])
     values = convert_tab.load_config(config_path, loaded, len(options()))
-    assert values[0] == TINY and values[1:5] == DATA and values[5:12] == DESIGN
-    assert values[12] == "cmoe"
+    assert values[0] == TINY and values[1:5] == DATA and values[5:13] == DESIGN
+    assert values[13] == "cmoe"
 
 
 def test_fine_tuning_from_the_convert_tab(loaded, tmp_path):
@@ -387,7 +388,7 @@ def test_dive_accordion_makes_a_valid_run_and_command_line(loaded, tmp_path):
     values = convert_tab.load_config(str(tmp_path / "run_config.yaml"), loaded, len(opts))
     fields = [(m, option.path) for m, option in convert_tab._option_fields(convert_tab.sections())]
     expected = ["0.5" if f == ("dive", "prune_ratio") else v for f, v in zip(fields, opts, strict=True)]
-    assert values[12] == "dive" and values[13:] == expected  # the prune ratio comes back resolved
+    assert values[13] == "dive" and values[14:] == expected  # the prune ratio comes back resolved
 
 
 def test_dive_convert_draws_the_affinity_heatmap_in_cluster_order(loaded, tmp_path):
@@ -427,7 +428,7 @@ def test_dive_convert_draws_the_affinity_heatmap_in_cluster_order(loaded, tmp_pa
 ROUTING = {"routing.router": "trained", "routing.form": "native", "routing.refit": True}
 DISTILL = {"distill.enabled": True, "distill.tokens": 512, "distill.max_minutes": "1.5", "distill.lr": 2e-4,
            "distill.train": ["experts", "routers"], "distill.lora_r": 4}  # fmt: skip
-BUDGET = layout(8, 0.25, "budget", 2, "", 0.5, "S2A1E8, dense")  # tiny-llama has 2 layers
+BUDGET = layout(8, 0.25, "budget", 2, "", 0.5, "S2A1E8, dense", True)  # tiny-llama has 2 layers; servable
 
 
 def test_every_choice_input_offers_the_config_default():
@@ -450,14 +451,14 @@ def test_routing_distill_and_budget_round_trip_through_a_config_file(loaded, tmp
     (tmp_path / "run.yaml").write_text(convert_tab.preview(loaded, *DATA, *BUDGET, "cmoe", *opts)[0])
     values = convert_tab.load_config(str(tmp_path / "run.yaml"), loaded, len(opts))
     fields = [(m, option.path) for m, option in convert_tab._option_fields(convert_tab.sections())]
-    auto = 13 + fields.index(("dive", "prune_ratio"))  # empty (auto) comes back resolved, as DIVE will run it
+    auto = 14 + fields.index(("dive", "prune_ratio"))  # empty (auto) comes back resolved, as DIVE will run it
     assert values[:auto] + values[auto + 1 :] == [
         TINY,
         *DATA,
         *BUDGET,
         "cmoe",
-        *opts[: auto - 13],
-        *opts[auto - 12 :],
+        *opts[: auto - 14],
+        *opts[auto - 13 :],
     ]
     assert from_dict(ConvertRun, load_config_file(tmp_path / "run.yaml")) == cfg
     # defaults with the uniform layout: no budget (a shape alone turns it off), distillation on, default routing
@@ -467,11 +468,12 @@ def test_routing_distill_and_budget_round_trip_through_a_config_file(loaded, tmp
 
 
 @pytest.mark.parametrize("allocation", ["", "S2A1E8, dense"])
-def test_command_line_reproduces_routing_budget_and_distill(loaded, tmp_path, allocation):
+@pytest.mark.parametrize("servable", [False, True])
+def test_command_line_reproduces_routing_budget_and_distill(loaded, tmp_path, allocation, servable):
     """The command line preview, run through the CLI's own parser, gives the run config back."""
     from moe_core.cli import convert_overrides
 
-    design = layout(8, 0.25, "budget", 2, "", 0.45, allocation)
+    design = layout(8, 0.25, "budget", 2, "", 0.45, allocation, servable)
     opts = options(**ROUTING, **DISTILL)
     yaml_text, line = convert_tab.preview(loaded, *DATA, *design, "cmoe", *opts)
     (tmp_path / "run_config.yaml").write_text(yaml_text)
@@ -486,6 +488,7 @@ def test_command_line_reproduces_routing_budget_and_distill(loaded, tmp_path, al
     )
     # without an allocation the flags say it all, and the note says the conversion measures first
     assert ("--config" in line) == bool(allocation) and ("measures each layer" in line) == (not allocation)
+    assert ("--servable" in line) == servable and cfg.cmoe.servable == servable
 
 
 def test_budget_mode_measures_allocates_and_feeds_the_run_config(loaded):
@@ -511,6 +514,18 @@ def test_budget_mode_measures_allocates_and_feeds_the_run_config(loaded):
     tight, _, tight_bars = design_tab.reallocate(session, 8, 0.2)
     assert tight.split(", ") == allocate(sens, 0.2) and sum(tight_bars.data[0].y) <= 0.2 * 2 + 1e-9
     assert design_tab.reallocate(session, 16, 0.5)[0] == ""  # measured for E8: E16 needs a new measurement
+    # Servable: one shape (and dense layers), carried to the run config; a mixed allocation is refused
+    one = design_tab.reallocate(session, 8, 0.4, True)[0]
+    assert (
+        one.split(", ") == allocate(sens, 0.4, servable=True) and len(set(one.split(", ")) - {"dense"}) == 1
+    )
+    cfg, _ = convert_tab.run_config(
+        session, DATA, layout(8, 0.25, "budget", 2, "", 0.4, one, True), "cmoe", *options()
+    )
+    assert cfg.cmoe.servable and cfg.cmoe.layer_experts == tuple(one.split(", "))
+    assert "Servable budget" in design_tab.show(session, *layout(8, 0.25, "budget", 2, "", 0.4, one, True))
+    mixed = design_tab.show(session, *layout(8, 0.25, "budget", 2, "", 0.5, "S2A1E8, S1A1E8", True))
+    assert "a servable budget has one" in mixed
     # the run config carries the allocation drawn: converting does not measure again
     measured = layout(8, 0.25, "budget", 2, "", 0.5, allocation)
     cfg, _ = convert_tab.run_config(session, DATA, measured, "cmoe", *options())

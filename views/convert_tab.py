@@ -181,7 +181,7 @@ def run_config(
             f"choose {budgeted}, or set the Design tab to uniform or per layer."
         )
     ratio = float(design_values[1])
-    layout = Layout(d.n_experts, d.n_shared, d.active, ratio, d.budget, d.layer_experts)
+    layout = Layout(d.n_experts, d.n_shared, d.active, ratio, d.budget, d.layer_experts, d.servable)
     sections_[method] |= entry.from_layout(layout)
     model = {"spec": session.dense.spec if session.dense is not None else "builtin:smollm2-135m"}
     if session.dense is not None:
@@ -464,18 +464,19 @@ def load_config(path, session: Session, n_options: int):
 
 
 def _budget_inputs(cfg: ConvertRun, active: int) -> list:
-    """(mode, A, A per layer, budget, allocation) of the Design tab for a loaded run config."""
+    """(mode, A, A per layer, budget, allocation, servable) of the Design tab for a loaded run config."""
     c = cfg.cmoe
+    off = [DESIGN_DEFAULTS["budget"], "", DESIGN_DEFAULTS["servable"]]
     if cfg.active_per_layer is not None:
-        return ["per layer", active, ", ".join(map(str, cfg.active_per_layer)), DESIGN_DEFAULTS["budget"], ""]
+        return ["per layer", active, ", ".join(map(str, cfg.active_per_layer)), *off]
     if cfg.method != "cmoe" or c.budget is None:
         if cfg.method == "cmoe" and c.layer_experts is not None:
             gr.Warning(
                 "The config gives cmoe.layer_experts without cmoe.budget: the Design tab shows budgets only, so "
                 "these shapes are dropped; run that config from the command line to use them."
             )
-        return ["uniform", active, "", DESIGN_DEFAULTS["budget"], ""]
-    return ["budget", active, "", c.budget, ", ".join(c.layer_experts or ())]
+        return ["uniform", active, "", *off]
+    return ["budget", active, "", c.budget, ", ".join(c.layer_experts or ()), c.servable]
 
 
 def _inputs(section: str, defaults: ConvertRun) -> list:

@@ -23,7 +23,7 @@ def _defaults() -> dict:
     return {
         "n_experts": n_experts, "shared_ratio": n_shared / n_experts,
         "mode": "budget" if cmoe.budget is not None else "uniform", "active": active,
-        "per_layer": "", "budget": budget, "allocation": "",
+        "per_layer": "", "budget": budget, "allocation": "", "servable": cmoe.servable,
     }  # fmt: skip
 
 
@@ -39,7 +39,9 @@ BUDGET_HELP = (
     "(fast mode, the default: at the middle shape, the others scaled by their output error), "
     "with the **Convert** tab's CMoE and routing options; the allocation then gives each layer the shape that "
     "loses least for the budget (a layer may stay dense). Moving the budget re-allocates at once. Without a "
-    "measurement, **Convert** measures first."
+    "measurement, **Convert** measures first. **Servable** keeps one shape in every converted layer (the others "
+    "dense): the only kind of budget that Qwen2-MoE, and so vLLM and transformers without remote code, can "
+    "load; choose the native routing form in the Convert tab too."
 )
 
 
@@ -54,6 +56,7 @@ class DesignTab:
     per_layer: gr.Textbox
     budget: gr.Slider
     allocation: gr.Textbox  # the budget's shape per layer, comma-separated; empty before a measurement
+    servable: gr.Checkbox  # the budget allocates one shape (and dense layers): what serving engines load
     card: gr.HTML
     measure: gr.Button
     cancel: gr.Button
@@ -62,7 +65,7 @@ class DesignTab:
     @property
     def inputs(self) -> tuple:
         return (self.n_experts, self.shared_ratio, self.mode, self.active, self.per_layer, self.budget,
-                self.allocation)  # fmt: skip
+                self.allocation, self.servable)  # fmt: skip
 
     def follow(self, loaded) -> None:
         """A new model clears the measured sensitivity and its allocation, and redraws the estimate."""
@@ -100,6 +103,7 @@ class Design:
     per_layer: tuple[int, ...] | None  # A per layer when set per layer
     budget: float | None = None  # budget mode: the active FFN share, averaged over layers (CMoE)
     layer_experts: tuple[str, ...] | None = None  # budget mode, once measured: one shape per layer
+    servable: bool = False  # budget mode: one shape in every converted layer, the rest dense
 
     @property
     def experts(self) -> str:
@@ -125,7 +129,15 @@ def shape_experts(shape: str) -> int | None:
 
 
 def design(
-    session: Session, n_experts, shared_ratio, mode, active, per_layer, budget=None, allocation=""
+    session: Session,
+    n_experts,
+    shared_ratio,
+    mode,
+    active,
+    per_layer,
+    budget=None,
+    allocation="",
+    servable=False,
 ) -> Design:
     """The design the inputs describe, validated against the loaded model (ValueError says what to change)."""
     from moe_core.design import check_design, parse_per_layer, shared_count
@@ -139,7 +151,14 @@ def design(
         values = check_design(neurons, layers, n_experts, n_shared, list(values))
         return Design(n_experts, n_shared, min(values), values)
     if mode == "budget":
-        return _budget_design(session, n_experts, n_shared, neurons, layers, active, budget, allocation)
+        d = _budget_design(session, n_experts, n_shared, neurons, layers, active, budget, allocation)
+        converted = set(d.layer_experts or ()) - {"dense"}
+        if servable and len(converted) > 1:
+            raise ValueError(
+                f"The allocation has {len(converted)} shapes; a servable budget has one: move the budget or press "
+                "Measure sensitivity again."
+            )
+        return replace(d, servable=bool(servable))
     check_design(neurons, layers, n_experts, n_shared, int(active))
     return Design(n_experts, n_shared, int(active), None)
 
@@ -209,7 +228,8 @@ def budget_html(session: Session, d: Design) -> str:
     """The budget mode's card: the budget, and once measured the allocation's active share and predicted KL."""
     from moe_core.budget import allocation_summary
 
-    title = f"Per-layer budget for <code>{html.escape(session.dense.spec)}</code>"
+    kind = "Servable budget (one shape, other layers dense)" if d.servable else "Per-layer budget"
+    title = f"{kind} for <code>{html.escape(session.dense.spec)}</code>"
     tiles = [widgets.tile(f"{d.budget:.1%}", "active FFN budget (mean over layers)")]
     sens = session.sensitivity
     if d.layer_experts is None or sens is None or sens.n_layers != len(d.layer_experts):
@@ -242,12 +262,22 @@ def budget_html(session: Session, d: Design) -> str:
     return widgets.card(title, tiles, footer)
 
 
-def show(session: Session, n_experts, shared_ratio, mode, active, per_layer, budget=None, allocation=""):
+def show(
+    session: Session,
+    n_experts,
+    shared_ratio,
+    mode,
+    active,
+    per_layer,
+    budget=None,
+    allocation="",
+    servable=False,
+):
     """The estimate card, or why the design cannot work (a message, not an exception: this runs on every edit)."""
     if session.dense is None:
         return NO_MODEL
     try:
-        d = design(session, n_experts, shared_ratio, mode, active, per_layer, budget, allocation)
+        d = design(session, n_experts, shared_ratio, mode, active, per_layer, budget, allocation, servable)
         return budget_html(session, d) if d.budget is not None else estimate_html(session, d)
     except ValueError as exc:
         return widgets.problem("This design cannot be converted", str(exc))
@@ -277,23 +307,24 @@ def figures(session: Session, allocation: str = "", budget=None) -> tuple:
     )
 
 
-def allocation_text(session: Session, n_experts, budget) -> str:
-    """The measured sensitivity's allocation for this budget, comma-separated ('' when there is no
-    measurement for E = n_experts, or the budget is out of range: the card then says why)."""
+def allocation_text(session: Session, n_experts, budget, servable=False) -> str:
+    """The measured sensitivity's allocation for this budget (one shape when ``servable``), comma-separated
+    ('' when there is no measurement for E = n_experts, or the budget is out of range: the card says why)."""
     from moe_core.budget import allocate
 
     sens = session.sensitivity
     if sens is None or shape_experts(sens.shapes[0]) != int(n_experts):
         return ""
     try:
-        return ", ".join(allocate(sens, float(budget)))
+        return ", ".join(allocate(sens, float(budget), servable=bool(servable)))
     except ValueError:
         return ""
 
 
-def reallocate(session: Session, n_experts, budget):
-    """The budget slider moved (or E): (allocation, heatmap, bars); allocate is instant, nothing is measured."""
-    text = allocation_text(session, n_experts, budget)
+def reallocate(session: Session, n_experts, budget, servable=False):
+    """The budget slider moved (or E, or Servable): (allocation, heatmap, bars); allocate is instant, nothing
+    is measured."""
+    text = allocation_text(session, n_experts, budget, servable)
     return text, *figures(session, text, budget)
 
 
@@ -322,8 +353,8 @@ def measure(session: Session, to_run, design_values=None, progress=gr.Progress()
     )
     session = replace(session, sensitivity=Sensitivity(**plan["sensitivity"]))
     text = ", ".join(plan["layer_experts"])
-    values = list(design_values or [cfg.cmoe.shape[2], 0.0, "budget", 1, "", cfg.cmoe.budget, ""])
-    values[-1] = text
+    values = list(design_values or [cfg.cmoe.shape[2], 0.0, "budget", 1, "", cfg.cmoe.budget, "", False])
+    values[6] = text
     return session, text, show(session, *values), *figures(session, text, cfg.cmoe.budget)
 
 
@@ -384,6 +415,12 @@ def build(state: gr.State, data: DataTab) -> DesignTab:
                     with gr.Row():
                         measure_btn = gr.Button("Measure sensitivity", variant="primary")
                         cancel_btn = gr.Button("Cancel", variant="stop")
+                    servable = gr.Checkbox(
+                        DEFAULTS["servable"],
+                        label="Servable: one shape in every converted layer, the others dense",
+                        info="what vLLM and transformers load without remote code (Qwen2-MoE has one expert "
+                        "count and one top-k); a free allocation exports only as exact",
+                    )
                     allocation = gr.Textbox(
                         DEFAULTS["allocation"],
                         label="Shape per layer (the allocation the Convert tab uses)",
@@ -398,7 +435,7 @@ def build(state: gr.State, data: DataTab) -> DesignTab:
                     bars = gr.Plot(
                         plots.placeholder("The allocation appears after a measurement."), show_label=False
                     )
-    inputs = [n, ratio, mode, active, per_layer, budget, allocation]
+    inputs = [n, ratio, mode, active, per_layer, budget, allocation, servable]
     mode.change(
         _visibility, mode, [active, per_layer, budget_box, plot_box], queue=False, api_visibility="private"
     )
@@ -407,7 +444,7 @@ def build(state: gr.State, data: DataTab) -> DesignTab:
     )
     # .input: the user moved it (a loaded run config sets the slider and its allocation together)
     gr.on(
-        [budget.input, n.input], reallocate, [state, n, budget], [allocation, heat, bars],
+        [budget.input, n.input, servable.input], reallocate, [state, n, budget, servable], [allocation, heat, bars],
         api_name="reallocate", **widgets.LIGHT,
     )  # fmt: skip
     return DesignTab(
@@ -420,6 +457,7 @@ def build(state: gr.State, data: DataTab) -> DesignTab:
         per_layer,
         budget,
         allocation,
+        servable,
         card,
         measure_btn,
         cancel_btn,

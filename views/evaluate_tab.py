@@ -36,7 +36,7 @@ def _label(session: Session) -> str:
     section = run.get(method, {})
     layout = section.get("experts") or f"E{section.get('n_experts', '?')}k{section.get('top_k', '?')}"
     if section.get("budget"):  # a shape per layer: the budget says what it is
-        layout = f"budget {section['budget']:.0%}"
+        layout = f"{'servable ' if section.get('servable') else ''}budget {section['budget']:.0%}"
     plan = " +plan" if run.get("plan") else ""  # a run config always has the key, None without a plan
     return f"#{len(session.evals) + 1} {method} {layout}{plan}"
 

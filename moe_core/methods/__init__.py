@@ -39,6 +39,7 @@ class Layout:
     shared_ratio: float
     budget: float | None = None
     layer_experts: tuple[str, ...] | None = None
+    servable: bool = False  # budget mode: one shape in every converted layer (Qwen2-MoE engines serve it)
 
     @property
     def experts(self) -> str:

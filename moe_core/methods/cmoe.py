@@ -348,7 +348,7 @@ def _config_dict(cfg: CMoEConfig) -> dict:
 def _from_layout(layout: Layout) -> dict:
     out: dict = {"experts": layout.experts}
     if layout.budget is not None:
-        out |= {"budget": layout.budget, "layer_experts": layout.layer_experts}
+        out |= {"budget": layout.budget, "layer_experts": layout.layer_experts, "servable": layout.servable}
     return out
 
 
@@ -415,6 +415,13 @@ METHOD = Method(
             "--budget",
             "active FFN share (e.g. 0.5), allocated per layer by measured sensitivity",
             kind=float,
+            tab=False,
+        ),  # fmt: skip
+        Option(
+            "servable",
+            "--servable",
+            "the budget gives every converted layer one shape (the rest dense): what vLLM and transformers load",
+            kind=bool,
             tab=False,
         ),  # fmt: skip
         Option(
