@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -260,6 +260,8 @@ def plan_budget(
     docs = load_documents(data.text, model=dense, seed=data.seed)
     held = sample_sequences(docs, dense.tokenizer, 4, min(256, data.seq_len), data.seed + 1, source=data.text)
     routing = cfg.routing.settings(data.seed) if cfg.routing.enabled else None
+    if routing is not None:  # ranking shapes needs no sharpened native routers: four refits fewer per block
+        routing = replace(routing, sharpen=())
     calib_ids = calib_ids[: max(1, SENSITIVITY_TOKENS // calib_ids.shape[1])]
     sens = measure_sensitivity(
         dense, calib_ids, held, cfg.cmoe, routing, progress=progress, cancel=cancel, mode=cfg.cmoe.sensitivity

@@ -33,6 +33,11 @@ from .moe import MoEMLP, Router
 from .plumbing import unshare
 
 EXHAUSTIVE_MAX_SETS = 512  # C(E, k) up to this is searched exhaustively (C(14, 3) = 364); greedy beyond
+# Native form: router scales tried after training (each with its own refit), the best on the held-out tokens
+# kept. A sharper softmax gives the chosen expert a weight nearer 1 whatever the token, which the refit's
+# fixed down projections fit better: on SmolLM2 S1A1E8 (16k tokens) held-out error 0.475 -> 0.460 (layer 12)
+# and 0.281 -> 0.272 (layer 20), against the analytic form's 0.457 and 0.271. Top-k choices do not change.
+SHARPEN = (1.0, 2.0, 4.0, 8.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,6 +281,7 @@ class ReconstructSettings:
     ridge: float = 1e-2  # measured: 1e-2 generalises a little better than 1e-3 at 16k-32k tokens
     seed: int = 0
     compensate: bool = False  # analytic refit: fit a bias per routed expert too (FLAP-style compensation)
+    sharpen: tuple[float, ...] = SHARPEN  # native form with a refit: router scales tried (() or (1,): none)
 
 
 def relative_error(out, y) -> float:
@@ -311,7 +317,27 @@ def reconstruct_block(block: MoEMLP, x, y, s: ReconstructSettings, layer: int = 
             if s.compensate and s.form != "native":
                 add_expert_bias(block)
             refit_down(block, xt, yt, s.ridge)
+    if s.form == "native" and s.refit and len(s.sharpen) > 1 and k < block.n_experts:
+        report["router_scale"] = sharpen_router(block, xt, yt, xv, yv, s.sharpen, s.ridge)
     return report | _after(block, xv, yv, k)
+
+
+@torch.no_grad()
+def sharpen_router(block: MoEMLP, xt, yt, xv, yv, scales=SHARPEN, ridge: float = 1e-2) -> float:
+    """Scale a native block's router weight by each of ``scales``, refitting the down projections on (xt, yt)
+    each time, and keep the scale with the least error on (xv, yv); returns it. The experts chosen per token
+    stay the same (top-k of a scaled softmax); only the weights p the chosen experts get move toward 1."""
+    weight = block.router.weight.detach().clone()
+    errors = []
+    for a in scales:
+        block.router.weight.copy_(weight * a)
+        refit_down(block, xt, yt, ridge)
+        errors.append(relative_error(block(xv), yv))
+    best = scales[min(range(len(scales)), key=errors.__getitem__)]
+    if best != scales[-1]:
+        block.router.weight.copy_(weight * best)
+        refit_down(block, xt, yt, ridge)
+    return float(best)
 
 
 def _after(block: MoEMLP, xv, yv, k: int) -> dict:

@@ -160,6 +160,38 @@ def test_convert_with_routing_and_the_oracle_bound(llama):
     assert bound != pytest.approx(routed)
 
 
+def test_native_router_is_sharpened_to_the_best_scale(llama):
+    """The native form tries router scales, each with a refit, and keeps the one with the least held-out
+    error; the experts chosen per token do not move."""
+    import copy
+
+    from moe_core.reconstruct import sharpen_router
+
+    x, y = layer_data(llama, n=16)
+    block, _ = carve_block(llama, 1, x, CMoEConfig(experts="S1A1E4"))
+    report = reconstruct_block(block, x, y, ReconstructSettings(form="native", sharpen=(1.0,)), layer=1)
+    assert "router_scale" not in report  # one scale: nothing to choose
+    xt, yt, xv, yv = x[:400], y[:400], x[400:], y[400:]
+    before = block.route(xv)[0]
+    errors = {}
+    for a in (1.0, 3.0, 20.0):
+        trial = copy.deepcopy(block)
+        with torch.no_grad():
+            trial.router.weight.mul_(a)
+        refit_down(trial, xt, yt)
+        with torch.no_grad():
+            errors[a] = relative_error(trial(xv), yv)
+    chosen = sharpen_router(block, xt, yt, xv, yv, (1.0, 3.0, 20.0))
+    assert chosen == min(errors, key=errors.get)
+    with torch.no_grad():
+        assert relative_error(block(xv), yv) == pytest.approx(errors[chosen], rel=1e-5)
+    assert torch.equal(block.route(xv)[0], before)
+    report = reconstruct_block(
+        carve_block(llama, 1, x, CMoEConfig(experts="S1A1E4"))[0], x, y, ReconstructSettings(form="native"), 1
+    )
+    assert report["router_scale"] in ReconstructSettings().sharpen
+
+
 def test_other_methods_take_the_routing_pass(llama):
     from moe_core.config import LaDiMoConfig
 
