@@ -84,8 +84,9 @@ APPROXIMATE = (
 
 PER_LAYER = (
     "Its layers route among different numbers of experts (a per-layer budget: {counts}), and Qwen2-MoE takes one "
-    "count for every layer: only **exact** exports it (trust_remote_code). To serve it with vLLM, SGLang or "
-    "llama.cpp, convert with one shape (Design tab: uniform) in routing form *native*. " + READY
+    "count for every layer: only **exact** exports it (trust_remote_code). To serve it with vLLM or llama.cpp, "
+    "convert with a *servable* budget (Design tab: one shape, the other layers dense) or one shape everywhere "
+    "(uniform), in routing form *native*. " + READY
 )
 
 

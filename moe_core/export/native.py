@@ -311,7 +311,8 @@ def _common_shape(blocks: dict[int, MoEMLP], align: int = WIDTH_ALIGN) -> tuple[
     if len(counts) > 1:
         raise ExportError(
             f"The MoE layers have different numbers of routed experts ({sorted(counts)}); Qwen2-MoE has one "
-            "count for all layers. Use --format exact, which keeps every layer as it is."
+            "count for all layers. Use --format exact, which keeps every layer as it is, or convert with a "
+            "servable budget (--servable: one shape, the other layers dense) in --routing-form native."
         )
     width = max(max(b.expert_sizes) for b in blocks.values())
     # transformers' default grouped_mm expert kernel needs 16-byte strides: pad the width to a multiple of 8
