@@ -174,5 +174,5 @@ def test_server_convert_export_and_separate_sessions(server_url):
     with pytest.raises(Exception, match="Convert a model"):
         other.predict("exact", True, api_name="/export")
     assert "cannot be converted" in client.predict(
-        8, 0.25, "uniform", 7, "", 0.5, "", api_name="/design_estimate"
+        8, 0.25, "uniform", 7, "", 0.5, "", False, api_name="/design_estimate"
     )

@@ -29,7 +29,7 @@ from views.state import Session, Workspace
 
 TINY = "builtin:tiny-llama"  # 2 layers, H=64, I=192, 512 positions
 DATA = ["builtin:pydoc", 2, 32, 0]
-DESIGN = [8, 0.25, "uniform", 2, "", 0.5, ""]
+DESIGN = [8, 0.25, "uniform", 2, "", 0.5, "", False]
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -156,11 +156,19 @@ def test_the_gguf_memory_estimate_counts_every_tensor_of_the_header():
 
 
 DESIGN_CASES = [
-    ("more experts than neurons", [400, 0.25, "uniform", 2, "", 0.5, ""], "more than the 192 FFN neurons"),
-    ("more active than routed", [8, 0.25, "uniform", 7, "", 0.5, ""], "choose 1..6"),
-    ("shared ratio 1", [8, 1.0, "uniform", 2, "", 0.5, ""], r"Shared ratio must be in \[0, 1\)"),
-    ("negative shared ratio", [8, -0.1, "uniform", 2, "", 0.5, ""], r"Shared ratio must be in \[0, 1\)"),
-    ("zero experts", [0, 0.0, "uniform", 1, "", 0.5, ""], "Need at least 2 experts"),
+    (
+        "more experts than neurons",
+        [400, 0.25, "uniform", 2, "", 0.5, "", False],
+        "more than the 192 FFN neurons",
+    ),
+    ("more active than routed", [8, 0.25, "uniform", 7, "", 0.5, "", False], "choose 1..6"),
+    ("shared ratio 1", [8, 1.0, "uniform", 2, "", 0.5, "", False], r"Shared ratio must be in \[0, 1\)"),
+    (
+        "negative shared ratio",
+        [8, -0.1, "uniform", 2, "", 0.5, "", False],
+        r"Shared ratio must be in \[0, 1\)",
+    ),
+    ("zero experts", [0, 0.0, "uniform", 1, "", 0.5, "", False], "Need at least 2 experts"),
 ]
 
 
@@ -434,7 +442,11 @@ def test_a_killed_export_leaves_no_half_written_checkpoint(tmp_path, converted):
 def test_same_config_and_seed_give_identical_models(loaded, method, changes):
     from moe_core.pipeline import convert_run
 
-    design = [2, 0.0, "uniform", 1, "", 0.5, ""] if method == "dive" else [4, 0.25, "uniform", 1, "", 0.5, ""]
+    design = (
+        [2, 0.0, "uniform", 1, "", 0.5, "", False]
+        if method == "dive"
+        else [4, 0.25, "uniform", 1, "", 0.5, "", False]
+    )
     cfg, _ = convert_tab.run_config(loaded, DATA, design, method, *options(**changes))
     states = []
     for global_seed in (1, 2):  # the global RNG differs between the runs: only the config's seed counts

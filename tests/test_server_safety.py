@@ -72,10 +72,10 @@ def test_bad_input_reaches_the_browser_as_a_message_and_the_app_keeps_serving(se
     with pytest.raises(Exception, match="1024 tokens per sequence is more than"):
         c.predict("builtin:pydoc", 2, 1024, 0, api_name="/preview_data")
     with pytest.raises(Exception, match="choose 1..6"):
-        c.predict(*DATA, 8, 0.25, "uniform", 9, "", 0.5, "", "cmoe", *_options(), api_name="/convert")
-    assert "choose 1..6" in c.predict(8, 0.25, "uniform", 7, "", 0.5, "", api_name="/design_estimate")
+        c.predict(*DATA, 8, 0.25, "uniform", 9, "", 0.5, "", False, "cmoe", *_options(), api_name="/convert")
+    assert "choose 1..6" in c.predict(8, 0.25, "uniform", 7, "", 0.5, "", False, api_name="/design_estimate")
     with pytest.raises(Exception, match="Value 400 is greater than maximum value 64"):  # the slider's bounds
-        c.predict(400, 0.25, "uniform", 2, "", 0.5, "", api_name="/design_estimate")
+        c.predict(400, 0.25, "uniform", 2, "", 0.5, "", False, api_name="/design_estimate")
     with pytest.raises(Exception, match="no_such_task.* is not in the list of choices"):
         c.predict("builtin:pydoc", 1, 32, ["no_such_task"], 5, api_name="/evaluate")
     # Still serving, for this session and for a new one.
@@ -130,14 +130,18 @@ def _session(url: str, i: int) -> dict:
     c = client(url)
     seen = {"spec": spec, "experts": n_experts, "ranks": []}
     seen["summary"] = c.predict(spec, "cpu", False, api_name="/load_model")
-    job = c.submit(*DATA, n_experts, 0.0, "uniform", 1, "", 0.5, "", "cmoe", *_options(), api_name="/convert")
+    job = c.submit(
+        *DATA, n_experts, 0.0, "uniform", 1, "", 0.5, "", False, "cmoe", *_options(), api_name="/convert"
+    )
     while not job.done():
         status = job.status()
         if status.rank is not None:
             seen["ranks"].append(status.rank)
         time.sleep(0.05)
     seen["convert"] = job.result()[0]
-    seen["estimate"] = c.predict(n_experts, 0.0, "uniform", 1, "", 0.5, "", api_name="/design_estimate")
+    seen["estimate"] = c.predict(
+        n_experts, 0.0, "uniform", 1, "", 0.5, "", False, api_name="/design_estimate"
+    )
     return seen
 
 
@@ -353,6 +357,7 @@ def test_the_convert_log_streams_and_the_progress_reaches_the_browser(server):
         "",
         0.5,
         "",
+        False,
         "ladimo",
         *options(**{"ladimo.steps": 60}),
         api_name="/convert",
