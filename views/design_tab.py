@@ -262,22 +262,13 @@ def budget_html(session: Session, d: Design) -> str:
     return widgets.card(title, tiles, footer)
 
 
-def show(
-    session: Session,
-    n_experts,
-    shared_ratio,
-    mode,
-    active,
-    per_layer,
-    budget=None,
-    allocation="",
-    servable=False,
-):
-    """The estimate card, or why the design cannot work (a message, not an exception: this runs on every edit)."""
+def show(session: Session, *values):
+    """The estimate card for the Design tab's input ``values`` (as :func:`design` takes them), or why the design
+    cannot work (a message, not an exception: this runs on every edit)."""
     if session.dense is None:
         return NO_MODEL
     try:
-        d = design(session, n_experts, shared_ratio, mode, active, per_layer, budget, allocation, servable)
+        d = design(session, *values)
         return budget_html(session, d) if d.budget is not None else estimate_html(session, d)
     except ValueError as exc:
         return widgets.problem("This design cannot be converted", str(exc))
