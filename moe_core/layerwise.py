@@ -394,6 +394,7 @@ def convert_layers(
         mlp = model.adapter.mlp(model.model, i)
         x = ffn_inputs(layer, mlp, step.inputs)
         y = apply_chunked(mlp if reference is None else reference(i), x)
+        del mlp  # a build that puts its block in place early (CMoE's) frees a streamed layer's dense MLP then
         if i == last:  # nothing runs after the last target
             step.outputs = step.inputs
         elif not sequential:  # teacher forcing: the next layer gets the original layer's outputs

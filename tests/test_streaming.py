@@ -100,6 +100,32 @@ def test_at_most_one_decoder_layer_is_ever_in_memory(source, tmp_path, monkeypat
     assert seen == [[i] for i in range(opened.dense.n_layers)]
 
 
+def test_a_streamed_layers_dense_mlp_is_freed_before_its_routing_step(source, tmp_path, monkeypatch):
+    """The routing step's refit is a layer's largest allocation: the dense MLP it was carved from (whose outputs
+    it already has) must not be alive beside it."""
+    import gc
+    import weakref
+
+    from moe_core.methods import cmoe
+
+    opened, dense_mlps, alive = open_model(source), {}, []
+    carve, reconstruct = cmoe.carve_block, cmoe.reconstruct_block
+
+    def carving(dense, i, *args, **kwargs):
+        dense_mlps[i] = weakref.ref(dense.mlp(i))
+        return carve(dense, i, *args, **kwargs)
+
+    def routing(block, x, y, settings, layer=0):
+        gc.collect()
+        alive.append(dense_mlps[layer]() is not None)
+        return reconstruct(block, x, y, settings, layer=layer)
+
+    monkeypatch.setattr(cmoe, "carve_block", carving)
+    monkeypatch.setattr(cmoe, "reconstruct_block", routing)
+    convert_run(opened.dense, _run(source), folder=tmp_path / "out", source=opened)
+    assert alive == [False] * opened.dense.n_layers
+
+
 def test_the_command_line_streams_a_folder_larger_than_max_memory(source, tmp_path, capsys):
     argv = [*_cli("convert", source), "--no-distill"]
     assert main([*argv, "--experts", "S1A2E4", "--max-memory", "10KB", "--out", str(tmp_path / "s")]) == 0
