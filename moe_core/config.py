@@ -543,7 +543,9 @@ class RoutingConfig:
     router: Literal["method", "trained"] = "trained"
     # analytic: the method's own gates (CMoE's unit gates), the better model (SmolLM2-135M S3A3E8, WikiText-2:
     # 56.7 vs 66.1 native); native: Qwen2-MoE's routing (softmax weights on the top-k, gated shared expert),
-    # which the portable export (vLLM, SGLang, llama.cpp) reproduces exactly
+    # which the portable export (vLLM, SGLang, llama.cpp) reproduces exactly. A native conversion whose layers
+    # all route one expert per token is routed and distilled with unit gates and put in the native form after
+    # (moe_core.pipeline.recovers_with_unit_gates)
     form: Literal["analytic", "native"] = "analytic"
     refit: bool = True  # least-squares refit of every down projection given the routing
     # analytic form with a refit: a bias per routed expert, refitted with the down projections, added when it

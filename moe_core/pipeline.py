@@ -85,9 +85,11 @@ def convert_run(
         budget = plan_budget(dense, cfg, ids, span(progress, 0, cut / 2), cancel)
         cfg = replace(cfg, cmoe=replace(cfg.cmoe, layer_experts=tuple(budget["layer_experts"])))
     lo = cut / 2 if budget is not None else 0.0
+    unit_gates = recovers_with_unit_gates(cfg, dense.n_layers)
+    routing = replace(cfg.routing, form="analytic") if unit_gates else cfg.routing
     with _streamed(source, folder) as stream:
         moe = convert(
-            dense, ids, cfg.section(), method=cfg.method, routing=cfg.routing, progress=span(progress, lo, cut),
+            dense, ids, cfg.section(), method=cfg.method, routing=routing, progress=span(progress, lo, cut),
             cancel=cancel,
         )  # fmt: skip
     run = to_dict(cfg)
@@ -105,6 +107,13 @@ def convert_run(
             moe, dense, cfg.distill, checkpoint=checkpoint, progress=span(progress, cut, 1.0), cancel=cancel,
             on_step=on_step,
         )  # fmt: skip
+    if unit_gates:
+        from .evaluate import moe_blocks
+        from .reconstruct import NATIVE_LIMIT, to_native_limit
+
+        for block in moe_blocks(moe).values():
+            to_native_limit(block)
+        metrics["native_after_recovery"] = {"router_scale": NATIVE_LIMIT}
     if cfg.finetune.enabled:  # as `convert --finetune`: the saved model is the tuned one
         from .finetune import finetune, training_ids
 
@@ -128,6 +137,24 @@ def convert_run(
     else:
         out = save_converted(moe, folder, run, metrics) if folder is not None else None
     return ConvertOutcome(moe, ids, run, metrics, out)
+
+
+def recovers_with_unit_gates(cfg: ConvertRun, n_layers: int) -> bool:
+    """Whether a native-form conversion is routed and distilled in the analytic form (unit gates) and put in the
+    native form after (moe_core.reconstruct.to_native_limit): when every converted layer routes one expert per
+    token, the method's gates are unit gates, and distillation is the recovery (gate scales frozen). Unit gates
+    are the native form's limit then, and distilling with them recovers more: on SmolLM2-135M's servable 50%
+    (64 steps) 86.17 against 91.89 for a native-form distillation (WikiText-2 perplexity, analytic 86.22)."""
+    top_ks = lookup(cfg.method).top_ks
+    return (
+        cfg.routing.form == "native"
+        and cfg.distill.enabled
+        and "gate_scales" not in cfg.distill.train
+        and not cfg.finetune.enabled
+        and cfg.active_per_layer is None
+        and top_ks is not None
+        and set(top_ks(cfg.section(), n_layers)) == {1}
+    )
 
 
 @contextlib.contextmanager

@@ -102,3 +102,51 @@ def test_engine_layout_padding_and_card(dense, tmp_path):
     assert "SmolLM2" not in card  # a tiny Llama's card carries no other model's measurements
     with pytest.raises(ValueError, match="multiple of 8"):
         ExportConfig(width_align=100)
+
+
+def test_a_unit_gate_top1_block_reaches_the_native_form_at_its_limit(dense):
+    """Unit gates (the analytic form) are the native form's limit as its router sharpens: a top-1 analytic block
+    put in the native form with a sharp router gives the same outputs, and it is a native block."""
+    from moe_core.reconstruct import to_native_limit
+
+    analytic = convert(dense, ids(), CMoEConfig(experts="S1A1E4"), routing=RoutingConfig(router="trained"))
+    x = torch.randn(64, dense.model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    for i in range(analytic.n_layers):
+        block = analytic.mlp(i)
+        with torch.no_grad():
+            before = block(x)
+            to_native_limit(block, scale=1e4)
+            torch.testing.assert_close(block(x), before, rtol=1e-4, atol=1e-5)
+        assert block.gate_mode == "prob" and block.shared_gate is not None
+    with pytest.raises(ValueError, match="top-1"):
+        to_native_limit(
+            convert(dense, ids(), CONFIGS["cmoe"], routing=RoutingConfig(router="trained")).mlp(0)
+        )
+
+
+@pytest.mark.parametrize("experts", ["S1A1E4", "S1A2E4"])
+def test_a_top1_native_conversion_recovers_with_unit_gates_then_goes_native(dense, experts, tmp_path):
+    """With one routed expert per token and distillation on, the routing step and distillation run in the
+    analytic form and the saved model is native after (exact in the portable export); with two, in the
+    native form throughout."""
+    from moe_core.config import ConvertRun, from_dict
+    from moe_core.pipeline import convert_run, recovers_with_unit_gates
+
+    tree = {
+        "model": {"spec": "builtin:tiny-llama"},
+        "data": {"text": "builtin:pydoc", "n_sequences": 4, "seq_len": 32},
+        "cmoe": {"experts": experts},
+        "routing": {"form": "native"},
+        "distill": {"text": "builtin:pydoc", "tokens": 64, "seq_len": 32, "eval_windows": 1},
+    }
+    cfg = from_dict(ConvertRun, tree)
+    top1 = experts == "S1A1E4"
+    assert recovers_with_unit_gates(cfg, dense.n_layers) == top1
+    assert not recovers_with_unit_gates(from_dict(ConvertRun, tree | {"distill": {"enabled": False}}), 3)
+    out = convert_run(dense, cfg)
+    assert ("native_after_recovery" in out.metrics) == top1
+    assert {out.moe.mlp(i).gate_mode for i in range(out.moe.n_layers)} == {"prob"}
+    result = export_model(
+        out.moe, tmp_path / "out", ExportConfig(format="portable"), calib_ids=ids(2, seed=3)
+    )
+    assert result.exact_by_construction and result.fidelity["max_abs_logit_diff"] <= 1e-4

@@ -114,6 +114,9 @@ class Method:
     describe: Callable[[dict], str] | None = None  # a saved section (dict) -> the layout in a phrase
     budget: bool = False  # whether the Design tab's budget mode (one shape per layer) applies
     routes_inside: bool = False  # convert() takes routing= and runs the routing step in its layer loop
+    # (section, number of layers) -> the routed experts per token of each layer the section converts, when the
+    # method's gates are unit gates (CMoE's); None: not known before converting
+    top_ks: Callable[[object, int], list[int]] | None = None
     order: int = 100  # position in menus and lists
 
     def layout_text(self, section: dict) -> str:

@@ -439,6 +439,7 @@ METHOD = Method(
     to_layout=_to_layout,
     describe=_describe,
     budget=True,
+    top_ks=lambda cfg, n_layers: [s[1] for s in map(cfg.layer_shape, range(n_layers)) if s is not None],
     routes_inside=True,
     order=0,
 )
