@@ -234,7 +234,7 @@ _STREAM: list[LayerStream] = []  # the stream of the conversion running in this 
 # glibc's malloc serves allocations above this many bytes from their own mappings, which free() hands back to
 # the system at once. By default the threshold rises to the largest block freed so far (up to 32 MB), after
 # which one layer's freed matrices stay in the heap, fragmented, and the next layer's land beside them: on the
-# 2560 x 6912 Llama of benchmarks/scale.py the peak rose 2.58 GB -> 2.16 GB without -> with a fixed threshold.
+# 2560 x 6912 Llama of benchmarks/scale.py a fixed threshold took the peak from 2.58 GB to 2.16 GB.
 MMAP_THRESHOLD = 1 << 16
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 
