@@ -326,7 +326,7 @@ def evaluate_streamed(model_cfg, cfg, reference=None, progress: Progress = None,
     from dataclasses import replace as _replace
 
     from .data import eval_windows, load_documents
-    from .evaluate import evaluate, reference_logits
+    from .evaluate import evaluate, param_report, reference_logits
     from .model_io import load_model
     from .plumbing import span
     from .streaming import open_model, reading, should_stream
@@ -340,22 +340,22 @@ def evaluate_streamed(model_cfg, cfg, reference=None, progress: Progress = None,
     source = open_model(model_cfg.spec, device, dtype, remote)
     docs = load_documents(cfg.text)
     windows = eval_windows(docs, source.dense.tokenizer, cfg.seq_len, cfg.n_windows, source=cfg.text)
-    ref = None
+    ref, ref_params = None, {}
     if reference is not None:
         part = span(progress, 0.0, 0.5)
         if should_stream(_replace(model_cfg, spec=reference)):
             with reading(open_model(reference, device, dtype, remote)) as dense:
                 ref = reference_logits(dense, windows, cfg.batch_size, part, cancel)
         else:
-            ref = reference_logits(
-                load_model(reference, device=device, dtype=dtype), windows, cfg.batch_size, part, cancel
-            )
+            dense = load_model(reference, device=device, dtype=dtype)
+            ref = reference_logits(dense, windows, cfg.batch_size, part, cancel)
+        ref_params = param_report(dense, cfg.seq_len)  # counted from the shapes: a shell's are enough
     with reading(source) as m:
         report = evaluate(
             ref, m, windows, text=cfg.text, batch_size=cfg.batch_size,
             progress=span(progress, 0.5 if ref is not None else 0.0, 1.0), cancel=cancel,
         )  # fmt: skip
-    return _replace(report, streamed=True)
+    return _replace(report, streamed=True, ref_params=ref_params)
 
 
 def sweep_model(dense, moe, cfg, progress: Progress = None, cancel: Cancel = None):

@@ -221,6 +221,15 @@ class LayerStream:
             _tie(dense.model)
         self.released.discard(self.source.embed_name)
 
+    def restore_source(self) -> None:
+        """Read back into the source's shell what :meth:`captured` freed, so that the opened source serves another
+        stage (the app keeps it open from one stage to the next)."""
+        model, name = self.source.dense.model, self.source.embed_name
+        if model.get_parameter(name).is_meta:
+            _set(model, name, self.reader.get(name, self.dtype).to(self.device))
+            if self.source.tied:
+                _tie(model)
+
     def copy(self, i: int) -> None:
         """Layer i left as it is: its tensors go from the input shards to the output ones, never into the model."""
         prefix = self._prefix(i)
@@ -273,6 +282,7 @@ def streaming(stream: LayerStream):
         yield stream
     finally:
         _STREAM.remove(stream)
+        stream.restore_source()
 
 
 @contextlib.contextmanager

@@ -232,3 +232,39 @@ def test_shards_close_at_their_size_and_the_index_names_every_tensor(tmp_path):
     reader = ShardReader(tmp_path)
     for name, tensor in tensors.items():
         torch.testing.assert_close(reader.get(name), tensor)
+
+
+def test_the_app_streams_a_folder_larger_than_its_max_memory(tmp_path_factory):
+    """The Model tab's max memory: the folder is opened, not loaded; Profile, Convert and Evaluate read one
+    decoder layer at a time and give what the in-memory session gives; what needs the whole model says so."""
+    import gradio as gr
+    from test_views import DATA, DESIGN, options
+
+    from views import compare_tab, convert_tab, evaluate_tab, export_tab, model_tab, profile_tab
+    from views.state import Session, Workspace
+
+    folder = _folder(tmp_path_factory, "builtin:tiny-llama")
+    sessions, profiles, evals = {}, {}, {}
+    for limit in ("10KB", ""):
+        fresh = Session(workspace=Workspace(tmp_path_factory.mktemp("app")))
+        session, card = model_tab.load(str(folder), "cpu", False, fresh, limit)
+        assert (session.source is not None) == bool(limit) and ("Streamed" in card) == bool(limit)
+        session = profile_tab.run(session, "builtin:pydoc", 2, 32, 5, 0, 0)[0]
+        profiles[limit] = session.profile
+        if limit:  # the default design (a per-layer budget) and distillation need the whole model
+            with pytest.raises(gr.Error, match="Design tab to uniform"):
+                list(convert_tab.convert(session, *DATA, *DESIGN[:2], "budget", *DESIGN[3:], "cmoe", *options()))
+        no_distill = options(**{"distill.enabled": False})
+        session = list(convert_tab.convert(session, *DATA, *DESIGN, "cmoe", *no_distill))[-1][0]
+        session = evaluate_tab.run(session, "builtin:pydoc", 2, 16, [], 5)[0]
+        sessions[limit], evals[limit] = session, session.evals[-1]
+    streamed = sessions["10KB"]
+    assert all(p.is_meta for layer in streamed.dense.model.model.layers for p in layer.parameters())
+    assert json.loads((streamed.workspace.path("converted") / "metrics.json").read_text())["streamed"] is True
+    torch.testing.assert_close(profiles["10KB"].rates, profiles[""].rates, rtol=0, atol=0)
+    for key in ("ppl", "kl", "agreement"):
+        assert evals["10KB"][key] == pytest.approx(evals[""][key], rel=1e-4, abs=1e-6), key
+    with pytest.raises(gr.Error, match="larger than the Model tab's max memory"):
+        compare_tab.run(streamed, "Hello", 4)
+    with pytest.raises(gr.Error, match="larger than the Model tab's max memory"):
+        export_tab.build_export(streamed, "portable", True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from views import widgets
-from views.state import Session
+from views.state import Session, needs_whole_model
 
 NO_MOE = "Convert a model in the **Convert** tab first; both models then continue the same prompt greedily."
 READY = "Type a prompt and press **Generate with both**."
@@ -30,6 +30,7 @@ def run(session: Session, prompt: str, max_new_tokens, chat=True, progress=gr.Pr
 
     if session.moe is None:
         raise gr.Error(NO_MOE.replace("**", ""), print_exception=False)
+    needs_whole_model(session, "Generation")
     progress(0.0, desc="Dense model")
     dense = generate(session.dense, prompt, int(max_new_tokens), chat=bool(chat))
     progress(0.5, desc="Converted model")

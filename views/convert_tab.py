@@ -186,6 +186,8 @@ def run_config(
     model = {"spec": session.dense.spec if session.dense is not None else "builtin:smollm2-135m"}
     if session.dense is not None:
         model["device"] = session.dense.device.type
+    if session.max_memory is not None:
+        model["max_memory"] = session.max_memory
     tree = {
         "model": model,
         "data": vars(data_config(*data_values)),
@@ -308,7 +310,12 @@ def summary_html(session: Session, seconds: float) -> str:
     footer = (
         f'<div class="moe-bar-label">Layout {html.escape(widgets.layout_text(run))}'
         + (f", A per layer {html.escape(str(per_layer))}" if per_layer else "")
-        + ". Next: <b>Evaluate</b> against the dense model, tune <b>Routing policy</b>, or <b>Export</b>.</div>"
+        + (
+            ". Next: <b>Evaluate</b> against the dense model (it reads the saved layers one at a time)."
+            if session.source is not None
+            else ". Next: <b>Evaluate</b> against the dense model, tune <b>Routing policy</b>, or <b>Export</b>."
+        )
+        + "</div>"
     )
     return widgets.card(
         f"{method} conversion of <code>{html.escape(session.dense.spec)}</code>", tiles, footer
@@ -375,6 +382,15 @@ def convert(session: Session, *values, progress=gr.Progress()):
         raise gr.Error(NO_MODEL.replace("**", ""), print_exception=False)
     data, design_values, method, options = split(values)
     cfg, d = run_config(session, data, design_values, method, *options)
+    if session.source is not None:
+        from moe_core.streaming import check_streamable
+
+        try:
+            check_streamable(cfg)
+        except ValueError as exc:
+            raise ValueError(
+                f"{exc} Here: set the Design tab to uniform (one shape in every layer) and turn distillation off."
+            ) from None
     session.cancel.clear()
     start, lines, records, drawn = time.perf_counter(), [], [], [0]
     lines.append(f"{0.0:7.1f} s  {cfg.method} on {cfg.model.spec}, text {cfg.data.text}")
@@ -399,6 +415,7 @@ def convert(session: Session, *values, progress=gr.Progress()):
         progress=_log(lines, start)(progress),
         cancel=session.cancel,
         on_step=records.append,
+        source=session.source,
     )
     seconds = time.perf_counter() - start
     lines.append(f"{seconds:7.1f} s  saved {out.folder.name}/ ({out.metrics['moe_layers']} MoE layers)")

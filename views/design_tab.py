@@ -11,7 +11,7 @@ import gradio as gr
 from moe_core.config import ConvertRun
 from views import plots, widgets
 from views.data_tab import DataTab
-from views.state import Session
+from views.state import Session, needs_whole_model
 
 
 def _defaults() -> dict:
@@ -329,6 +329,9 @@ def measure(session: Session, to_run, design_values=None, progress=gr.Progress()
 
     if session.dense is None:
         raise gr.Error("Load a model in the Model tab first.", print_exception=False)
+    needs_whole_model(
+        session, "The sensitivity measurement (each layer's KL through the rest of the network)"
+    )
     cfg = to_run()
     if cfg.cmoe.budget is None:
         raise gr.Error(

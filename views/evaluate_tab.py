@@ -41,6 +41,15 @@ def _label(session: Session) -> str:
     return f"#{len(session.evals) + 1} {method} {layout}{plan}"
 
 
+def _speed(r: dict, key: str, ndigits: int | None = None, ratio: bool = False) -> float | None:
+    """A run's measured speed (``key``: tokens_per_s, decode_tokens_per_s, ref_...), or its ratio to the dense
+    model's; None where nothing was timed (a streamed evaluation)."""
+    if key not in r:
+        return None
+    value = r[key] / r[f"ref_{key}"] if ratio else r[key]
+    return round(value, ndigits)
+
+
 def runs_table(evals: tuple[dict, ...]) -> list[list]:
     """Rows for the runs table: the dense reference of the first run, then every run of the session."""
     rows = []
@@ -48,13 +57,13 @@ def runs_table(evals: tuple[dict, ...]) -> list[list]:
         tokens = r["n_windows"] * r["seq_len"]
         if i == 0:
             rows.append(["dense", r["reference"], r["text"], tokens, round(r["ppl_ref"], 3), 0.0, 1.0,
-                         r["ref_active_params"], "", round(r["ref_tokens_per_s"]), 1.0,
-                         round(r["ref_decode_tokens_per_s"], 1), 1.0])  # fmt: skip
+                         r["ref_active_params"], "", _speed(r, "ref_tokens_per_s"), 1.0,
+                         _speed(r, "ref_decode_tokens_per_s", 1), 1.0])  # fmt: skip
         rows.append([
             r["label"], r["model"].rsplit("/", 1)[-1], r["text"], tokens, round(r["ppl"], 3), round(r["kl"], 5),
-            round(r["agreement"], 4), r["active_params"], r.get("flops_per_token"), round(r["tokens_per_s"]),
-            round(r["tokens_per_s"] / r["ref_tokens_per_s"], 3), round(r["decode_tokens_per_s"], 1),
-            round(r["decode_tokens_per_s"] / r["ref_decode_tokens_per_s"], 3),
+            round(r["agreement"], 4), r["active_params"], r.get("flops_per_token"), _speed(r, "tokens_per_s"),
+            _speed(r, "tokens_per_s", 3, ratio=True), _speed(r, "decode_tokens_per_s", 1),
+            _speed(r, "decode_tokens_per_s", 3, ratio=True),
         ])  # fmt: skip
     return rows
 
@@ -87,8 +96,8 @@ def charts(evals: tuple[dict, ...]):
     first = evals[0]
     ppl = [first["ppl_ref"]] + [r["ppl"] for r in evals]
     speed = {  # each run against the dense model measured in the same run
-        "prefill": [1.0] + [r["tokens_per_s"] / r["ref_tokens_per_s"] for r in evals],
-        "decode": [1.0] + [r["decode_tokens_per_s"] / r["ref_decode_tokens_per_s"] for r in evals],
+        "prefill": [1.0] + [_speed(r, "tokens_per_s", 4, ratio=True) for r in evals],
+        "decode": [1.0] + [_speed(r, "decode_tokens_per_s", 4, ratio=True) for r in evals],
     }
     active = [first["ref_active_params"] / 1e6] + [r["active_params"] / 1e6 for r in evals]
     return (
@@ -104,16 +113,26 @@ def card(r: dict) -> str:
         widgets.tile(f"{r['ppl'] / r['ppl_ref'] - 1:+.1%}", "perplexity change"),
         widgets.tile(f"{r['kl']:.4f}", "KL(dense || MoE), nats/token"),
         widgets.tile(f"{r['agreement']:.1%}", "top-1 agreement with dense"),
-        widgets.tile(f"{r['tokens_per_s']:,.0f}", f"tokens/s prefill (dense {r['ref_tokens_per_s']:,.0f})"),
-        widgets.tile(
-            f"{r['decode_tokens_per_s']:,.1f}",
-            f"tokens/s decode, batch 1 (dense {r['ref_decode_tokens_per_s']:,.1f})",
-        ),
-        widgets.tile(f"{r.get('flops_ratio', 0):.1%}", "FLOPs per token vs dense"),
     ]
+    if "tokens_per_s" in r:
+        tiles += [
+            widgets.tile(
+                f"{r['tokens_per_s']:,.0f}", f"tokens/s prefill (dense {r['ref_tokens_per_s']:,.0f})"
+            ),
+            widgets.tile(
+                f"{r['decode_tokens_per_s']:,.1f}",
+                f"tokens/s decode, batch 1 (dense {r['ref_decode_tokens_per_s']:,.1f})",
+            ),
+        ]
+        timing = "speed measured now, in this process, on this machine"
+    else:
+        timing = (
+            "streamed one decoder layer at a time, so no speed was measured (it would need the whole model)"
+        )
+    tiles.append(widgets.tile(f"{r.get('flops_ratio', 0):.1%}", "FLOPs per token vs dense"))
     footer = (
         f'<div class="moe-bar-label">{r["n_windows"]} windows x {r["seq_len"]} tokens of <code>{r["text"]}</code>; '
-        f"speed measured now, in this process, on this machine ({r['seconds']:.1f} s scoring).</div>"
+        f"{timing} ({r['seconds']:.1f} s scoring).</div>"
     )
     return widgets.card(f"Run {r['label']}", tiles, footer)
 
@@ -149,9 +168,18 @@ def run(session: Session, text, n_windows, seq_len, tasks, limit, progress=gr.Pr
         text=(text or "auto").strip(), n_windows=int(n_windows), seq_len=int(seq_len),
         tasks=tuple(tasks or ()), limit=int(limit or EvalConfig.limit),
     )  # fmt: skip
-    report = evaluate_pair(
-        session.dense, session.moe, cfg, progress=lambda f, m: progress(f, desc=m), cancel=session.cancel
-    )
+    progress_ = lambda f, m: progress(f, desc=m)  # noqa: E731
+    if session.source is None:
+        report = evaluate_pair(session.dense, session.moe, cfg, progress=progress_, cancel=session.cancel)
+    else:  # the converted folder, one decoder layer at a time, against the streamed source
+        from moe_core.config import ModelConfig
+        from moe_core.pipeline import evaluate_streamed
+
+        folder = ModelConfig(
+            spec=str(session.workspace.path("converted")), device=session.dense.device.type,
+            max_memory=session.max_memory,
+        )  # fmt: skip
+        report = evaluate_streamed(folder, cfg, session.dense.spec, progress=progress_, cancel=session.cancel)
     result = result_row(report, cfg.limit) | {"label": _label(session)}
     session = replace(session, evals=(*session.evals, result))
     return _outputs(session, card(result))

@@ -8,7 +8,7 @@ from dataclasses import replace
 import gradio as gr
 
 from views import widgets
-from views.state import Session
+from views.state import Session, needs_whole_model
 
 NO_MOE = "Convert a model in the **Convert** tab first (and optionally apply a routing plan)."
 READY = "Pick a format and press **Build export**."
@@ -52,6 +52,7 @@ def build_export(
 
     if session.moe is None:
         raise gr.Error(NO_MOE.replace("**", ""), print_exception=False)
+    needs_whole_model(session, "Export (its fidelity check reloads the export whole)")
     session.cancel.clear()
     run = dict(session.run_config or {})
     if session.plan is not None:

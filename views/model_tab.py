@@ -30,8 +30,9 @@ class ModelTab:
     loaded: object  # the load event's Dependency; other tabs chain `.then(...)` onto it
 
 
-def summary_html(spec: str, s: ModelSummary) -> str:
-    """The summary card: one tile per number, and a bar for the FFN's share of the parameters."""
+def summary_html(spec: str, s: ModelSummary, streamed: str | None = None) -> str:
+    """The summary card: one tile per number, and a bar for the FFN's share of the parameters; streamed: the max
+    memory a streamed model is larger than (the card then says what streams)."""
     tiles = [
         widgets.tile(str(s.n_layers), "decoder layers"),
         widgets.tile(str(s.hidden_size), "hidden size H"),
@@ -40,22 +41,42 @@ def summary_html(spec: str, s: ModelSummary) -> str:
         widgets.tile(f"{s.ffn_params / 1e6:,.1f} M", "in FFNs (convertible)"),
         widgets.tile(f"{s.memory_mb:,.0f} MB", f"{s.dtype} on {s.device}"),
     ]
+    if streamed is not None:
+        tiles[-1] = widgets.tile(f"{s.memory_mb:,.0f} MB", f"{s.dtype}, more than max memory {streamed}")
     share = 100 * s.ffn_share
     bar = (
         f'<div class="moe-bar"><div class="moe-bar-fill" style="width:{share:.1f}%"></div></div>'
         f'<div class="moe-bar-label">FFN share of the parameters: <b>{share:.1f} %</b>; this is the part '
         "that becomes experts.</div>"
     )
+    if streamed is not None:
+        bar += (
+            '<div class="moe-bar-label"><b>Streamed</b>: one decoder layer in memory at a time. Profile, Convert '
+            "(one expert shape in every layer, no distillation) and Evaluate (perplexity, agreement) read it layer "
+            "by layer; the Design budget, the routing sweep, Compare and Export need the whole model.</div>"
+        )
     title = f"{html.escape(s.family)} model <code>{html.escape(spec)}</code>"
     return widgets.card(title, tiles, bar)
 
 
 @widgets.guarded("Could not load the model", outputs=2)
-def load(spec: str, device: str, trust_remote_code: bool, session: Session, progress=gr.Progress()):
-    """Load a model into the session (dropping everything made from the previous one): (Session, summary)."""
+def load(spec: str, device: str, trust_remote_code: bool, session: Session, max_memory: str = "",
+         progress=gr.Progress()):  # fmt: skip
+    """Load a model into the session (dropping everything made from the previous one): (Session, summary).
+
+    max_memory (e.g. "2GB"; empty: none): a local model folder larger than it is not loaded but opened for
+    streaming (moe_core.streaming.open_model: its config, tokenizer, embeddings and final norm)."""
+    from moe_core.config import ModelConfig
     from moe_core.model_io import load_model
+    from moe_core.streaming import open_model, should_stream
 
     spec = (spec or "").strip() or DEFAULT_MODEL
+    model_cfg = ModelConfig(spec=spec, device=device, max_memory=(max_memory or "").strip() or None)
+    if should_stream(model_cfg):
+        progress(0, desc=f"Opening {spec} for streaming")
+        source = open_model(spec, device, trust_remote_code=bool(trust_remote_code))
+        summary = summary_html(spec, source.dense.summary(), streamed=model_cfg.max_memory)
+        return new_model(session, source.dense, source, model_cfg.max_memory), summary
     caught = []
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -99,12 +120,19 @@ def build(state: gr.State, demo: gr.Blocks, default: str = DEFAULT_MODEL) -> Mod
                 label="Trust remote code",
                 info="Runs Python code from the model's repository; only for sources you trust.",
             )
+            max_memory = gr.Textbox(
+                "",
+                label="Max memory",
+                placeholder="e.g. 2GB",
+                info="A local model folder larger than this is streamed, one decoder layer at a time; empty: load "
+                "it whole.",
+            )
         summary = gr.HTML(EMPTY)
         gr.Markdown(ABOUT, elem_classes="moe-about")
     loaded = gr.on(
         [button.click, demo.load],
         load,
-        [source, device, trust, state],
+        [source, device, trust, state, max_memory],
         [state, summary],
         api_name="load_model",
         concurrency_id="heavy",

@@ -202,7 +202,7 @@ def grouped_bars(title: str, labels: list[str], series: dict[str, list[float]], 
                 x=labels,
                 y=values,
                 marker_color=SERIES_COLORS[i % len(SERIES_COLORS)],
-                text=[f"{v:{fmt}}" for v in values],
+                text=["n/a" if v is None else f"{v:{fmt}}" for v in values],  # None: not measured
                 textposition="outside",
                 cliponaxis=False,
                 hovertemplate=f"%{{x}}<br>{name} %{{y:.4g}}<extra></extra>",

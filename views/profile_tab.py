@@ -68,6 +68,8 @@ def command(session: Session, text: str, n_sequences, seq_len, k_act, seed) -> s
     args += ["--n-sequences", n_sequences, "--seq-len", seq_len, "--k-act", k_act, "--seed", seed]
     if session.dense is not None and session.dense.device.type != "cpu":
         args += ["--device", session.dense.device.type]
+    if session.max_memory is not None:
+        args += ["--max-memory", session.max_memory]
     return shlex.join(
         [str(int(a)) if isinstance(a, float) else str(a) for a in args + ["--out", "outputs/profile"]]
     )
@@ -120,6 +122,16 @@ def summary_html(session: Session, seconds: float, preview: dict) -> str:
     return widgets.card(f"Activation profile of <code>{html.escape(s['model'])}</code>", tiles, footer)
 
 
+def _layers(session: Session):
+    """The session's model for a stage that reads it layer by layer: a streamed one reads each decoder layer from
+    its shards when its turn comes (moe_core.streaming.reading)."""
+    import contextlib
+
+    from moe_core.streaming import reading
+
+    return contextlib.nullcontext(session.dense) if session.source is None else reading(session.source)
+
+
 def run(session: Session, text, n_sequences, seq_len, k_act, seed, layer, progress=gr.Progress()):
     """Profile the session's model: (Session, summary, preview text, layer slider, 3 figures)."""
     from moe_core.profiling import Cancelled, profile_model
@@ -136,14 +148,15 @@ def run(session: Session, text, n_sequences, seq_len, k_act, seed, layer, progre
         progress(0, desc=f"Reading {data.text}")
         ids, preview = calibration(session.dense, data)
         preview["seq_len"] = data.seq_len
-        profile = profile_model(
-            session.dense,
-            ids,
-            k_act=k_act,
-            text_spec=data.text,
-            progress=lambda f, m: progress(f, desc=m),
-            cancel=session.cancel,
-        )
+        with _layers(session) as dense:
+            profile = profile_model(
+                dense,
+                ids,
+                k_act=k_act,
+                text_spec=data.text,
+                progress=lambda f, m: progress(f, desc=m),
+                cancel=session.cancel,
+            )
     except Cancelled:
         gr.Warning("Profiling cancelled; the previous profile is kept.")
         return (gr.skip(),) * 7

@@ -9,7 +9,7 @@ from dataclasses import asdict, replace
 import gradio as gr
 
 from views import plots, widgets
-from views.state import Session
+from views.state import Session, needs_whole_model
 
 NO_MOE = "Convert a model in the **Convert** tab first; the sweep tries every routing policy on each of its layers."
 READY = "Press **Sweep** to measure every routing policy on each layer."
@@ -56,6 +56,7 @@ def run(session: Session, text, n_windows, seq_len, repeats, progress=gr.Progres
 
     if session.moe is None:
         raise gr.Error(NO_MOE.replace("**", ""), print_exception=False)
+    needs_whole_model(session, "The routing sweep")
     session.cancel.clear()
     cfg = SweepConfig(
         text=(text or _default_text()).strip(), n_windows=int(n_windows), seq_len=int(seq_len),

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from moe_core.export import ExportResult
     from moe_core.model_io import DenseModel
     from moe_core.profiling import ActivationProfile
+    from moe_core.streaming import Source
     from moe_core.sweep import Plan, SweepResult
 
 OUTPUT_ROOT = Path(
@@ -71,6 +72,11 @@ class Session:
     """What one browser session has built so far; handlers return a new one (`dataclasses.replace`)."""
 
     dense: DenseModel | None = None
+    # a model folder larger than the Model tab's max memory, opened for streaming (moe_core.streaming): ``dense``
+    # is then its shell (embeddings and final norm read, decoder layers on the meta device), and every stage
+    # reads one decoder layer at a time or says that it cannot
+    source: Source | None = None
+    max_memory: str | None = None
     profile: ActivationProfile | None = None
     sensitivity: Sensitivity | None = None  # per-layer KL of the Design tab's budget mode (dense model's)
     moe: DenseModel | None = None  # the converted model (MoE layers), after Convert or a routing plan
@@ -86,6 +92,23 @@ class Session:
     workspace: Workspace = field(default_factory=Workspace, compare=False, repr=False)
 
 
-def new_model(session: Session, dense) -> Session:
-    """A session with a freshly loaded model: everything derived from the previous one is dropped."""
-    return Session(dense=dense, evals=session.evals, cancel=session.cancel, workspace=session.workspace)
+def new_model(
+    session: Session, dense, source: Source | None = None, max_memory: str | None = None
+) -> Session:
+    """A session with a freshly loaded model (or a streamed ``source``, whose shell ``dense`` is): everything
+    derived from the previous one is dropped."""
+    return Session(
+        dense=dense, source=source, max_memory=max_memory, evals=session.evals, cancel=session.cancel,
+        workspace=session.workspace,
+    )  # fmt: skip
+
+
+def needs_whole_model(session: Session, what: str) -> None:
+    """ValueError when the session's model streams: ``what`` (e.g. "Generation") runs the whole model at once."""
+    if session.source is not None:
+        raise ValueError(
+            f"{what} runs the whole model at once, and {session.dense.spec} is larger than the Model tab's max "
+            f"memory ({session.max_memory}), so it streams one decoder layer at a time. Profile, Convert (one "
+            "expert shape in every layer, no distillation) and Evaluate (perplexity and agreement) stream; for the "
+            "rest, raise or clear the max memory and load the model again, on a machine that holds it."
+        )
