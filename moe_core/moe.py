@@ -141,6 +141,8 @@ class MoEMLP(nn.Module):
         self.register_buffer("selection_bias", torch.zeros(n_experts))  # CMoE's b, selection only
         self.register_buffer("load_counts", torch.zeros(n_experts), persistent=False)
         self.policy, self.temperature, self.balance_gamma = policy, 1.0, 0.0
+        # False while distilling (moe_core.distill): the router still trains, but sends no gradient into its input
+        self.router_input_grad = True
         self.track_load, self.tokens_seen, self.slots_used = False, 0, 0
         self._decode_weights: fast.DecodeWeights | None = None  # built on the first CPU decode step
         self.set_policy(policy)
@@ -186,7 +188,7 @@ class MoEMLP(nn.Module):
     # ------------------------------------------------------------------ routing
     def probabilities(self, x):
         """x (T, H) -> p = softmax(router(x) / temperature) (T, E), float32: what selection ranks and gates weigh."""
-        scores = self.router(x)  # (T, E) float32
+        scores = self.router(x if self.router_input_grad else x.detach())  # (T, E) float32
         if self.temperature != 1.0:  # skipped at 1: a scalar op costs as much as the softmax on a decode step
             scores = scores / self.temperature
         return torch.softmax(scores, dim=-1)

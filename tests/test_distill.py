@@ -8,6 +8,7 @@ from moe_core.config import CMoEConfig, DistillConfig, RoutingConfig
 from moe_core.distill import CHECKPOINT, distill, kl_loss, part_params, teacher_topk
 from moe_core.methods import convert
 from moe_core.model_io import tiny_model
+from moe_core.moe import MoEMLP
 
 
 def ids(dense, n, length=32, seed=0):
@@ -61,6 +62,42 @@ def test_only_the_named_parts_change(dense):
     after = weights(moe)
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed and changed <= trained
+
+
+def blocks(moe):
+    return [m for m in moe.model.modules() if isinstance(m, MoEMLP)]
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_detached_router_input_keeps_the_router_gradient(dense, native):
+    """Detaching changes only the hidden states' gradient, and only where the gates are the router's probabilities."""
+    block = blocks(converted(dense, native))[0]
+    x = torch.randn(16, block.hidden_size)
+    grads = []
+    for flowing in (True, False):
+        block.router_input_grad = flowing
+        xg = x.clone().requires_grad_(True)
+        block.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            block(xg).square().sum().backward()
+        router = [p.grad for p in block.router.parameters()]
+        grads.append((xg.grad, torch.cat([torch.zeros(1) if g is None else g.flatten() for g in router])))
+    (x_flow, r_flow), (x_cut, r_cut) = grads
+    assert torch.allclose(r_flow, r_cut, atol=1e-6)  # the router trains the same either way
+    assert (r_flow.abs().sum() > 0) == native  # unit gates: the router gets no gradient at all
+    assert torch.allclose(x_flow, x_cut, atol=1e-6) != native
+
+
+def test_distillation_detaches_the_router_input_and_restores_it(dense):
+    moe = converted(dense, native=True)
+    seen = []
+    before = weights(moe)
+    cfg = DistillConfig(tokens=4 * 32, seq_len=32, train=("routers",), lr=1e-2)
+    on_step = lambda record: seen.append([b.router_input_grad for b in blocks(moe)])  # noqa: E731
+    distill(moe, dense, cfg, ids(dense, 4), ids(dense, 1, seed=9), on_step=on_step)
+    assert seen and not any(flag for step in seen for flag in step)
+    assert all(b.router_input_grad for b in blocks(moe))
+    assert any(not torch.equal(before[n], p) for n, p in moe.model.named_parameters() if "router" in n)
 
 
 def test_lora_merges_and_leaves_a_plain_model(dense):
