@@ -253,7 +253,11 @@ def test_the_app_streams_a_folder_larger_than_its_max_memory(tmp_path_factory):
         profiles[limit] = session.profile
         if limit:  # the default design (a per-layer budget) and distillation need the whole model
             with pytest.raises(gr.Error, match="Design tab to uniform"):
-                list(convert_tab.convert(session, *DATA, *DESIGN[:2], "budget", *DESIGN[3:], "cmoe", *options()))
+                list(
+                    convert_tab.convert(
+                        session, *DATA, *DESIGN[:2], "budget", *DESIGN[3:], "cmoe", *options()
+                    )
+                )
         no_distill = options(**{"distill.enabled": False})
         session = list(convert_tab.convert(session, *DATA, *DESIGN, "cmoe", *no_distill))[-1][0]
         session = evaluate_tab.run(session, "builtin:pydoc", 2, 16, [], 5)[0]
