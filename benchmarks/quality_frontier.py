@@ -148,10 +148,11 @@ def build_distill(b: Bench, budget: float):
         tokens=b.args.distill_tokens,
         max_minutes=b.args.distill_minutes,
         lr=b.args.distill_lr,
+        train=tuple(part.strip() for part in b.args.distill_train.split(",") if part.strip()),
     )
     stats = distill(moe, b.dense, cfg, progress=_every(0.05, "distill"))
     notes = {k: stats[k] for k in ("steps", "tokens", "stopped", "held_out_kl")}
-    return moe, notes | {"distill_minutes": round(stats["seconds"] / 60, 1)}
+    return moe, notes | {"distill_minutes": round(stats["seconds"] / 60, 1), "train": ",".join(cfg.train)}
 
 
 def build_ladimo(b: Bench, budget: float):
@@ -270,6 +271,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "so the learning rate's cosine decay runs to its end",
     )
     p.add_argument("--distill-lr", type=float, default=DistillConfig().lr)
+    p.add_argument(
+        "--distill-train",
+        default=",".join(DistillConfig().train),
+        help="what distillation trains (moe_core.distill.PARTS, comma-separated); add attention for the "
+        "attention layers too",
+    )
     p.add_argument("--speed-repeats", type=int, default=3)
     p.add_argument("--no-speed", action="store_true")
     p.add_argument(
