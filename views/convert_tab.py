@@ -17,7 +17,7 @@ from views.data_tab import DataTab, data_config
 from views.design_tab import DEFAULTS as DESIGN_DEFAULTS
 from views.design_tab import N_INPUTS as N_DESIGN
 from views.design_tab import Design, DesignTab, design
-from views.state import Session
+from views.state import CONVERTED, Session
 
 NO_MODEL = (
     "Load a model in the **Model** tab first; the layout comes from **Design**, the text from **Data**."
@@ -411,7 +411,7 @@ def convert(session: Session, *values, progress=gr.Progress()):
         convert_run,
         session.dense,
         cfg,
-        folder=session.workspace.path("converted"),
+        folder=session.workspace.path(CONVERTED),
         progress=_log(lines, start)(progress),
         cancel=session.cancel,
         on_step=records.append,

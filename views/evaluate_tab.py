@@ -8,7 +8,7 @@ from dataclasses import replace
 import gradio as gr
 
 from views import plots, widgets
-from views.state import Session
+from views.state import CONVERTED, Session
 
 NO_MOE = (
     "Convert a model in the **Convert** tab first; evaluation compares it with the dense model it came from."
@@ -176,7 +176,7 @@ def run(session: Session, text, n_windows, seq_len, tasks, limit, progress=gr.Pr
         from moe_core.pipeline import evaluate_streamed
 
         folder = ModelConfig(
-            spec=str(session.workspace.path("converted")), device=session.dense.device.type,
+            spec=str(session.workspace.path(CONVERTED)), device=session.dense.device.type,
             max_memory=session.max_memory,
         )  # fmt: skip
         report = evaluate_streamed(folder, cfg, session.dense.spec, progress=progress_, cancel=session.cancel)

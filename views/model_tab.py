@@ -10,7 +10,7 @@ import gradio as gr
 
 from moe_core.model_io import DEFAULT_MODEL, GATED_FAMILIES, ModelSummary, RemoteCodeWarning, builtin_models
 from views import widgets
-from views.state import Session, new_model
+from views.state import STREAMED_STAGES, Session, new_model
 
 SOURCE_INFO = (
     "A builtin, a local model folder, a local .gguf file, or a Hugging Face hub id (org/name, needs network)."
@@ -51,9 +51,9 @@ def summary_html(spec: str, s: ModelSummary, streamed: str | None = None) -> str
     )
     if streamed is not None:
         bar += (
-            '<div class="moe-bar-label"><b>Streamed</b>: one decoder layer in memory at a time. Profile, Convert '
-            "(one expert shape in every layer, no distillation) and Evaluate (perplexity, agreement) read it layer "
-            "by layer; the Design budget, the routing sweep, Compare and Export need the whole model.</div>"
+            '<div class="moe-bar-label"><b>Streamed</b>: one decoder layer in memory at a time. '
+            f"{STREAMED_STAGES} read it layer by layer; the Design budget, the routing sweep, Compare and Export "
+            "need the whole model.</div>"
         )
     title = f"{html.escape(s.family)} model <code>{html.escape(spec)}</code>"
     return widgets.card(title, tiles, bar)

@@ -25,6 +25,11 @@ OUTPUT_ROOT = Path(
 )
 
 
+CONVERTED = "converted"  # the session folder a conversion is saved in (and a streamed evaluation reads)
+# what reads a streamed model one decoder layer at a time; everything else needs the whole model
+STREAMED_STAGES = "Profile, Convert (one expert shape in every layer, no distillation) and Evaluate (perplexity and agreement)"
+
+
 class CancelFlag:
     """A thread-safe cancel switch; calling it answers "cancelled?" (the library's `cancel()` contract)."""
 
@@ -108,7 +113,7 @@ def needs_whole_model(session: Session, what: str) -> None:
     if session.source is not None:
         raise ValueError(
             f"{what} runs the whole model at once, and {session.dense.spec} is larger than the Model tab's max "
-            f"memory ({session.max_memory}), so it streams one decoder layer at a time. Profile, Convert (one "
-            "expert shape in every layer, no distillation) and Evaluate (perplexity and agreement) stream; for the "
-            "rest, raise or clear the max memory and load the model again, on a machine that holds it."
+            f"memory ({session.max_memory}), so it streams one decoder layer at a time. {STREAMED_STAGES} "
+            "stream; for the rest, raise or clear the max memory and load the model again, on a machine that holds "
+            "it."
         )
