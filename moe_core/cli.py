@@ -483,7 +483,10 @@ def cmd_export(args) -> int:
     flags (the config's ``out`` is a conversion's folder, not the export's: --out names that). Export runs on the CPU: the writers, the router fit, and the reference pass that the clean-process
     reload (on the CPU) is compared with; --device is refused rather than ignored."""
     from .checkpoint import load_converted, read_json
+    from .config import ModelConfig
     from .export import ExportConfig, export_model
+    from .export.streamed import export_streamed
+    from .streaming import should_stream
 
     if not args.model:
         raise ValueError("export needs --model: a folder written by `python -m moe_core convert`.")
@@ -493,21 +496,29 @@ def cmd_export(args) -> int:
             "the model with the export reloaded on the CPU in a clean process. Drop --device."
         )
     base = load_config_file(args.config) if args.config else {}
+    flags = {"format": args.format, "zip": True if args.zip else None, "gguf_type": args.gguf_type}
+    flags |= {"width_align": args.width_align, "fit_router": False if args.no_fit else None}
+    cfg = from_dict(ExportConfig, _merge(base.get("export") or {}, _pick(flags)))
+    out = args.out or f"outputs/export-{cfg.format}"
+    if args.max_memory and should_stream(ModelConfig(spec=args.model, max_memory=args.max_memory)):
+        result = export_streamed(args.model, out, cfg, progress=_progress)  # one decoder layer at a time
+        return _export_summary(result, cfg)
     trust = bool(args.trust_remote_code or (base.get("model") or {}).get("trust_remote_code"))
     moe = load_converted(args.model, trust_remote_code=trust)  # a source family defined by its own code
     run_config, metrics = read_json(args.model, "run_config.json"), read_json(args.model, "metrics.json")
     data = _merge(run_config.get("data", {}), base.get("data") or {})
     data = from_dict(DataConfig, _merge(data, _overrides(args).get("data", {})))
     ids = _calibration_ids(moe, data)
-    flags = {"format": args.format, "zip": True if args.zip else None, "gguf_type": args.gguf_type}
-    flags |= {"width_align": args.width_align, "fit_router": False if args.no_fit else None}
-    cfg = from_dict(ExportConfig, _merge(base.get("export") or {}, _pick(flags)))
-    fmt = cfg.format
     result = export_model(
-        moe, args.out or f"outputs/export-{fmt}", cfg, calib_ids=ids, calib_text=data.text,
-        run_config=run_config, source_metrics=metrics, progress=_progress,
+        moe, out, cfg, calib_ids=ids, calib_text=data.text, run_config=run_config, source_metrics=metrics,
+        progress=_progress,
     )  # fmt: skip
-    f = result.fidelity
+    return _export_summary(result, cfg)
+
+
+def _export_summary(result, cfg) -> int:
+    """Print an export's JSON summary line: where it went and its fidelity."""
+    f, fmt = result.fidelity, cfg.format
     keys = ("max_abs_logit_diff", "kl", "top1_agreement", "ppl_internal", "ppl_export", "identical")
     summary = {"format": fmt, "out": str(result.folder), "zip": str(result.zip_path or "")}
     if fmt == "gguf":
@@ -534,6 +545,10 @@ def _export_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--zip", action="store_true", help="also write <out>.zip")
     p.add_argument("--no-fit", action="store_true", help="portable: naive router, no calibration fit")
+    p.add_argument(
+        "--max-memory",
+        help="e.g. 2GB: a converted folder larger than this is exported one layer at a time (exact, portable)",
+    )
 
 
 def _profile_flags(p: argparse.ArgumentParser) -> None:

@@ -12,7 +12,8 @@ into the model: it is copied from the input shards to the output ones.
 The output is this project's converted checkpoint (``moe_core.checkpoint``), in numbered shards with an index,
 so ``load_converted`` and every export read it as they read an in-memory conversion's; on the same folder the
 two give identical weights. What streams: CMoE with its routing step (each layer routed and refitted as it is
-carved), and profiling (:func:`reading`: each layer read, profiled and freed, nothing written). What cannot,
+carved), profiling (:func:`reading`: each layer read, profiled and freed, nothing written), evaluation, and the
+exact and portable exports (``moe_core.export.streamed``). What cannot,
 refused before anything is read, with what would run it: the per-layer budget's
 sensitivity measurement, distillation and fine-tuning (they train through the whole model), a routing plan,
 and the methods that need the whole model at once (LaDiMo's and DIVE's routing pass, DIVE's mining, FLAP's
@@ -149,6 +150,18 @@ def _tie(model: torch.nn.Module) -> None:
     model.get_output_embeddings().weight = model.get_input_embeddings().weight
 
 
+def read_module(module, reader: ShardReader, prefix: str, dtype, device="cpu", wanted=None) -> None:
+    """Read ``module``'s tensors that are on the meta device from the shards (names ``prefix`` + its own), in
+    ``dtype``; ``wanted(name)`` picks some of them. Running state that is never saved (an MoE block's load
+    counts) starts at zero."""
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if tensor.is_meta and (wanted is None or wanted(name)):
+            _set(module, name, reader.get(prefix + name, dtype).to(device))
+    for name, buffer in module.named_buffers():
+        if buffer.is_meta and (wanted is None or wanted(name)):
+            _set(module, name, torch.zeros(buffer.shape, dtype=buffer.dtype, device=device))
+
+
 class LayerStream:
     """What the layer-by-layer driver asks of a model that is not whole in memory: ``load(model, i)`` before
     layer i runs, ``done(model, i)`` once its outputs are computed (its tensors are written and freed). Without a
@@ -180,16 +193,8 @@ class LayerStream:
 
     def load(self, dense, i: int) -> None:
         """Read decoder layer i's weights from the shards into ``dense`` (a DenseModel), then check its MLP."""
-        prefix, layer = self._prefix(i), self.adapter.layers(dense.model)[i]
-        for name, tensor in layer.state_dict(keep_vars=True).items():
-            if tensor.is_meta:
-                value = self.reader.get(prefix + name, self.dtype).to(self.device)
-                _set(layer, name, value)
-        for name, buffer in layer.named_buffers():
-            if (
-                buffer.is_meta
-            ):  # running state that is never saved (an MoE block's load counts): starts at zero
-                _set(layer, name, torch.zeros(buffer.shape, dtype=buffer.dtype, device=self.device))
+        layer = self.adapter.layers(dense.model)[i]
+        read_module(layer, self.reader, self._prefix(i), self.dtype, self.device)
         self.adapter.check(dense.model)  # skips the layers still on the meta device
 
     def done(self, dense, i: int) -> None:

@@ -211,6 +211,68 @@ def test_what_cannot_stream_is_refused_before_anything_is_read(source, tmp_path,
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp-*"))
 
 
+@pytest.fixture(scope="module")
+def converted(source, tmp_path_factory):
+    """The source converted by streaming, in the native routing form (each layer's routing exact in Qwen2-MoE)."""
+    folder = tmp_path_factory.mktemp("converted") / "conv"
+    opened = open_model(source)
+    convert_run(opened.dense, _run(source, routing={"form": "native"}), folder=folder, source=opened)
+    return folder
+
+
+@pytest.mark.parametrize("fmt", ["portable", "exact"])
+def test_a_streamed_export_writes_the_in_memory_exports_tensors(converted, tmp_path, fmt, monkeypatch):
+    """Exported one decoder layer at a time, never more than one in the model: the in-memory export's tensors
+    exactly, and (portable) a layer-by-layer fidelity equal to the whole export reloaded in a clean process."""
+    from moe_core.export import ExportConfig, export_model, verify
+    from moe_core.export.streamed import export_streamed
+
+    seen, load = [], LayerStream.load
+
+    def counting(self, dense, i):
+        load(self, dense, i)
+        layers = dense.adapter.layers(dense.model)
+        seen.append([j for j, layer in enumerate(layers) if not next(layer.parameters()).is_meta])
+
+    monkeypatch.setattr(LayerStream, "load", counting)
+    streamed = export_streamed(converted, tmp_path / "s", ExportConfig(format=fmt))
+    moe = load_converted(converted)
+    assert seen == ([[i] for i in range(moe.n_layers)] if fmt == "portable" else [])
+    export_model(moe, tmp_path / "m", ExportConfig(format=fmt, verify=False))
+    a, b = ShardReader(tmp_path / "s"), ShardReader(tmp_path / "m")
+    assert set(a.files) == set(b.files) and len(a.files) > 1
+    for name in a.files:
+        assert torch.equal(a.get(name), b.get(name)), name
+    reloaded = verify(moe, [(tmp_path / "s", fmt == "exact")])[0]
+    assert reloaded["identical"] and reloaded["generation_match"] and streamed.fidelity["identical"]
+    if fmt == "portable":
+        for key in ("max_abs_logit_diff", "kl", "top1_agreement", "ppl_internal", "ppl_export"):
+            assert streamed.fidelity[key] == pytest.approx(reloaded[key], rel=1e-4, abs=1e-6), key
+    else:
+        assert streamed.fidelity["check"] == "structure" and streamed.fidelity["tensors"] == len(a.files)
+    assert "one decoder layer at a time" in (tmp_path / "s" / "README.md").read_text()
+
+
+def test_what_a_streamed_export_cannot_write_is_refused_with_what_would(source, converted, tmp_path, capsys):
+    from moe_core.export import ExportConfig, ExportError
+    from moe_core.export.streamed import export_streamed
+
+    # the default routing form is approximated in Qwen2-MoE: its routers are fitted on the whole model
+    analytic = tmp_path / "analytic"
+    opened = open_model(source)
+    convert_run(opened.dense, _run(source), folder=analytic, source=opened)
+    with pytest.raises(ExportError, match="no exact Qwen2-MoE form.*--routing-form native"):
+        export_streamed(analytic, tmp_path / "x", ExportConfig(format="portable"))
+    with pytest.raises(ExportError, match="--format gguf does not stream"):
+        export_streamed(converted, tmp_path / "x", ExportConfig(format="gguf"))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+    argv = ["export", "--model", str(converted), "--max-memory", "10KB", "--out", str(tmp_path / "cli")]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    metrics = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    assert printed["identical"] is True and metrics["fidelity"]["streamed"] is True
+
+
 def test_memory_sizes_parse_and_bad_ones_say_how_to_write_them():
     assert parse_bytes("2GB") == 2 * 10**9 and parse_bytes("1.5 GiB") == int(1.5 * 2**30)
     assert parse_bytes("800mb") == 800 * 10**6 and parse_bytes(None) is None
@@ -270,5 +332,19 @@ def test_the_app_streams_a_folder_larger_than_its_max_memory(tmp_path_factory):
         assert evals["10KB"][key] == pytest.approx(evals[""][key], rel=1e-4, abs=1e-6), key
     with pytest.raises(gr.Error, match="larger than the Model tab's max memory"):
         compare_tab.run(streamed, "Hello", 4)
-    with pytest.raises(gr.Error, match="larger than the Model tab's max memory"):
+    for tab in (
+        convert_tab,
+        evaluate_tab,
+        compare_tab,
+        export_tab,
+    ):  # after a streamed conversion (blocks on meta)
+        assert tab.status_text(streamed)
+    assert "one decoder layer at a time" in export_tab.status_text(streamed)
+    exported, shown = export_tab.build_export(streamed, "exact", True)[:2]
+    assert exported.export.fidelity["streamed"] and "one decoder layer at a time" in shown
+    with pytest.raises(
+        gr.Error, match="routing-form native"
+    ):  # the default routing form is approximated there
         export_tab.build_export(streamed, "portable", True)
+    with pytest.raises(gr.Error, match="larger than the Model tab's max memory"):
+        export_tab.build_export(streamed, "gguf", True)

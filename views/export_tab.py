@@ -8,7 +8,7 @@ from dataclasses import replace
 import gradio as gr
 
 from views import widgets
-from views.state import Session, needs_whole_model
+from views.state import CONVERTED, Session, needs_whole_model
 
 NO_MOE = "Convert a model in the **Convert** tab first (and optionally apply a routing plan)."
 READY = "Pick a format and press **Build export**."
@@ -31,7 +31,12 @@ def result_html(r) -> str:
     tiles = [widgets.tile(r.format, f"format ({r.architecture})")]
     if r.gguf:
         tiles.append(widgets.tile(f"{r.gguf['bytes'] / 2**20:.0f} MiB", f"{r.gguf['file']}, read back"))
-    if f:
+    if f.get("check") == "structure":  # a streamed exact export: checked against its own class, not reloaded
+        tiles += [
+            widgets.tile("identical", "the converted tensors, copied"),
+            widgets.tile(str(f["tensors"]), f"tensors {f['loaded_class']} expects"),
+        ]
+    elif f:
         tiles += [
             widgets.tile("identical" if f["identical"] else "approximate", "vs the internal model"),
             widgets.tile(f"{f['max_abs_logit_diff']:.2g}", "max |logit difference|"),
@@ -39,7 +44,12 @@ def result_html(r) -> str:
             widgets.tile(f"{f['top1_agreement']:.1%}", "top-1 agreement"),
         ]
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in r.notes)
-    footer = f'<div class="moe-bar-label">Reloaded with AutoModelForCausalLM in a clean process.<ul>{notes}</ul></div>'
+    how = (
+        "Written and checked one decoder layer at a time (the model streams)."
+        if f.get("streamed")
+        else "Reloaded with AutoModelForCausalLM in a clean process."
+    )
+    footer = f'<div class="moe-bar-label">{how}<ul>{notes}</ul></div>'
     return widgets.card(f"Export <code>{html.escape(r.folder.name)}</code>", tiles, footer)
 
 
@@ -49,19 +59,32 @@ def build_export(
 ):
     """Export the session's converted model: (Session, result card, model card markdown, zip path)."""
     from moe_core.export import ExportConfig, export_model
+    from moe_core.export.streamed import STREAMED_FORMATS, export_streamed
 
     if session.moe is None:
         raise gr.Error(NO_MOE.replace("**", ""), print_exception=False)
-    needs_whole_model(session, "Export (its fidelity check reloads the export whole)")
+    cfg = ExportConfig(format=fmt, fit_router=bool(fit_router), zip=True, gguf_type=gguf_type)
+    out, report = session.workspace.path(f"export-{fmt}"), lambda f, m: progress(f, desc=m)
     session.cancel.clear()
+    if session.source is not None:  # the model streams: so does its export, from the saved conversion
+        if fmt not in STREAMED_FORMATS:
+            needs_whole_model(session, f"The {fmt} export (written from the whole model)")
+        result = export_streamed(
+            session.workspace.path(CONVERTED), out, cfg, progress=report, cancel=session.cancel
+        )
+        return _shown(session, result)
     run = dict(session.run_config or {})
     if session.plan is not None:
         run["plan"] = session.plan.to_dict()
     result = export_model(
-        session.moe, session.workspace.path(f"export-{fmt}"), ExportConfig(format=fmt, fit_router=bool(fit_router), zip=True, gguf_type=gguf_type),
-        calib_ids=session.calib_ids, calib_text=run.get("data", {}).get("text"), run_config=run,
-        source_metrics=session.metrics, progress=lambda f, m: progress(f, desc=m), cancel=session.cancel,
+        session.moe, out, cfg, calib_ids=session.calib_ids, calib_text=run.get("data", {}).get("text"),
+        run_config=run, source_metrics=session.metrics, progress=report, cancel=session.cancel,
     )  # fmt: skip
+    return _shown(session, result)
+
+
+def _shown(session: Session, result):
+    """(Session with the export, result card, model card markdown, zip download) for the tab."""
     card = (result.folder / "README.md").read_text()
     return (
         replace(session, export=result),
@@ -91,10 +114,19 @@ PER_LAYER = (
 )
 
 
+STREAMED = (
+    "The model streams: **exact** and **portable** export it one decoder layer at a time (portable only where "
+    "the routing is exact in Qwen2-MoE: routing form *native*); llama.cpp and GGUF need the whole model. "
+    + READY
+)
+
+
 def status_text(session: Session) -> str:
     from moe_core.evaluate import moe_blocks
     from moe_core.export.routing import approximation_reasons
 
+    if session.source is not None:  # the blocks are on the meta device: their routing is read at export
+        return widgets.converted_status(session, NO_MOE, STREAMED)
     blocks = moe_blocks(session.moe).values() if session.moe is not None else []
     counts = sorted({b.n_experts for b in blocks})
     reasons = [r for b in blocks for r in approximation_reasons(b)]

@@ -27,7 +27,10 @@ OUTPUT_ROOT = Path(
 
 CONVERTED = "converted"  # the session folder a conversion is saved in (and a streamed evaluation reads)
 # what reads a streamed model one decoder layer at a time; everything else needs the whole model
-STREAMED_STAGES = "Profile, Convert (one expert shape in every layer, no distillation) and Evaluate (perplexity and agreement)"
+STREAMED_STAGES = (
+    "Profile, Convert (one expert shape in every layer, no distillation), Evaluate (perplexity and agreement) and "
+    "Export (exact, and portable where the routing is native)"
+)
 
 
 class CancelFlag:

@@ -43,19 +43,41 @@ def export_model(
     records; calib_text: the calibration source's name; run_config / source_metrics: the conversion's
     run config and metrics (defaults: those of ``moe``, a ConvertedModel; none for a bare model).
     """
-    cfg, start = cfg or ExportConfig(), time.perf_counter()
-    out = Path(out)
-    check_destination(out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    cfg = cfg or ExportConfig()
+
+    def write(tmp: Path) -> ExportResult:
         result = _write(moe, tmp, cfg, calib_ids, progress, cancel)
         check_cancel(cancel)
         if cfg.verify:
             _progress(progress, 0.8, "Reloading the export in a clean process")
             result.fidelity = verify(moe, [(tmp, cfg.format == "exact")])[0]
-        meta = provenance(moe, cfg, calib_ids, calib_text, run_config, source_metrics)
+        return result
+
+    def meta() -> dict:
+        return provenance(moe, cfg, calib_ids, calib_text, run_config, source_metrics)
+
+    return write_export(out, cfg, write, meta, progress, cancel)
+
+
+def write_export(
+    out: str | Path,
+    cfg: ExportConfig,
+    write: Callable[[Path], ExportResult],
+    provenance_of: Callable[[], dict],
+    progress=None,
+    cancel=None,
+) -> ExportResult:
+    """What every export does around its writer: refuse a destination that is not an earlier export, ``write``
+    (weights, configs, fidelity) into ``<out>.partial``, add the reports and model card, rename it into place (a
+    reader never sees half an export; a failure or a cancel leaves nothing behind), zip it when asked."""
+    start, out = time.perf_counter(), Path(out)
+    check_destination(out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        result = write(tmp)
+        meta = provenance_of()
         meta["seconds"], meta["name"] = round(time.perf_counter() - start, 2), out.name
         if cfg.format in ("portable", "llamacpp"):
             meta["native_config"] = json.loads((tmp / "config.json").read_text())

@@ -46,8 +46,9 @@ class ExportError(ValueError):
 # Which families fit
 
 
-def native_problems(model) -> list[str]:
-    """Reasons the source architecture cannot be expressed as Qwen2-MoE (empty list: it can)."""
+def native_problems(model, o_bias: list | None = None) -> list[str]:
+    """Reasons the source architecture cannot be expressed as Qwen2-MoE (empty list: it can). o_bias: the
+    layers' attention output biases when the model's own are not in memory (a streamed export reads them)."""
     cfg = model.config
     kind = cfg.model_type
     if kind in NOT_NATIVE:
@@ -57,7 +58,8 @@ def native_problems(model) -> list[str]:
     problems = []
     if getattr(cfg, "mlp_bias", False):
         problems.append("the dense MLPs have biases (mlp_bias), which Qwen2-MoE MLPs do not")
-    o_bias = [layer.self_attn.o_proj.bias for layer in model.model.layers]
+    if o_bias is None:
+        o_bias = [layer.self_attn.o_proj.bias for layer in model.model.layers]
     if any(b is not None and bool(b.abs().max() > 0) for b in o_bias):
         problems.append("the attention output projections have nonzero biases; Qwen2-MoE's o_proj has none")
     if float(cfg.rope_parameters.get("partial_rotary_factor", 1.0)) != 1.0:

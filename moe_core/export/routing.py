@@ -155,11 +155,12 @@ def effective_k(block: MoEMLP, x: torch.Tensor | None = None) -> float:
     return float((idx >= 0).sum(-1).float().mean())
 
 
-def choose_global(blocks: dict[int, MoEMLP], forced_norm: bool | None) -> tuple[int | None, bool | None]:
-    """(top_k, norm) making the most layers exact; (None, ...) when no layer can be exact."""
+def choose_global(forms: dict[int, list], forced_norm: bool | None) -> tuple[int | None, bool | None]:
+    """(top_k, norm) making the most layers exact; (None, ...) when no layer can be exact. forms: each MoE
+    layer's :func:`exact_forms`."""
     votes: dict[tuple[int, bool], int] = {}
-    for block in blocks.values():
-        for k, norm, _ in exact_forms(block):
+    for layer_forms in forms.values():
+        for k, norm, _ in layer_forms:
             if forced_norm is None or norm == forced_norm:
                 votes[(k, norm)] = votes.get((k, norm), 0) + 1
     if not votes:
@@ -287,8 +288,9 @@ def plan_routing(
     from ..evaluate import moe_blocks
 
     blocks = moe_blocks(dense)
-    top_k, norm = choose_global(blocks, forced_norm)
-    exact = {i: r for i, b in blocks.items() for k, n, r in exact_forms(b) if (k, n) == (top_k, norm)}
+    forms = {i: exact_forms(b) for i, b in blocks.items()}
+    top_k, norm = choose_global(forms, forced_norm)
+    exact = {i: r for i, fs in forms.items() for k, n, r in fs if (k, n) == (top_k, norm)}
     notes = _notes(blocks, exact)
     dropped = [i for i, b in blocks.items() if has_expert_bias(b)]
     todo = [i for i in blocks if i not in exact]
