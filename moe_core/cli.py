@@ -547,7 +547,7 @@ def _export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fit", action="store_true", help="portable: naive router, no calibration fit")
     p.add_argument(
         "--max-memory",
-        help="e.g. 2GB: a converted folder larger than this is exported one layer at a time (exact, portable)",
+        help="e.g. 2GB: a converted folder larger than this is exported one decoder layer at a time",
     )
 
 

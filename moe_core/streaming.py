@@ -13,7 +13,7 @@ The output is this project's converted checkpoint (``moe_core.checkpoint``), in 
 so ``load_converted`` and every export read it as they read an in-memory conversion's; on the same folder the
 two give identical weights. What streams: CMoE with its routing step (each layer routed and refitted as it is
 carved), profiling (:func:`reading`: each layer read, profiled and freed, nothing written), evaluation, and the
-exact and portable exports (``moe_core.export.streamed``). What cannot,
+exports (``moe_core.export.streamed``). What cannot,
 refused before anything is read, with what would run it: the per-layer budget's
 sensitivity measurement, distillation and fine-tuning (they train through the whole model), a routing plan,
 and the methods that need the whole model at once (LaDiMo's and DIVE's routing pass, DIVE's mining, FLAP's

@@ -8,7 +8,7 @@ from dataclasses import replace
 import gradio as gr
 
 from views import widgets
-from views.state import CONVERTED, Session, needs_whole_model
+from views.state import CONVERTED, Session
 
 NO_MOE = "Convert a model in the **Convert** tab first (and optionally apply a routing plan)."
 READY = "Pick a format and press **Build export**."
@@ -59,7 +59,7 @@ def build_export(
 ):
     """Export the session's converted model: (Session, result card, model card markdown, zip path)."""
     from moe_core.export import ExportConfig, export_model
-    from moe_core.export.streamed import STREAMED_FORMATS, export_streamed
+    from moe_core.export.streamed import export_streamed
 
     if session.moe is None:
         raise gr.Error(NO_MOE.replace("**", ""), print_exception=False)
@@ -67,8 +67,6 @@ def build_export(
     out, report = session.workspace.path(f"export-{fmt}"), lambda f, m: progress(f, desc=m)
     session.cancel.clear()
     if session.source is not None:  # the model streams: so does its export, from the saved conversion
-        if fmt not in STREAMED_FORMATS:
-            needs_whole_model(session, f"The {fmt} export (written from the whole model)")
         result = export_streamed(
             session.workspace.path(CONVERTED), out, cfg, progress=report, cancel=session.cancel
         )
@@ -115,8 +113,8 @@ PER_LAYER = (
 
 
 STREAMED = (
-    "The model streams: **exact** and **portable** export it one decoder layer at a time (portable only where "
-    "the routing is exact in Qwen2-MoE: routing form *native*); llama.cpp and GGUF need the whole model. "
+    "The model streams, and so does its export: one decoder layer at a time, from the saved conversion. **exact** "
+    "always; portable, llama.cpp and GGUF where the routing is exact in Qwen2-MoE (routing form *native*). "
     + READY
 )
 

@@ -29,7 +29,7 @@ CONVERTED = "converted"  # the session folder a conversion is saved in (and a st
 # what reads a streamed model one decoder layer at a time; everything else needs the whole model
 STREAMED_STAGES = (
     "Profile, Convert (one expert shape in every layer, no distillation), Evaluate (perplexity and agreement) and "
-    "Export (exact, and portable where the routing is native)"
+    "Export (exact, and the Qwen2-MoE formats where the routing is native)"
 )
 
 

@@ -19,8 +19,8 @@ perplexity, greedy generation (a GGUF through transformers' GGUF loader, and rea
 shapes, metadata, de-quantised weights). The numbers go into README.md (the model card) and metrics.json; the folder
 is written as ``<out>.partial`` and renamed when complete; :func:`make_zip` packs it for download.
 
-A converted folder larger than memory exports one decoder layer at a time (export/streamed.py, exact and
-portable), checked layer by layer or by its structure instead of a whole reload.
+A converted folder larger than memory exports one decoder layer at a time (export/streamed.py, every format),
+checked layer by layer or by its structure instead of a whole reload.
 """
 
 from .card import make_zip, model_card

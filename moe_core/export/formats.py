@@ -291,15 +291,24 @@ GGUF_NOTE = (
 )
 
 
-def write_gguf_export(moe, folder: Path, cfg: ExportConfig, calib_ids, progress, cancel) -> ExportResult:
+def write_gguf_export(
+    moe, folder: Path, cfg: ExportConfig, calib_ids, progress, cancel, write_layout=None
+) -> ExportResult:
     """The llama.cpp layout built in a temporary folder, written here as ``<name>.gguf`` with its
-    config.json (transformers reads the GGUF with it) and tokenizer; the file is read back and compared."""
+    config.json (transformers reads the GGUF with it) and tokenizer; the file is read back and compared.
+    write_layout(folder, cfg): what writes the layout (default: :func:`write_native` from ``moe``; a streamed
+    export passes its own, and ``moe`` is then unused)."""
     from .gguf import check_gguf, write_gguf
+
+    if write_layout is None:
+
+        def write_layout(layout: Path, llamacpp: ExportConfig) -> ExportResult:
+            return write_native(moe, layout, llamacpp, calib_ids, progress, cancel)
 
     name = folder.name.removesuffix(".partial")
     with tempfile.TemporaryDirectory(prefix=".gguf-layout-", dir=folder.parent) as tmp:
         layout = Path(tmp)
-        result = write_native(moe, layout, replace(cfg, format="llamacpp"), calib_ids, progress, cancel)
+        result = write_layout(layout, replace(cfg, format="llamacpp"))
         _progress(progress, 0.7, f"Writing {name}.gguf ({cfg.gguf_type})")
         written = write_gguf(layout, folder / f"{name}.gguf", cfg.gguf_type, name=name, cancel=cancel)
         if cfg.verify:

@@ -10,7 +10,9 @@ layout and freed, so the export needs one layer's weights, not the model's.
   writes it and vLLM reads it), where every MoE layer's routing has an exact Qwen2-MoE form (a conversion in
   ``--routing-form native``). An approximated routing is fitted on calibration activations and chosen by a
   whole-model KL, which does not stream: such a folder is refused with what would export it.
-- ``llamacpp`` and ``gguf`` do not stream: refused, with what would export them.
+- ``llamacpp``: the same in the subset llama.cpp's qwen2moe runs (norm_topk_prob false, dense layers as
+  shared-only MoE layers); ``gguf``: that layout, streamed to disk, then written tensor by tensor as one GGUF
+  file (export/gguf.py reads one tensor at a time) and read back.
 
 Verification without the whole model. Portable: the fixed evaluation text runs through the internal layers and
 through Qwen2-MoE layers built from the tensors written, side by side, one layer at a time, then through both
@@ -38,7 +40,7 @@ from .config import EXACT_TOL, MODELING_FILE, ExportConfig, ExportResult
 from .formats import _progress, _save_tokenizer, add_legacy_keys, exact_config, modeling_source, write_export
 from .native import ExportError
 
-STREAMED_FORMATS = ("exact", "portable")
+STREAMED_FORMATS = ("exact", "portable", "llamacpp", "gguf")
 STREAMED_NOTE = (
     "exported one decoder layer at a time from a folder larger than the memory bound; its fidelity was measured "
     "layer by layer or by its structure (see Fidelity), not by reloading the whole model"
@@ -64,18 +66,22 @@ def export_streamed(
             f"'{folder}' is not a converted folder: convert it first (python -m moe_core convert)."
         )
     if cfg.format not in STREAMED_FORMATS:
-        raise ExportError(
-            f"--format {cfg.format} does not stream: the llama.cpp layouts are written from the whole model. "
-            "Export --format portable (which llama.cpp's converter also reads) or exact, or drop --max-memory "
-            "where the model fits in memory."
-        )
+        raise ExportError(f"--format {cfg.format} does not stream; streamed: {', '.join(STREAMED_FORMATS)}.")
     source = open_model(folder)
     if not any(isinstance(m, MoEMLP) for m in source.dense.model.modules()):
         raise ExportError("The model has no MoE layers: convert it first (python -m moe_core convert).")
 
     def write(tmp: Path) -> ExportResult:
-        writer = _portable if cfg.format == "portable" else _exact
-        return writer(source, tmp, cfg, progress, cancel)
+        if cfg.format == "exact":
+            return _exact(source, tmp, cfg, progress, cancel)
+        if cfg.format == "gguf":
+            from .formats import write_gguf_export
+
+            def layout(folder: Path, llamacpp: ExportConfig) -> ExportResult:
+                return _native(source, folder, llamacpp, progress, cancel)
+
+            return write_gguf_export(None, tmp, cfg, None, progress, cancel, write_layout=layout)
+        return _native(source, tmp, cfg, progress, cancel)
 
     def meta() -> dict:
         run_config, metrics = read_json(folder, "run_config.json"), read_json(folder, "metrics.json")
@@ -193,9 +199,10 @@ def _routing_tensor(name: str) -> bool:
     return name not in ("gate_up_proj", "down_proj") and not name.startswith("shared_expert.")
 
 
-def routing_forms(source, cancel=None) -> tuple[int, bool, dict]:
+def routing_forms(source, forced_norm: bool | None = None, cancel=None) -> tuple[int, bool, dict]:
     """Pass 1: each MoE layer's routing tensors read (not its experts), its exact Qwen2-MoE forms found, and
-    freed. Returns (top_k, norm_topk_prob, {layer: LayerRoute}); ExportError where a layer has none."""
+    freed. Returns (top_k, norm_topk_prob, {layer: LayerRoute}); ExportError where a layer has none (under
+    ``forced_norm``, llama.cpp's false, when given)."""
     from ..streaming import read_module
     from .routing import _ranges, approximation_reasons, choose_global, exact_forms
 
@@ -212,10 +219,13 @@ def routing_forms(source, cancel=None) -> tuple[int, bool, dict]:
         for reason in approximation_reasons(block):
             reasons.setdefault(reason, []).append(i)
         block.to("meta")
-    top_k, norm = choose_global(forms, None)
+    top_k, norm = choose_global(forms, forced_norm)
+    odd = "no exact form shared with the other layers" + (
+        " under norm_topk_prob false (what llama.cpp runs)" if forced_norm is False else ""
+    )
     for i, layer_forms in forms.items():
-        if top_k is not None and not any((k, n) == (top_k, norm) for k, n, _ in layer_forms):
-            reasons.setdefault(f"no exact form at top-{top_k} shared with the other layers", []).append(i)
+        if not any((k, n) == (top_k, norm) for k, n, _ in layer_forms):
+            reasons.setdefault(odd, []).append(i)
     if reasons:
         why = "; ".join(f"{r} (layers {_ranges(ls)})" for r, ls in reasons.items())
         raise ExportError(
@@ -247,7 +257,8 @@ def _on_disk(state: dict[str, torch.Tensor], n_experts: int, width: int) -> dict
     return out
 
 
-def _portable(source, tmp: Path, cfg: ExportConfig, progress, cancel) -> ExportResult:
+def _native(source, tmp: Path, cfg: ExportConfig, progress, cancel) -> ExportResult:
+    """Qwen2-MoE (portable, or the llama.cpp layout) one decoder layer at a time, compared layer by layer."""
     from ..streaming import LayerStream, ShardWriter, streaming
     from .formats import native_notes
     from .native import (
@@ -255,9 +266,11 @@ def _portable(source, tmp: Path, cfg: ExportConfig, progress, cancel) -> ExportR
         _common_shape,
         _norm,
         dense_mlp_state,
+        llamacpp_problems,
         moe_layer_state,
         native_problems,
         qwen2moe_config,
+        shared_only_state,
     )
 
     dense, reader = source.dense, source.reader
@@ -267,20 +280,24 @@ def _portable(source, tmp: Path, cfg: ExportConfig, progress, cancel) -> ExportR
         for i in range(dense.n_layers)
         if f"{adapter.layers_path}.{i}.self_attn.o_proj.bias" in reader
     ]
-    problems = native_problems(model, o_bias)
+    llamacpp = cfg.format == "llamacpp"
+    problems = native_problems(model, o_bias) + (llamacpp_problems(model) if llamacpp else [])
     if problems:
+        target = "llama.cpp" if llamacpp else "the portable Qwen2-MoE format"
         raise ExportError(
-            f"{model.config.model_type} cannot be exported to the portable Qwen2-MoE format: {'; '.join(problems)}. "
+            f"{model.config.model_type} cannot be exported to {target}: {'; '.join(problems)}. "
             "Use --format exact (safetensors + modeling file, trust_remote_code)."
         )
     _progress(progress, 0.02, "Reading each MoE layer's router")
-    top_k, norm, routes = routing_forms(source, cancel)
+    top_k, norm, routes = routing_forms(source, False if llamacpp else None, cancel)
     blocks = {i: dense.mlp(i) for i in routes}
     n_experts, width, shared = _common_shape(blocks, cfg.width_align)
     dense_layers = [i for i in range(dense.n_layers) if i not in blocks]
+    if llamacpp and dense_layers:  # llama.cpp's qwen2moe needs every layer MoE: a dense one is all shared
+        shared = max(shared, model.config.intermediate_size)
     config = qwen2moe_config(
         model, n_experts=n_experts, top_k=top_k, norm_topk_prob=norm, width=width, shared=shared,
-        mlp_only=dense_layers, untie=True,
+        mlp_only=[] if llamacpp else dense_layers, untie=True,
     )  # fmt: skip
     config.dtype = source.dense_dtype
     gemma = model.config.model_type == "gemma"
@@ -300,6 +317,9 @@ def _portable(source, tmp: Path, cfg: ExportConfig, progress, cancel) -> ExportR
             if i in routes:
                 block, route = layer.mlp, routes[i]
                 state |= moe_layer_state(block, route.weight, route.scales, width, shared, p + "mlp.")
+            elif llamacpp:
+                hidden = config.hidden_size
+                state |= shared_only_state(adapter, layer.mlp, n_experts, width, shared, hidden, p + "mlp.")
             else:
                 state |= dense_mlp_state(adapter, layer.mlp, p + "mlp.")
             if twin is not None:
@@ -315,13 +335,13 @@ def _portable(source, tmp: Path, cfg: ExportConfig, progress, cancel) -> ExportR
     config.save_pretrained(str(tmp))
     add_legacy_keys(tmp / "config.json")
     _save_tokenizer(dense, tmp)
-    notes = native_notes(model, [], False) + [STREAMED_NOTE]
+    notes = native_notes(model, [], llamacpp) + [STREAMED_NOTE]
     routing = {
         "top_k": top_k, "norm_topk_prob": norm, "exact": True, "layers_exact": len(routes), "layers_fitted": 0,
         "layers_naive": 0, "layers_bias_dropped": 0, "notes": [],
         "layers": {str(i): {"how": "exact"} for i in routes},
     }  # fmt: skip
-    result = ExportResult(tmp, "portable", "Qwen2MoeForCausalLM", True, notes, routing=routing)
+    result = ExportResult(tmp, cfg.format, "Qwen2MoeForCausalLM", True, notes, routing=routing)
     if twin is not None:
         result.fidelity = fidelity
     return result
