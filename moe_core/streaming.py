@@ -11,12 +11,12 @@ into the model: it is copied from the input shards to the output ones.
 
 The output is this project's converted checkpoint (``moe_core.checkpoint``), in numbered shards with an index,
 so ``load_converted`` and every export read it as they read an in-memory conversion's; on the same folder the
-two give identical weights. What streams: CMoE with its routing step (each layer routed and refitted as it is
-carved), profiling (:func:`reading`: each layer read, profiled and freed, nothing written), evaluation, and the
+two give identical weights. What streams: CMoE and LaDiMo with their routing step (each layer routed and
+refitted as soon as it is carved or trained), profiling (:func:`reading`: each layer read, profiled and freed, nothing written), evaluation, and the
 exports (``moe_core.export.streamed``). What cannot,
 refused before anything is read, with what would run it: the per-layer budget's
 sensitivity measurement, distillation and fine-tuning (they train through the whole model), a routing plan,
-and the methods that need the whole model at once (LaDiMo's and DIVE's routing pass, DIVE's mining, FLAP's
+and the methods that need the whole model at once (DIVE's domain mining, routing pass and retraining, FLAP's
 statistics pass).
 """
 
@@ -395,8 +395,8 @@ def check_streamable(cfg) -> None:
 
     reasons = []
     if not lookup(cfg.method).routes_inside:
-        reasons.append(f"method '{cfg.method}' needs the whole model at once (only CMoE converts layer by layer "
-                       "with its routing step)")  # fmt: skip
+        reasons.append(f"method '{cfg.method}' needs the whole model at once (CMoE and LaDiMo convert layer by "
+                       "layer with their routing step)")  # fmt: skip
     if cfg.method == "cmoe" and cfg.cmoe.budget is not None and cfg.cmoe.layer_experts is None:
         reasons.append("a per-layer budget (the default layout) measures every layer's sensitivity on the whole "
                        "model first (give --experts for one shape in every layer, or cmoe.layer_experts from an "

@@ -192,13 +192,16 @@ def test_native_router_is_sharpened_to_the_best_scale(llama):
     assert report["router_scale"] in ReconstructSettings().sharpen
 
 
-def test_other_methods_take_the_routing_pass(llama):
+def test_ladimo_routes_each_layer_as_soon_as_it_is_trained(llama):
+    """LaDiMo runs the routing step inside its layer loop (as CMoE does): the next layer trains on the routed one."""
     from moe_core.config import LaDiMoConfig
 
     ids = calibration(llama, 8)
     moe = convert(llama, ids, LaDiMoConfig(steps=2, top_k=2), method="ladimo",
                   routing=RoutingConfig(router="trained", form="native", refit=True))  # fmt: skip
-    assert len(moe.conversion.routing) == llama.n_layers
+    layers = moe.conversion.layers
+    assert len(layers) == llama.n_layers and all("routing_step" in info for info in layers)
+    assert not moe.conversion.routing  # no second pass
     block = moe.mlp(0)
     assert block.gate_mode == "prob" and block.router.kind == "linear"
 

@@ -81,6 +81,24 @@ def test_streaming_gives_the_in_memory_conversion_exactly(source, tmp_path):
     assert {k: in_memory.metrics[k] for k in keys} == {k: streamed.metrics[k] for k in keys}
 
 
+@torch.no_grad()
+def test_ladimo_streams_and_gives_the_in_memory_conversion_exactly(source, tmp_path):
+    """LaDiMo trains each layer and runs its routing step inside the one layer loop, so it streams too."""
+    ladimo = {"n_experts": 4, "n_shared": 1, "top_k": 2, "steps": 5, "batch_tokens": 32}
+    cfg = _run(source, method="ladimo", ladimo=ladimo)
+    in_memory = convert_run(load_model(str(source)), cfg, folder=tmp_path / "mem")
+    opened = open_model(source)
+    streamed = convert_run(opened.dense, cfg, folder=tmp_path / "stream", source=opened)
+    assert streamed.metrics["streamed"] and all(
+        "routing_step" in info for info in streamed.metrics["conversion"]["layers"]
+    )
+    a, b = load_converted(tmp_path / "mem"), load_converted(tmp_path / "stream")
+    for name, tensor in a.model.state_dict().items():
+        torch.testing.assert_close(tensor, b.model.state_dict()[name], rtol=0, atol=0, msg=name)
+    x = in_memory.calib_ids[:2]
+    torch.testing.assert_close(a.model(x).logits, b.model(x).logits, rtol=0, atol=0)
+
+
 def test_at_most_one_decoder_layer_is_ever_in_memory(source, tmp_path, monkeypatch):
     """Count the decoder layers holding real weights each time one is read: never more than the one read."""
     opened = open_model(source)
@@ -197,7 +215,7 @@ def test_evaluation_streams_a_folder_larger_than_max_memory(source, tmp_path, mo
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [
-        ({"method": "ladimo"}, "method 'ladimo' needs the whole model at once"),
+        ({"method": "dive"}, "method 'dive' needs the whole model at once"),
         ({"distill": {"enabled": True}}, "and fine-tuning train through the whole model"),
         (
             {"cmoe": {"experts": "S1A2E4", "budget": 0.5}},

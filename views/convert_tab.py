@@ -236,7 +236,10 @@ def routing_reports(metrics: dict | None) -> list[dict]:
     """The routing step's per-layer reports of a conversion (CMoE keeps them per carved layer, the other methods
     in a second pass); empty when no routing step ran."""
     report = (metrics or {}).get("conversion") or {}
-    found = report.get("routing") or [layer.get("routing") for layer in report.get("layers", [])]
+    # a separate routing pass (DIVE), or each layer's own: CMoE's "routing", LaDiMo's "routing_step" (its
+    # "routing" is the routing profile)
+    layers = report.get("layers", [])
+    found = report.get("routing") or [layer.get("routing_step") or layer.get("routing") for layer in layers]
     return [r for r in found if isinstance(r, dict) and "error_before" in r]
 
 

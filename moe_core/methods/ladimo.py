@@ -331,13 +331,17 @@ def convert(
     cfg: LaDiMoConfig | None = None,
     progress: Callable[[float, str], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    routing: ReconstructSettings | None = None,
 ):
     """Distil a copy of ``dense`` into LaDiMo MoE layers on calibration input_ids (N, T); ``dense`` is untouched.
 
     Layers are trained one at a time, each on what the converted layers before it produce (``sequential``)
-    or on the dense model's own FFN inputs (teacher forcing). Returns a DenseModel with MoEMLP blocks (uniform
-    policy from cfg; moe_core.sweep picks one per layer) and a ``conversion`` report: per layer the relative
-    MSE before / after, losses, routing profile, seconds.
+    or on the dense model's own FFN inputs (teacher forcing). routing: when given, each trained block is routed
+    and refitted right away (moe_core.reconstruct, its report under ``routing_step``), so the next layer trains
+    on what the finished layer produces, and the conversion runs through the one layer-by-layer driver alone
+    (it streams). Returns a DenseModel with MoEMLP blocks (uniform policy from cfg; moe_core.sweep picks one per
+    layer) and a ``conversion`` report: per layer the relative MSE before / after, losses, routing profile,
+    seconds.
     """
     from ..model_io import ConvertedModel
 
@@ -354,7 +358,11 @@ def convert(
             on_step = lambda s, n: progress(  # noqa: E731
                 (i + s / n) / (last + 1), f"LaDiMo: layer {i + 1}/{last + 1}, step {s}/{n}"
             )
-        return distill_layer(moe, i, x.float(), y.float(), cfg, cancel, on_step)
+        block, info = distill_layer(moe, i, x.float(), y.float(), cfg, cancel, on_step)
+        if routing is not None:
+            moe.adapter.set_mlp(moe.model, i, block)  # a streamed layer's dense MLP is freed before the refit
+            info["routing_step"] = reconstruct_block(block, x, y, routing, layer=i)
+        return block, info
 
     report.layers = convert_layers(
         moe, input_ids, targets, build, batch_size=cfg.batch_size, sequential=cfg.sequential,
@@ -424,4 +432,5 @@ METHOD = Method(
     to_layout=lambda cfg: (cfg.n_experts, cfg.top_k, cfg.n_shared / cfg.n_experts),
     describe=lambda s: f"E{s.get('n_experts')} S{s.get('n_shared')} top-{s.get('top_k')}",
     order=10,
+    routes_inside=True,
 )
