@@ -137,9 +137,10 @@ _STRUCTURE_SCRIPT = r"""
 import json, sys
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM
-config = AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True)
+remote = sys.argv[2] == "remote"  # the exact export's own modeling file (MoE Studio's template)
+config = AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=remote)
 with init_empty_weights():
-    model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=remote)
 model.tie_weights()  # as from_pretrained does: a tied head is not in the checkpoint
 head, embed = model.get_output_embeddings(), model.get_input_embeddings()
 tied = head is not None and head.weight is embed.weight
@@ -160,7 +161,7 @@ def check_structure(folder: Path) -> dict:
 
     env = {**_clean_env(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-c", _STRUCTURE_SCRIPT, str(folder.resolve())],
+        [sys.executable, "-c", _STRUCTURE_SCRIPT, str(folder.resolve()), "remote"],
         cwd=folder, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     if proc.returncode != 0:
