@@ -114,26 +114,26 @@ class GGUFFile:
 
 
 class Weights:
-    """The folder's safetensors (one file or shards with an index), read one tensor at a time."""
+    """The folder's safetensors (one file or shards with an index), read one tensor at a time; each file's
+    mapping is closed again after every read (``moe_core.streaming.ShardReader``), so the pages read do not stay
+    counted in this process's memory while a large model is written."""
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
+        from ..streaming import ShardReader
 
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        else:
-            files = [p.name for p in sorted(folder.glob("*.safetensors"))]
-        if not files:
+        if not any(folder.glob("*.safetensors")):
             raise ExportError(f"'{folder}' has no safetensors weights; {_LAYOUT_HINT}")
-        self.handles = [safe_open(str(folder / f), framework="pt") for f in files]
-        self.where = {k: h for h in self.handles for k in h.keys()}  # noqa: SIM118 (a handle is no dict)
+        self.reader = ShardReader(folder)
+        self.where = self.reader.files  # name -> file
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.where[name].get_slice(name).get_shape())
+        from safetensors import safe_open
+
+        with safe_open(str(self.where[name]), framework="pt") as f:
+            return tuple(f.get_slice(name).get_shape())
 
     def load(self, name: str) -> np.ndarray:
-        return self.where[name].get_tensor(name).float().numpy()
+        return self.reader.get(name).float().numpy()
 
 
 def read_config(folder: Path) -> dict:
