@@ -80,7 +80,18 @@ def export_streamed(
             def layout(folder: Path, llamacpp: ExportConfig) -> ExportResult:
                 return _native(source, folder, llamacpp, progress, cancel)
 
-            return write_gguf_export(None, tmp, cfg, None, progress, cancel, write_layout=layout)
+            result = write_gguf_export(None, tmp, cfg, None, progress, cancel, write_layout=layout)
+            if result.fidelity:  # measured on the layout; the file's own rounding is in the read-back check
+                exact = cfg.gguf_type == "f32" and result.fidelity["identical"]
+                result.fidelity |= {
+                    "identical": exact,
+                    "measured_on": "the float32 layout the GGUF was written from",
+                }
+                result.notes.append(
+                    f"fidelity measured layer by layer on the float32 llama.cpp layout; the GGUF stores it as "
+                    f"{cfg.gguf_type}, whose rounding the read-back check measures (max relative error per type)"
+                )
+            return result
         return _native(source, tmp, cfg, progress, cancel)
 
     def meta() -> dict:
