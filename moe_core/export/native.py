@@ -136,10 +136,16 @@ def base_state(model, untie: bool) -> dict[str, torch.Tensor]:
         else sd["model.embed_tokens.weight"]
     )
     for i, layer in enumerate(model.model.layers):
-        p = f"model.layers.{i}."
-        sd.update({p + k: v for k, v in _attention(layer, model.config).items()})
-        sd[p + "input_layernorm.weight"] = _norm(layer.input_layernorm.weight, gemma)
-        sd[p + "post_attention_layernorm.weight"] = _norm(layer.post_attention_layernorm.weight, gemma)
+        sd.update(layer_base_state(layer, i, model.config))
+    return sd
+
+
+def layer_base_state(layer, i: int, cfg) -> dict[str, torch.Tensor]:
+    """One decoder layer's attention and norms, in Qwen2-MoE names (``cfg``: the source config)."""
+    gemma, p = cfg.model_type == "gemma", f"model.layers.{i}."
+    sd = {p + k: v for k, v in _attention(layer, cfg).items()}
+    sd[p + "input_layernorm.weight"] = _norm(layer.input_layernorm.weight, gemma)
+    sd[p + "post_attention_layernorm.weight"] = _norm(layer.post_attention_layernorm.weight, gemma)
     return sd
 
 

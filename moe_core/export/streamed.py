@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..moe import MoEMLP
 from ..plumbing import check_cancel
 from .card import provenance
-from .config import EXACT_TOL, MODELING_FILE, ExportConfig, ExportResult
+from .config import MODELING_FILE, ExportConfig, ExportResult
 from .formats import _progress, _save_tokenizer, add_legacy_keys, exact_config, modeling_source, write_export
 from .native import ExportError
 
@@ -274,10 +274,9 @@ def _native(source, tmp: Path, cfg: ExportConfig, progress, cancel) -> ExportRes
     from ..streaming import LayerStream, ShardWriter, streaming
     from .formats import native_notes
     from .native import (
-        _attention,
         _common_shape,
-        _norm,
         dense_mlp_state,
+        layer_base_state,
         llamacpp_problems,
         moe_layer_state,
         native_problems,
@@ -323,9 +322,7 @@ def _native(source, tmp: Path, cfg: ExportConfig, progress, cancel) -> ExportRes
             )
             stream.load(dense, i)
             layer, p = adapter.layers(model)[i], f"model.layers.{i}."
-            state = {p + k: v for k, v in _attention(layer, model.config).items()}
-            state[p + "input_layernorm.weight"] = _norm(layer.input_layernorm.weight, gemma)
-            state[p + "post_attention_layernorm.weight"] = _norm(layer.post_attention_layernorm.weight, gemma)
+            state = layer_base_state(layer, i, model.config)
             if i in routes:
                 block, route = layer.mlp, routes[i]
                 state |= moe_layer_state(block, route.weight, route.scales, width, shared, p + "mlp.")
@@ -418,6 +415,8 @@ class _Twin:
         norm = self.native.model.norm
         norm.load_state_dict({"weight": rest["model.norm.weight"]}, assign=True)
         logits = F.linear(norm(self.hidden), rest["lm_head.weight"]).float()
-        metrics = compare(ref, logits, self.ids)
-        metrics["identical"] = metrics["max_abs_logit_diff"] <= EXACT_TOL
-        return metrics | {"streamed": True, "check": "layer by layer", "loaded_class": "Qwen2MoeForCausalLM"}
+        return compare(ref, logits, self.ids) | {
+            "streamed": True,
+            "check": "layer by layer",
+            "loaded_class": "Qwen2MoeForCausalLM",
+        }
