@@ -136,7 +136,7 @@ def _read_model(model_cfg):
         yield load_dense(model_cfg)
         return
     m = model_cfg
-    with reading(open_model(m.spec, m.device, m.dtype, m.trust_remote_code)) as dense:
+    with reading(open_model(m.spec, m.device, m.dtype, m.trust_remote_code, m.max_memory)) as dense:
         yield dense
 
 
@@ -257,7 +257,7 @@ def cmd_convert(args) -> int:
     cfg = _run_config(ConvertRun, args, convert_overrides(args, args.method or base.get("method") or "cmoe"))
     if should_stream(cfg.model):  # a folder larger than --max-memory: one layer at a time
         m = cfg.model
-        source = open_model(m.spec, m.device, m.dtype, m.trust_remote_code)
+        source = open_model(m.spec, m.device, m.dtype, m.trust_remote_code, m.max_memory)
         outcome = convert_run(source.dense, cfg, folder=cfg.out, progress=_progress, source=source)
     else:
         outcome = convert_run(load_dense(cfg.model), cfg, folder=cfg.out, progress=_progress)

@@ -14,9 +14,11 @@ same way (:func:`head_logits`): the model's own forward, with its layers standin
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -32,11 +34,47 @@ class _WrongForm(Exception):
     """A stand-in got back something other than the hidden state it handed on."""
 
 
+class SpilledStates:
+    """Hidden states of the calibration micro-batches kept on disk, one file per micro-batch, each read back when
+    its turn comes and freed after: what :class:`LayerInputs` holds in place of a list when a streamed model's
+    activations are too large for its memory budget (:meth:`moe_core.streaming.LayerStream.spills`). A list as
+    far as the driver is concerned (append, len, iteration, indexing); the folder goes when the object does."""
+
+    def __init__(self, folder: str | Path | None = None):
+        self._folder = folder
+        self._tmp = tempfile.TemporaryDirectory(prefix="moe-studio-states-", dir=folder)
+        self.shapes: list[torch.Size] = []
+
+    def _path(self, i: int) -> Path:
+        return Path(self._tmp.name) / f"{i}.pt"
+
+    def append(self, h: torch.Tensor) -> None:
+        torch.save(h.detach().contiguous(), self._path(len(self.shapes)))
+        self.shapes.append(h.shape)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.load(self._path(range(len(self))[i]), weights_only=True)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[i] for i in range(len(self)))
+
+    def empty(self) -> SpilledStates:
+        """A new, empty store beside this one (where a layer's outputs go)."""
+        return SpilledStates(self._folder)
+
+
+def _empty_like(hidden) -> list | SpilledStates:
+    return hidden.empty() if isinstance(hidden, SpilledStates) else []
+
+
 @dataclass
 class LayerInputs:
     """Hidden states entering decoder layer ``layer``, one entry per micro-batch, and every layer's call arguments."""
 
-    hidden: list[torch.Tensor]  # each (B, T, H)
+    hidden: list[torch.Tensor] | SpilledStates  # each (B, T, H); on disk when too large (SpilledStates)
     calls: list[list[tuple[tuple, dict]]]  # [layer][micro-batch]: (positional args after hidden, kwargs)
     ids: list[torch.Tensor]  # each (B, T): the tokens, for the head pass
     form: int | None = None  # a decoder layer returns: None a tensor, n a tuple of n (the hidden state first)
@@ -49,7 +87,10 @@ class LayerInputs:
 
     @property
     def n_tokens(self) -> int:
-        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+        shapes = (
+            self.hidden.shapes if isinstance(self.hidden, SpilledStates) else [h.shape for h in self.hidden]
+        )
+        return sum(s[0] * s[1] for s in shapes)
 
     def each(self) -> Iterator[tuple[torch.Tensor, tuple, dict]]:
         """(hidden (B, T, H), extra positional args, kwargs) of layer ``layer``, per micro-batch."""
@@ -159,15 +200,19 @@ def _changed(dense, exc: _WrongForm) -> ValueError:
 
 
 @torch.no_grad()
-def capture_layer_inputs(dense, input_ids: torch.Tensor, batch_size: int = 1) -> LayerInputs:
+def capture_layer_inputs(
+    dense, input_ids: torch.Tensor, batch_size: int = 1, store: SpilledStates | None = None
+) -> LayerInputs:
     """Layer 0's hidden states and every layer's call arguments. input_ids (N, T) -> LayerInputs at layer 0.
+    store: where the hidden states go (an empty :class:`SpilledStates`: to disk, one micro-batch at a time).
 
     The model's own forward runs once per micro-batch with its layers stood in for (the embeddings run, no
     layer does) and stops at the last layer. Whether a layer returns a tensor or a tuple is found on the
     first micro-batch: a stand-in that is not handed back the tensor it returned says it must be a tuple.
     """
     layers = dense.adapter.layers(dense.model)
-    inputs, recorder = LayerInputs([], [[] for _ in layers], [], None), _Recorder(len(layers))
+    hidden = [] if store is None else store
+    inputs, recorder = LayerInputs(hidden, [[] for _ in layers], [], None), _Recorder(len(layers))
     with _stand_ins(layers, recorder):
         for chunk in input_ids.to(dense.device).split(batch_size):
             try:
@@ -189,7 +234,7 @@ def capture_layer_inputs(dense, input_ids: torch.Tensor, batch_size: int = 1) ->
 def run_layer(layer: nn.Module, inputs: LayerInputs) -> LayerInputs:
     """Apply one decoder layer (the one ``inputs`` enter, or a stand-in for it) to every micro-batch; returns
     the next layer's inputs."""
-    outs, form = [], inputs.form
+    outs, form = _empty_like(inputs.hidden), inputs.form
     for h, args, kw in inputs.each():
         out = layer(h, *args, **kw)
         form = len(out) if isinstance(out, tuple) else None
@@ -305,7 +350,8 @@ def walk_layers(
     last = len(layers) - 1 if last is None else last
     inputs = start
     if inputs is None:
-        inputs = capture_layer_inputs(model, input_ids, batch_size)
+        store = SpilledStates() if stream is not None and stream.spills(model, input_ids) else None
+        inputs = capture_layer_inputs(model, input_ids, batch_size, store)
         if stream is not None:
             stream.captured(model)
     first = inputs.layer

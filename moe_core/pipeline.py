@@ -337,14 +337,14 @@ def evaluate_streamed(model_cfg, cfg, reference=None, progress: Progress = None,
             "--max-memory and evaluate in memory."
         )
     device, dtype, remote = model_cfg.device, model_cfg.dtype, model_cfg.trust_remote_code
-    source = open_model(model_cfg.spec, device, dtype, remote)
+    source = open_model(model_cfg.spec, device, dtype, remote, model_cfg.max_memory)
     docs = load_documents(cfg.text)
     windows = eval_windows(docs, source.dense.tokenizer, cfg.seq_len, cfg.n_windows, source=cfg.text)
     ref, ref_params = None, {}
     if reference is not None:
         part = span(progress, 0.0, 0.5)
         if should_stream(_replace(model_cfg, spec=reference)):
-            with reading(open_model(reference, device, dtype, remote)) as dense:
+            with reading(open_model(reference, device, dtype, remote, model_cfg.max_memory)) as dense:
                 ref = reference_logits(dense, windows, cfg.batch_size, part, cancel)
         else:
             dense = load_model(reference, device=device, dtype=dtype)

@@ -191,6 +191,17 @@ class LayerStream:
     def _prefix(self, i: int) -> str:
         return f"{self.adapter.layers_path}.{i}."
 
+    def spills(self, dense, input_ids: torch.Tensor) -> bool:
+        """Whether the hidden states of ``input_ids`` (N, T) go to disk (moe_core.layerwise.SpilledStates): when one
+        copy of them is more than an eighth of the source's max_memory. Between two layers the driver holds two
+        copies (what enters a layer and what leaves it) and a conversion two more of one layer's FFN inputs and
+        outputs, so at an eighth the activations stay within half the budget; spilled, only one micro-batch of the
+        hidden states is in memory at a time."""
+        if self.source.max_memory is None:
+            return False
+        width = dense.model.get_input_embeddings().weight.shape[-1]
+        return input_ids.numel() * width * self.dtype.itemsize > self.source.max_memory / 8
+
     def load(self, dense, i: int) -> None:
         """Read decoder layer i's weights from the shards into ``dense`` (a DenseModel), then check its MLP."""
         layer = self.adapter.layers(dense.model)[i]
@@ -317,6 +328,7 @@ class Source:
     head_name: str | None
     embed_name: str
     tied: bool
+    max_memory: int | None = None  # bytes: the budget calibration activations are held to (spilled past it)
 
     @property
     def dense_dtype(self) -> torch.dtype:
@@ -326,10 +338,16 @@ class Source:
 
 @torch.no_grad()
 def open_model(
-    folder: str | Path, device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False
+    folder: str | Path,
+    device: str = "cpu",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    max_memory: str | int | None = None,
 ) -> Source:
     """Open a model folder for streaming (:class:`Source`): only its config, tokenizer, embeddings and final norm
-    are read. A converted MoE Studio folder opens with its MoE blocks in place (on the meta device too)."""
+    are read. A converted MoE Studio folder opens with its MoE blocks in place (on the meta device too).
+    max_memory ('2GB', bytes): calibration activations larger than an eighth of it go to disk
+    (:meth:`LayerStream.spills`)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -371,7 +389,7 @@ def open_model(
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     dense = DenseModel(model, tokenizer, adapter, str(folder))
-    return Source(dense, reader, head_name, embed_name, tied)
+    return Source(dense, reader, head_name, embed_name, tied, parse_bytes(max_memory))
 
 
 def should_stream(model_cfg) -> bool:

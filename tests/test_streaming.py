@@ -4,6 +4,7 @@ in memory, gives the in-memory conversion's checkpoint exactly."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,6 +80,49 @@ def test_streaming_gives_the_in_memory_conversion_exactly(source, tmp_path):
         torch.testing.assert_close(tensor, b.model.state_dict()[name], rtol=0, atol=0, msg=name)
     keys = ("active_ffn_share", "total_params", "active_params", "moe_layers")
     assert {k: in_memory.metrics[k] for k in keys} == {k: streamed.metrics[k] for k in keys}
+
+
+@torch.no_grad()
+def test_activations_larger_than_an_eighth_of_max_memory_go_to_disk_and_change_nothing(
+    source, tmp_path, monkeypatch
+):
+    """A streamed conversion whose calibration hidden states pass an eighth of --max-memory keeps them on disk (one
+    file per micro-batch, read back one at a time) and gives the same checkpoint; the files go with the run."""
+    import moe_core.layerwise as lw
+
+    stores, reads = [], []
+    real_init, real_get = lw.SpilledStates.__init__, lw.SpilledStates.__getitem__
+
+    def spy_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        stores.append(self._tmp.name)
+
+    def spy_get(self, i):
+        reads.append(i)
+        return real_get(self, i)
+
+    monkeypatch.setattr(lw.SpilledStates, "__init__", spy_init)
+    monkeypatch.setattr(lw.SpilledStates, "__getitem__", spy_get)
+    cfg = _run(source, cmoe={"experts": "S1A2E4", "batch_size": 1})
+    in_memory = convert_run(load_model(str(source)), cfg, folder=tmp_path / "mem")
+    assert not stores  # nothing streams in memory
+    roomy = open_model(source, max_memory="1GB")
+    convert_run(roomy.dense, cfg, folder=tmp_path / "roomy", source=roomy)
+    assert not stores  # 4 x 32 tokens' states are far below an eighth of 1 GB
+    opened = open_model(source, max_memory="10KB")
+    streamed = convert_run(opened.dense, cfg, folder=tmp_path / "stream", source=opened)
+    n_layers = load_model(str(source)).n_layers
+    # the captured states, then each layer's outputs but the last's (nothing runs after the last target)
+    assert len(stores) == n_layers
+    assert len(reads) >= 4 * n_layers  # every micro-batch of 1 window read back for every layer
+    import gc
+
+    gc.collect()
+    assert not any(Path(d).exists() for d in stores)
+    a, b = load_converted(tmp_path / "mem"), load_converted(tmp_path / "stream")
+    for name, tensor in a.model.state_dict().items():
+        torch.testing.assert_close(tensor, b.model.state_dict()[name], rtol=0, atol=0, msg=name)
+    assert in_memory.metrics["active_ffn_share"] == streamed.metrics["active_ffn_share"]
 
 
 @torch.no_grad()

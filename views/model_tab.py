@@ -74,7 +74,9 @@ def load(spec: str, device: str, trust_remote_code: bool, session: Session, max_
     model_cfg = ModelConfig(spec=spec, device=device, max_memory=(max_memory or "").strip() or None)
     if should_stream(model_cfg):
         progress(0, desc=f"Opening {spec} for streaming")
-        source = open_model(spec, device, trust_remote_code=bool(trust_remote_code))
+        source = open_model(
+            spec, device, trust_remote_code=bool(trust_remote_code), max_memory=model_cfg.max_memory
+        )
         summary = summary_html(spec, source.dense.summary(), streamed=model_cfg.max_memory)
         return new_model(session, source.dense, source, model_cfg.max_memory), summary
     caught = []
