@@ -188,3 +188,12 @@ def test_config_parsing_and_registry():
     assert {"cmoe", "ladimo"} <= set(METHODS)
     with pytest.raises(ValueError, match="Unknown conversion method"):
         convert(tiny_model("llama"), ids(), method="nope")
+
+
+def test_progress_names_the_per_layer_shapes_of_a_budget_not_the_unused_default():
+    from moe_core.methods.cmoe import _shapes_label
+
+    assert _shapes_label(CMoEConfig(experts="S2A2E8")) == "S2A2E8"
+    budget = CMoEConfig(layer_experts=("dense", "S1A1E8", "S2A1E8", "S1A1E8"))
+    assert _shapes_label(budget) == "per-layer (S1A1E8, S2A1E8)"
+    assert _shapes_label(CMoEConfig(layer_experts=("dense", "S3A1E8"))) == "S3A1E8"

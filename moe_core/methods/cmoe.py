@@ -329,11 +329,19 @@ def convert(
 
     report.layers = convert_layers(
         moe, input_ids, targets, build, batch_size=cfg.batch_size, sequential=cfg.sequential,
-        progress=progress, cancel=cancel, label=f"CMoE {cfg.experts}",
+        progress=progress, cancel=cancel, label=f"CMoE {_shapes_label(cfg)}",
     )  # fmt: skip
     report.seconds = round(time.perf_counter() - start, 2)
     moe.conversion = report
     return moe
+
+
+def _shapes_label(cfg: CMoEConfig) -> str:
+    """What the progress line calls the layout: the one shape, or the per-layer shapes' range (a budget's)."""
+    if cfg.layer_experts is None:
+        return cfg.experts
+    shapes = sorted({s for s in cfg.layer_experts if s.lower() != "dense"})
+    return shapes[0] if len(shapes) == 1 else f"per-layer ({', '.join(shapes)})"
 
 
 def _config_dict(cfg: CMoEConfig) -> dict:
