@@ -53,3 +53,43 @@ def test_breakdown_times_the_fused_decode_parts_and_restores_the_methods(speed, 
     assert dense_parts["ffn"] > 0 and all(dense_parts[key] == 0 for key in speed.DECODE_PARTS.values())
     block = moe.mlp(0)
     assert all(name not in vars(block) for name in speed.DECODE_PARTS)  # the timers are gone
+
+
+def test_distill_settings_ranks_settings_from_one_saved_start_by_held_out_kl(tmp_path, capsys):
+    """benchmarks/distill_settings.py: every setting starts from the same saved conversion (same held-out KL
+    before), trains, and is reported in the table, the JSON last line and the JSON-lines file."""
+    import json
+
+    from moe_core.config import ConvertRun, from_dict
+    from moe_core.pipeline import convert_run
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "distill_settings.py"
+    spec = importlib.util.spec_from_file_location("distill_settings", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    data = {"text": "builtin:pydoc", "n_sequences": 4, "seq_len": 32}
+    tree = {"model": {"spec": "builtin:tiny-llama"}, "data": data, "cmoe": {"experts": "S1A1E4"}}
+    convert_run(load_model_for(tree), from_dict(ConvertRun, tree | {"distill": {"enabled": False}}),
+                folder=tmp_path / "c")  # fmt: skip
+    base = {"text": "builtin:pydoc", "seq_len": 32, "batch_size": 2, "train": ["experts", "routers", "norms"]}
+    jsonl = tmp_path / "rows.jsonl"
+    settings = ['{"lr": 3e-3}', '{"lr": 1e-6}', '{"lr": 3e-3, "hidden_weight": 1.0}']
+    args = ["--model", str(tmp_path / "c"), "--steps", "4", "--eval-windows", "2", "--base", json.dumps(base)]
+    summary = bench.main([*args, "--settings", *settings, "--jsonl", str(jsonl)])
+    rows = summary["rows"]
+    assert summary["reference"] == "builtin:tiny-llama" and [r["settings"] for r in rows] == [
+        json.loads(s) for s in settings
+    ]
+    assert len({r["held_out_kl_start"] for r in rows}) == 1  # one start for every setting
+    assert all(r["steps"] == 4 and r["tokens"] == 4 * 2 * 32 for r in rows)
+    fast, slow = rows[0]["held_out_kl"], rows[1]["held_out_kl"]
+    assert fast < rows[0]["held_out_kl_start"] and fast != slow
+    out = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(out[-1]) == summary and '| {"lr": 1e-06} |' in "\n".join(out)
+    assert [json.loads(line) for line in jsonl.read_text().splitlines()] == rows
+
+
+def load_model_for(tree):
+    from moe_core.model_io import load_model
+
+    return load_model(tree["model"]["spec"])
