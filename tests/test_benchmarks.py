@@ -9,13 +9,18 @@ import torch
 from moe_core.model_io import tiny_model
 
 
-@pytest.fixture(scope="module")
-def speed():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
-    spec = importlib.util.spec_from_file_location("speed_benchmark", path)
+def _benchmark(name: str):
+    """benchmarks/<name>.py as a module (the folder is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def speed():
+    return _benchmark("speed")
 
 
 @pytest.fixture(scope="module")
@@ -61,15 +66,13 @@ def test_distill_settings_ranks_settings_from_one_saved_start_by_held_out_kl(tmp
     import json
 
     from moe_core.config import ConvertRun, from_dict
+    from moe_core.model_io import load_model
     from moe_core.pipeline import convert_run
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "distill_settings.py"
-    spec = importlib.util.spec_from_file_location("distill_settings", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark("distill_settings")
     data = {"text": "builtin:pydoc", "n_sequences": 4, "seq_len": 32}
     tree = {"model": {"spec": "builtin:tiny-llama"}, "data": data, "cmoe": {"experts": "S1A1E4"}}
-    convert_run(load_model_for(tree), from_dict(ConvertRun, tree | {"distill": {"enabled": False}}),
+    convert_run(load_model("builtin:tiny-llama"), from_dict(ConvertRun, tree | {"distill": {"enabled": False}}),
                 folder=tmp_path / "c")  # fmt: skip
     base = {"text": "builtin:pydoc", "seq_len": 32, "batch_size": 2, "train": ["experts", "routers", "norms"]}
     jsonl = tmp_path / "rows.jsonl"
@@ -87,9 +90,3 @@ def test_distill_settings_ranks_settings_from_one_saved_start_by_held_out_kl(tmp
     out = capsys.readouterr().out.strip().splitlines()
     assert json.loads(out[-1]) == summary and '| {"lr": 1e-06} |' in "\n".join(out)
     assert [json.loads(line) for line in jsonl.read_text().splitlines()] == rows
-
-
-def load_model_for(tree):
-    from moe_core.model_io import load_model
-
-    return load_model(tree["model"]["spec"])
