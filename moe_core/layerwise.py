@@ -46,17 +46,21 @@ class SpilledStates:
         self.shapes: list[torch.Size] = []
 
     def _path(self, i: int) -> Path:
-        return Path(self._tmp.name) / f"{i}.pt"
+        return Path(self._tmp.name) / f"{i}.safetensors"
 
     def append(self, h: torch.Tensor) -> None:
-        torch.save(h.detach().contiguous(), self._path(len(self.shapes)))
+        from safetensors.torch import save_file
+
+        save_file({"h": h.detach().contiguous()}, self._path(len(self.shapes)))
         self.shapes.append(h.shape)
 
     def __len__(self) -> int:
         return len(self.shapes)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.load(self._path(range(len(self))[i]), weights_only=True)
+        from safetensors.torch import load_file
+
+        return load_file(self._path(range(len(self))[i]))["h"]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return (self[i] for i in range(len(self)))
