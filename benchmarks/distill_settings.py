@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh clone without installing
 
-from moe_core.checkpoint import load_converted  # noqa: E402
+from moe_core.checkpoint import load_converted, read_json  # noqa: E402
 from moe_core.config import DistillConfig, from_dict  # noqa: E402
 from moe_core.distill import distill, distill_data  # noqa: E402
 from moe_core.model_io import load_model  # noqa: E402
@@ -94,9 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    moe = load_converted(args.model)
-    reference = args.reference or moe.run_config["model"]["spec"]
-    del moe
+    reference = args.reference or read_json(args.model, "run_config.json")["model"]["spec"]
     dense = load_model(reference)
     base, rows = json.loads(args.base), []
     for text in args.settings:
