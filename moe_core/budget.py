@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .config import CMoEConfig, parse_experts
-from .layerwise import apply_chunked, ffn_inputs, run_rest, walk_layers
+from .layerwise import apply_chunked, ffn_inputs, walk_layers
 from .plumbing import Cancel, Progress, check_cancel, report
 
 # Calibration tokens the sensitivity builds its blocks on: on SmolLM2, 8 x 512 allocated nearly as 32 x 512 did
@@ -104,20 +104,18 @@ def _with_mlp(layer: nn.Module, mlp: nn.Module, block: nn.Module) -> nn.Module:
     return clone
 
 
-@torch.no_grad()
-def _tail_logp(dense, start: int, first: nn.Module, inputs) -> torch.Tensor:
-    """Log-probs (P, V) of the dense model restarted at layer ``start`` with that layer replaced by ``first``."""
-    from .sweep import _logits
-
-    final = run_rest(dense, inputs, swap={start: first})
-    return torch.log_softmax(_logits(dense.model, dense.adapter, final), dim=-1)
-
-
 def _kl(logp, ref_logp, chunk: int = 256) -> float:
     total = 0.0
     for a, b in zip(logp.split(chunk), ref_logp.split(chunk), strict=True):
         total += float((b.exp() * (b - a)).sum())
     return max(total / logp.shape[0], 0.0)
+
+
+def _head_logp(dense, final) -> torch.Tensor:
+    """Log-probs (P, V) of the model's own head on its last layer's outputs ``final`` (LayerInputs)."""
+    from .sweep import _logits
+
+    return torch.log_softmax(_logits(dense.model, dense.adapter, final), dim=-1)
 
 
 @torch.no_grad()
@@ -136,45 +134,68 @@ def measure_sensitivity(
     carving with ``cfg`` (and ``routing``, ReconstructSettings, when given), scored on held_ids (W, T').
 
     mode "fast": the KL is measured through the tail at the middle shape only; each other shape's KL is that
-    one times the ratio of their summed squared FFN output errors on the held-out windows."""
+    one times the ratio of their summed squared FFN output errors on the held-out windows.
+
+    One walk over the layers, each layer's weights used once (so it streams: inside
+    :func:`moe_core.streaming.reading` a model larger than memory is read one decoder layer at a time): at layer
+    i the held-out windows' hidden states with layer i converted alone (one set per measured shape) start, and
+    every set started at an earlier layer goes on through layer i; after the last layer the head scores them all.
+    The held-out hidden states in flight (one set per earlier layer and measured shape) go to disk when a
+    streamed run's memory budget says so (:meth:`moe_core.streaming.LayerStream.spills`)."""
+    from .layerwise import SpilledStates, capture_layer_inputs, run_layer
     from .methods.cmoe import carve_block
     from .reconstruct import reconstruct_block
-    from .sweep import dense_cache
+    from .streaming import active
 
     if mode not in ("full", "fast"):
         raise ValueError(f"Sensitivity mode is fast or full, not '{mode}'.")
     start = time.perf_counter()
     shapes = shapes or candidate_shapes(cfg.shape[2])
-    ref = len(shapes) // 2
-    cache = dense_cache(dense, held_ids, cfg.batch_size)
-    kl, n_layers = [], dense.n_layers
+    ref, n_layers, stream = len(shapes) // 2, dense.n_layers, active()
+    measured = [c for c in range(len(shapes)) if mode == "full" or c == ref]
+    in_flight = n_layers * len(measured) + 1
+    spill = stream is not None and stream.spills(dense, held_ids, copies=in_flight)
+    # captured before the calibration's walk starts: a streamed walk frees the embeddings once it has its inputs
+    held = capture_layer_inputs(dense, held_ids, cfg.batch_size, SpilledStates() if spill else None)
+    started: list[
+        tuple[int, int, object]
+    ] = []  # (layer, shape column, held-out states after it converted alone)
+    errors: list[list[float]] = []
     for step in walk_layers(dense, calib_ids, batch_size=cfg.batch_size, cancel=cancel):
         i, layer, mlp = step.index, step.layer, dense.mlp(step.index)
         x = ffn_inputs(layer, mlp, step.inputs)
         y = apply_chunked(mlp, x)
-        held_x = cache.ffn_x[i]
+        held_x = ffn_inputs(layer, mlp, held) if mode == "fast" else None
         held_y = apply_chunked(mlp, held_x) if mode == "fast" else None
-        row, errors = [], []
+        started = [(j, c, run_layer(layer, h)) for j, c, h in started]  # the earlier layers' sets go on
+        row = []
         for c, shape in enumerate(shapes):
             check_cancel(cancel)
             block, _ = carve_block(dense, i, x, cfg, parse_experts(shape))
             if routing is not None:
                 reconstruct_block(block, x, y, routing, layer=i)
-            if mode == "full" or c == ref:
-                row.append(
-                    _kl(_tail_logp(dense, i, _with_mlp(layer, mlp, block), cache.inputs[i]), cache.logp)
-                )
-            else:
-                row.append(None)
+            if c in measured:
+                started.append((i, c, run_layer(_with_mlp(layer, mlp, block), held)))
             if mode == "fast":
-                errors.append(float((apply_chunked(block, held_x) - held_y).double().pow(2).sum()))
+                row.append(float((apply_chunked(block, held_x) - held_y).double().pow(2).sum()))
             report(progress, (i + (c + 1) / len(shapes)) / n_layers, f"Sensitivity: layer {i + 1}, {shape}")
-        if mode == "fast":
-            scale = row[ref] / max(errors[ref], 1e-30)
-            row = [scale * err if v is None else v for v, err in zip(row, errors, strict=True)]
-        kl.append(row)
+        errors.append(row)
+        held = run_layer(layer, held)
+    if stream is not None:
+        stream.head(dense)  # the embeddings and head the walk freed
+    ref_logp = _head_logp(dense, held)
+    kl = [[None] * len(shapes) for _ in range(n_layers)]
+    for j, c, final in started:
+        check_cancel(cancel)
+        kl[j][c] = _kl(_head_logp(dense, final), ref_logp)
+    if stream is not None:
+        stream.drop_head(dense)
+    if mode == "fast":
+        for row, err in zip(kl, errors, strict=True):
+            scale = row[ref] / max(err[ref], 1e-30)
+            row[:] = [scale * e if v is None else v for v, e in zip(row, err, strict=True)]
     seconds = round(time.perf_counter() - start, 1)
-    return Sensitivity(shapes, kl, int(cache.targets.numel()), seconds, mode)
+    return Sensitivity(shapes, kl, int(held_ids[:, 1:].numel()), seconds, mode)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -81,8 +81,10 @@ def convert_run(
     budget = None
     if cfg.method == "cmoe" and cfg.cmoe.budget is not None and cfg.cmoe.layer_experts is None:
         from .budget import plan_budget
+        from .streaming import layers_of
 
-        budget = plan_budget(dense, cfg, ids, span(progress, 0, cut / 2), cancel)
+        with layers_of(dense, source) as measured:  # a streamed source is read once more, a layer at a time
+            budget = plan_budget(measured, cfg, ids, span(progress, 0, cut / 2), cancel)
         cfg = replace(cfg, cmoe=replace(cfg.cmoe, layer_experts=tuple(budget["layer_experts"])))
     lo = cut / 2 if budget is not None else 0.0
     unit_gates = recovers_with_unit_gates(cfg, dense.n_layers)

@@ -191,16 +191,17 @@ class LayerStream:
     def _prefix(self, i: int) -> str:
         return f"{self.adapter.layers_path}.{i}."
 
-    def spills(self, dense, input_ids: torch.Tensor) -> bool:
-        """Whether the hidden states of ``input_ids`` (N, T) go to disk (moe_core.layerwise.SpilledStates): when one
-        copy of them is more than an eighth of the source's max_memory. Between two layers the driver holds two
+    def spills(self, dense, input_ids: torch.Tensor, copies: int = 1) -> bool:
+        """Whether the hidden states of ``input_ids`` (N, T) go to disk (moe_core.layerwise.SpilledStates): when
+        ``copies`` of them (one, or as many as a stage keeps at once) are more than an eighth of the source's
+        max_memory. Between two layers the driver holds two
         copies (what enters a layer and what leaves it) and a conversion two more of one layer's FFN inputs and
         outputs, so at an eighth the activations stay within half the budget; spilled, only one micro-batch of the
         hidden states is in memory at a time."""
         if self.source.max_memory is None:
             return False
         width = dense.model.get_input_embeddings().weight.shape[-1]
-        return input_ids.numel() * width * self.dtype.itemsize > self.source.max_memory / 8
+        return copies * input_ids.numel() * width * self.dtype.itemsize > self.source.max_memory / 8
 
     def load(self, dense, i: int) -> None:
         """Read decoder layer i's weights from the shards into ``dense`` (a DenseModel), then check its MLP."""
@@ -236,6 +237,13 @@ class LayerStream:
         if self.source.tied:
             _tie(dense.model)
         self.released.discard(self.source.embed_name)
+
+    def drop_head(self, dense) -> None:
+        """Free again what :meth:`head` read that the walk does not need (an untied LM head; the embedding is read
+        back by the next capture's source): a stage that scored its windows hands the next one the bare shell."""
+        name = self.source.head_name
+        if name is not None and not self.source.tied and not dense.model.get_parameter(name).is_meta:
+            _set(dense.model, name, torch.empty(dense.model.get_parameter(name).shape, device="meta"))
 
     def restore_source(self) -> None:
         """Read back into the source's shell what :meth:`captured` freed, so that the opened source serves another
@@ -308,6 +316,12 @@ def reading(source: Source):
     that does not fit in memory (profiling). Yields the model (a DenseModel shell)."""
     with streaming(LayerStream(source, None)):
         yield source.dense
+
+
+def layers_of(dense, source: Source | None):
+    """The model a stage that only reads it walks layer by layer: ``dense`` as it is when ``source`` is None,
+    otherwise the streamed source's shell inside :func:`reading`. A context manager yielding the model."""
+    return contextlib.nullcontext(dense) if source is None else reading(source)
 
 
 def active() -> LayerStream | None:
@@ -415,10 +429,6 @@ def check_streamable(cfg) -> None:
     if not lookup(cfg.method).routes_inside:
         reasons.append(f"method '{cfg.method}' needs the whole model at once (CMoE and LaDiMo convert layer by "
                        "layer with their routing step)")  # fmt: skip
-    if cfg.method == "cmoe" and cfg.cmoe.budget is not None and cfg.cmoe.layer_experts is None:
-        reasons.append("a per-layer budget (the default layout) measures every layer's sensitivity on the whole "
-                       "model first (give --experts for one shape in every layer, or cmoe.layer_experts from an "
-                       "earlier measurement)")  # fmt: skip
     if cfg.distill.enabled or cfg.finetune.enabled:
         reasons.append("distillation (on by default: --no-distill) and fine-tuning train through the whole model "
                        "(run them on a GPU that holds it, or with accelerate's CPU offload)")  # fmt: skip

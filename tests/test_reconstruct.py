@@ -268,6 +268,30 @@ def test_sensitivity_is_measured_per_layer_and_shape(llama):
     assert sum(row[1] for row in sens.kl) < sum(row[0] for row in sens.kl)  # 3/4 active loses less than 1/4
 
 
+@torch.no_grad()
+def test_sensitivity_is_the_kl_of_the_whole_model_with_that_layer_alone_converted(llama):
+    """Checked against the plain forward of a copy of the model with one MLP swapped for the carved block (the
+    measurement walks the layers once, every held-out set through layer i, then layer i + 1)."""
+    import copy
+
+    from moe_core.config import parse_experts
+
+    shapes = ["S0A1E4", "S1A2E4"]
+    calib, held = calibration(llama, 4), calibration(llama, 2, seed=3)
+    cfg = CMoEConfig()
+    sens = measure_sensitivity(llama, calib, held, cfg, shapes=shapes)
+    ref = torch.log_softmax(llama.model(held).logits[:, :-1].float(), -1).flatten(0, 1)
+    for i in (0, llama.n_layers - 1):
+        x, _ = layer_data(llama, layer=i, n=4)  # what layer i's MLP receives on calib
+        for c, shape in enumerate(shapes):
+            block, _ = carve_block(llama, i, x, cfg, parse_experts(shape))
+            model = copy.deepcopy(llama.model)
+            llama.adapter.layers(model)[i].mlp = block
+            logp = torch.log_softmax(model(held).logits[:, :-1].float(), -1).flatten(0, 1)
+            kl = float((ref.exp() * (ref - logp)).sum(-1).mean())
+            assert sens.kl[i][c] == pytest.approx(kl, rel=1e-4, abs=1e-7), (i, shape)
+
+
 def test_fast_sensitivity_measures_the_middle_shape_and_scales_the_rest(llama):
     shapes = ["S0A1E4", "S1A1E4", "S1A2E4"]
     calib, held = calibration(llama, 4), calibration(llama, 2, seed=3)

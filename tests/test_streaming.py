@@ -126,6 +126,43 @@ def test_activations_larger_than_an_eighth_of_max_memory_go_to_disk_and_change_n
 
 
 @torch.no_grad()
+def test_a_per_layer_budget_streams_its_sensitivity_and_gives_the_in_memory_allocation_exactly(
+    source, tmp_path, monkeypatch
+):
+    """The budget's sensitivity pass walks the layers once (every held-out set goes through layer i, then layer
+    i + 1), so a streamed source is read twice (the measurement, then the conversion), never whole, and gives the
+    in-memory KL table, allocation and checkpoint exactly; its held-out states in flight spill under a tight budget."""
+    import moe_core.layerwise as lw
+
+    loads, stores = [], []
+    real_load, real_init = LayerStream.load, lw.SpilledStates.__init__
+    monkeypatch.setattr(
+        LayerStream, "load", lambda self, dense, i: (loads.append(i), real_load(self, dense, i))[1]
+    )
+
+    def spy_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        stores.append(self)
+
+    monkeypatch.setattr(lw.SpilledStates, "__init__", spy_init)
+    cfg = _run(source, cmoe={"experts": "S1A2E4", "budget": 0.6, "sensitivity": "full"})
+    in_memory = convert_run(load_model(str(source)), cfg, folder=tmp_path / "mem")
+    assert not loads and not stores
+    opened = open_model(source, max_memory="10KB")
+    streamed = convert_run(opened.dense, cfg, folder=tmp_path / "stream", source=opened)
+    n_layers = load_model(str(source)).n_layers
+    assert loads == list(range(n_layers)) * 2  # the sensitivity pass, then the conversion
+    assert stores  # 10 KB: the held-out windows' states in flight went to disk
+    a, b = in_memory.metrics["budget"], streamed.metrics["budget"]
+    assert a["sensitivity"]["kl"] == b["sensitivity"]["kl"] and a["layer_experts"] == b["layer_experts"]
+    assert len(set(a["layer_experts"])) > 1  # the budget gave the layers different shapes
+    assert all(p.is_meta for p in opened.dense.model.model.layers.parameters())
+    x, y = load_converted(tmp_path / "mem"), load_converted(tmp_path / "stream")
+    for name, tensor in x.model.state_dict().items():
+        torch.testing.assert_close(tensor, y.model.state_dict()[name], rtol=0, atol=0, msg=name)
+
+
+@torch.no_grad()
 def test_ladimo_streams_and_gives_the_in_memory_conversion_exactly(source, tmp_path):
     """LaDiMo trains each layer and runs its routing step inside the one layer loop, so it streams too."""
     ladimo = {"n_experts": 4, "n_shared": 1, "top_k": 2, "steps": 5, "batch_tokens": 32}
@@ -261,10 +298,6 @@ def test_evaluation_streams_a_folder_larger_than_max_memory(source, tmp_path, mo
     [
         ({"method": "dive"}, "method 'dive' needs the whole model at once"),
         ({"distill": {"enabled": True}}, "and fine-tuning train through the whole model"),
-        (
-            {"cmoe": {"experts": "S1A2E4", "budget": 0.5}},
-            "a per-layer budget .the default layout. measures every layer",
-        ),
     ],
 )
 def test_what_cannot_stream_is_refused_before_anything_is_read(source, tmp_path, changes, reason):
@@ -376,30 +409,35 @@ def test_shards_close_at_their_size_and_the_index_names_every_tensor(tmp_path):
 
 
 def test_the_app_streams_a_folder_larger_than_its_max_memory(tmp_path_factory):
-    """The Model tab's max memory: the folder is opened, not loaded; Profile, Convert and Evaluate read one
-    decoder layer at a time and give what the in-memory session gives; what needs the whole model says so."""
+    """The Model tab's max memory: the folder is opened, not loaded; Profile, Design's sensitivity, Convert and
+    Evaluate read one decoder layer at a time and give what the in-memory session gives; what needs the whole model says so."""
     import gradio as gr
-    from test_views import DATA, DESIGN, options
+    from test_views import DATA, DESIGN, layout, options
 
-    from views import compare_tab, convert_tab, evaluate_tab, export_tab, model_tab, profile_tab
+    from views import compare_tab, convert_tab, design_tab, evaluate_tab, export_tab, model_tab, profile_tab
     from views.state import Session, Workspace
 
     folder = _folder(tmp_path_factory, "builtin:tiny-llama")
-    sessions, profiles, evals = {}, {}, {}
+    sessions, profiles, evals, measured = {}, {}, {}, {}
+    budget = layout(8, 0.25, "budget", 2, "", 0.5, "")
+    no_distill = options(**{"distill.enabled": False})
     for limit in ("10KB", ""):
         fresh = Session(workspace=Workspace(tmp_path_factory.mktemp("app")))
         session, card = model_tab.load(str(folder), "cpu", False, fresh, limit)
         assert (session.source is not None) == bool(limit) and ("Streamed" in card) == bool(limit)
         session = profile_tab.run(session, "builtin:pydoc", 2, 32, 5, 0, 0)[0]
         profiles[limit] = session.profile
-        if limit:  # the default design (a per-layer budget) and distillation need the whole model
-            with pytest.raises(gr.Error, match="Design tab to uniform"):
+        session, allocation = design_tab.measure(
+            session, lambda s=session: convert_tab.cmoe_run(s, DATA, budget, ["cmoe", *no_distill]), budget
+        )[:2]
+        measured[limit] = (session.sensitivity.kl, allocation)
+        if limit:  # distillation (on by default) needs the whole model
+            with pytest.raises(gr.Error, match="turn distillation off"):
                 list(
                     convert_tab.convert(
                         session, *DATA, *DESIGN[:2], "budget", *DESIGN[3:], "cmoe", *options()
                     )
                 )
-        no_distill = options(**{"distill.enabled": False})
         session = list(convert_tab.convert(session, *DATA, *DESIGN, "cmoe", *no_distill))[-1][0]
         session = evaluate_tab.run(session, "builtin:pydoc", 2, 16, [], 5)[0]
         sessions[limit], evals[limit] = session, session.evals[-1]
@@ -407,6 +445,7 @@ def test_the_app_streams_a_folder_larger_than_its_max_memory(tmp_path_factory):
     assert all(p.is_meta for layer in streamed.dense.model.model.layers for p in layer.parameters())
     assert json.loads((streamed.workspace.path("converted") / "metrics.json").read_text())["streamed"] is True
     torch.testing.assert_close(profiles["10KB"].rates, profiles[""].rates, rtol=0, atol=0)
+    assert measured["10KB"] == measured[""]  # the Design tab's sensitivity streams too
     for key in ("ppl", "kl", "agreement"):
         assert evals["10KB"][key] == pytest.approx(evals[""][key], rel=1e-4, abs=1e-6), key
     with pytest.raises(gr.Error, match="larger than the Model tab's max memory"):

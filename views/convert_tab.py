@@ -392,7 +392,7 @@ def convert(session: Session, *values, progress=gr.Progress()):
             check_streamable(cfg)
         except ValueError as exc:
             raise ValueError(
-                f"{exc} Here: set the Design tab to uniform (one shape in every layer) and turn distillation off."
+                f"{exc} Here: turn distillation off (the Recovery options), and choose CMoE or LaDiMo."
             ) from None
     session.cancel.clear()
     start, lines, records, drawn = time.perf_counter(), [], [], [0]

@@ -11,7 +11,7 @@ import gradio as gr
 from moe_core.config import ConvertRun
 from views import plots, widgets
 from views.data_tab import DataTab
-from views.state import Session, needs_whole_model
+from views.state import Session
 
 
 def _defaults() -> dict:
@@ -326,12 +326,10 @@ def measure(session: Session, to_run, design_values=None, progress=gr.Progress()
     card, heatmap, bars)."""
     from moe_core.budget import Sensitivity, plan_budget
     from moe_core.pipeline import calibration
+    from moe_core.streaming import layers_of
 
     if session.dense is None:
         raise gr.Error("Load a model in the Model tab first.", print_exception=False)
-    needs_whole_model(
-        session, "The sensitivity measurement (each layer's KL through the rest of the network)"
-    )
     cfg = to_run()
     if cfg.cmoe.budget is None:
         raise gr.Error(
@@ -342,9 +340,8 @@ def measure(session: Session, to_run, design_values=None, progress=gr.Progress()
     progress(0, desc=f"Reading {cfg.data.text}")
     ids, _ = calibration(session.dense, cfg.data)
     # the conversion's own recipe (held-out windows, routing step): what it would measure, it measures here
-    plan = plan_budget(
-        session.dense, cfg, ids, progress=lambda f, m: progress(f, desc=m), cancel=session.cancel
-    )
+    with layers_of(session.dense, session.source) as dense:  # a streamed model: one decoder layer at a time
+        plan = plan_budget(dense, cfg, ids, progress=lambda f, m: progress(f, desc=m), cancel=session.cancel)
     session = replace(session, sensitivity=Sensitivity(**plan["sensitivity"]))
     text = ", ".join(plan["layer_experts"])
     values = list(design_values or [cfg.cmoe.shape[2], 0.0, "budget", 1, "", cfg.cmoe.budget, "", False])

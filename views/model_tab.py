@@ -52,7 +52,7 @@ def summary_html(spec: str, s: ModelSummary, streamed: str | None = None) -> str
     if streamed is not None:
         bar += (
             '<div class="moe-bar-label"><b>Streamed</b>: one decoder layer in memory at a time. '
-            f"{STREAMED_STAGES} read it layer by layer; the Design budget, the routing sweep and Compare need the "
+            f"{STREAMED_STAGES} read it layer by layer; distillation, the routing sweep and Compare need the "
             "whole model.</div>"
         )
     title = f"{html.escape(s.family)} model <code>{html.escape(spec)}</code>"

@@ -125,11 +125,9 @@ def summary_html(session: Session, seconds: float, preview: dict) -> str:
 def _layers(session: Session):
     """The session's model for a stage that reads it layer by layer: a streamed one reads each decoder layer from
     its shards when its turn comes (moe_core.streaming.reading)."""
-    import contextlib
+    from moe_core.streaming import layers_of
 
-    from moe_core.streaming import reading
-
-    return contextlib.nullcontext(session.dense) if session.source is None else reading(session.source)
+    return layers_of(session.dense, session.source)
 
 
 def run(session: Session, text, n_sequences, seq_len, k_act, seed, layer, progress=gr.Progress()):
