@@ -219,7 +219,9 @@ class LaDiMoConfig:
     gate_mode: Literal["prob", "renorm"] = (
         "prob"  # random/representative inits; oracle is always prob (native)
     )
-    steps: int = 100  # Adam steps per layer (~15 s per SmolLM2 layer on a busy 2-core CPU)
+    # Adam steps per layer (~25 s per SmolLM2 layer on 2 CPU cores). 300, not 100: held-out relative MSE on the
+    # calibration tokens (10% held out, mean over layers) 0.0717 against 0.0748 on SmolLM2-135M at S2A4E8
+    steps: int = 300
     batch_tokens: int = 512  # calibration tokens per step
     lr: float = 1e-3  # experts (1e-4 barely moves them in 100 steps; 3e-3 hurts k = E)
     router_lr: float = 1e-2

@@ -414,7 +414,7 @@ METHOD = Method(
         Option(
             "steps",
             "--steps",
-            "Adam distillation steps per layer (~15 s per SmolLM2 layer)",
+            "Adam distillation steps per layer (~25 s per SmolLM2 layer)",
             "Steps per layer",
             int,
         ),  # fmt: skip
