@@ -21,17 +21,15 @@ layers 0.2-0.3, so a uniform shape spends the budget where it buys least.
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .config import CMoEConfig, parse_experts
-from .layerwise import apply_chunked, ffn_inputs, walk_layers
+from .layerwise import apply_chunked, ffn_inputs, walk_layers, with_mlp
 from .plumbing import Cancel, Progress, check_cancel, report
 
 # Calibration tokens the sensitivity builds its blocks on: on SmolLM2, 8 x 512 allocated nearly as 32 x 512 did
@@ -93,15 +91,6 @@ class Sensitivity:
 
 # ---------------------------------------------------------------------------------------------
 # Measuring
-
-
-def _with_mlp(layer: nn.Module, mlp: nn.Module, block: nn.Module) -> nn.Module:
-    """A shallow copy of a decoder layer whose MLP is ``block`` (parameters shared, the layer untouched)."""
-    clone = copy.copy(layer)
-    clone._modules = dict(layer._modules)
-    name = next(n for n, m in layer.named_children() if m is mlp)
-    clone._modules[name] = block
-    return clone
 
 
 def _kl(logp, ref_logp, chunk: int = 256) -> float:
@@ -175,7 +164,7 @@ def measure_sensitivity(
             if routing is not None:
                 reconstruct_block(block, x, y, routing, layer=i)
             if c in measured:
-                started.append((i, c, run_layer(_with_mlp(layer, mlp, block), held)))
+                started.append((i, c, run_layer(with_mlp(layer, mlp, block), held)))
             if mode == "fast":
                 row.append(float((apply_chunked(block, held_x) - held_y).double().pow(2).sum()))
             report(progress, (i + (c + 1) / len(shapes)) / n_layers, f"Sensitivity: layer {i + 1}, {shape}")
@@ -188,8 +177,6 @@ def measure_sensitivity(
     for j, c, final in started:
         check_cancel(cancel)
         kl[j][c] = _kl(_head_logp(dense, final), ref_logp)
-    if stream is not None:
-        stream.drop_head(dense)
     if mode == "fast":
         for row, err in zip(kl, errors, strict=True):
             scale = row[ref] / max(err[ref], 1e-30)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -372,6 +371,18 @@ def walk_layers(
         report(progress, (i + 1 - first) / (last + 1 - first), f"{label}: layer {i + 1}/{last + 1}")
 
 
+def with_mlp(layer: nn.Module, mlp: nn.Module, block: nn.Module) -> nn.Module:
+    """A shallow copy of a decoder layer whose MLP ``mlp`` is ``block`` (parameters shared, the layer untouched):
+    what a stage runs to see the layer with a candidate block in place."""
+    import copy
+
+    clone = copy.copy(layer)
+    clone._modules = dict(layer._modules)
+    name = next(n for n, m in layer.named_children() if m is mlp)
+    clone._modules[name] = block
+    return clone
+
+
 def run_rest(model, start: LayerInputs, swap: dict[int, nn.Module] | None = None) -> LayerInputs:
     """Run ``model`` (a DenseModel) from inputs captured at layer ``start.layer`` to its last layer on the
     driver, decoder layer i stood in for by ``swap[i]`` where given: the final hidden states."""
@@ -384,17 +395,26 @@ def run_rest(model, start: LayerInputs, swap: dict[int, nn.Module] | None = None
 
 
 def window_logits(
-    model, windows: torch.Tensor, batch_size: int = 1, progress: Progress = None, cancel: Cancel = None
+    model,
+    windows: torch.Tensor,
+    batch_size: int = 1,
+    progress: Progress = None,
+    cancel: Cancel = None,
+    visit: Callable[[LayerStep], None] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(ids (B, T), logits (B, T - 1, V) at its predicting positions) of windows (W, T), one micro-batch of ``batch_size``
     windows at a time, on the driver: every window goes through layer i, then layer i + 1 (so a streamed model
-    is read once), then the model's own head runs one micro-batch at a time (one batch's logits alive)."""
+    is read once), then the model's own head runs one micro-batch at a time (one batch's logits alive).
+    visit(step): called at each layer's turn; it may set ``step.outputs`` (the layer run with another MLP, say)."""
     from .streaming import active
 
     steps = walk_layers(
         model, windows, batch_size=batch_size, progress=progress, cancel=cancel, label="Scoring"
     )
-    final = deque(steps, maxlen=1)[0].outputs  # every layer walked; the last one's outputs
+    for step in steps:
+        if visit is not None:
+            visit(step)
+    final = step.outputs  # every layer walked; the last one's outputs
     if active() is not None:
         active().head(model)  # the embeddings and head a streamed model freed
     for h, ids in zip(final.hidden, final.ids, strict=True):

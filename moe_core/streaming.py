@@ -306,6 +306,7 @@ def streaming(stream: LayerStream):
         yield stream
     finally:
         _STREAM.remove(stream)
+        stream.drop_head(stream.source.dense)
         stream.restore_source()
 
 
@@ -427,8 +428,11 @@ def check_streamable(cfg) -> None:
 
     reasons = []
     if not lookup(cfg.method).routes_inside:
-        reasons.append(f"method '{cfg.method}' needs the whole model at once (CMoE and LaDiMo convert layer by "
-                       "layer with their routing step)")  # fmt: skip
+        reasons.append(f"method '{cfg.method}' needs the whole model at once (CMoE, LaDiMo and DIVE convert layer "
+                       "by layer with their routing step)")  # fmt: skip
+    if cfg.method == "dive" and cfg.dive.retrain.stage1_steps + cfg.dive.retrain.stage2_steps > 0:
+        reasons.append("DIVE's two retraining stages train through the whole model (--stage1-steps 0 "
+                       "--stage2-steps 0 converts without them: mining and experts stream)")  # fmt: skip
     if cfg.distill.enabled or cfg.finetune.enabled:
         reasons.append("distillation (on by default: --no-distill) and fine-tuning train through the whole model "
                        "(run them on a GPU that holds it, or with accelerate's CPU offload)")  # fmt: skip

@@ -185,6 +185,42 @@ def test_convert_mines_clusters_and_is_deterministic(domains):
     json.dumps(moe.conversion.as_dict())  # plain data, for metrics.json and the app's heatmap
 
 
+def test_mining_walks_the_layers_and_scores_what_the_whole_pruned_model_scores():
+    """The affinity matrix runs every domain's held-out windows through layer i, then i + 1 (it streams); each
+    entry is the perplexity of the whole model with every FFN pruned on that domain (flap_prune)."""
+    from moe_core.evaluate import perplexity
+    from moe_core.methods.dive import affinity_matrix
+
+    dense = tiny_model("llama")
+    stats = {name: flap_stats(dense, ids(seed=s)) for name, s in (("a", 1), ("b", 2), ("c", 3))}
+    heldout = {"a": ids(2, 16, seed=4), "b": ids(3, 16, seed=5), "c": ids(1, 16, seed=6)}
+    ppl = affinity_matrix(dense, stats, heldout, 0.5, batch_size=2)
+    for i, name in enumerate(stats):
+        pruned = flap_prune(dense, stats[name], 0.5)
+        whole = [perplexity(pruned, heldout[other], batch_size=2) for other in stats]
+        np.testing.assert_allclose(ppl[i], whole, rtol=1e-5)
+    assert len(set(np.round(ppl.ravel(), 6))) > 3  # the domains and prunings differ
+
+
+def test_without_retraining_the_routing_step_runs_as_each_layer_is_built(domains):
+    """No retraining: experts assembled and routed in one walk (so it streams), the same model as assembling
+    first and routing after; with retraining, the routing pass follows the retraining."""
+    from moe_core.methods.dive import assemble_routed
+    from moe_core.reconstruct import reconstruct_model
+
+    dense, groups = tiny_model("llama"), group_stats(tiny_model("llama"))
+    cfg = small(domains, n_experts=3, top_k=1)
+    settings = RoutingConfig().settings(0)
+    walked, layers, routed = assemble_routed(dense, ids(), groups, cfg, routing=settings)
+    after, _ = assemble(dense, groups, cfg)
+    reports = reconstruct_model(after, dense, ids(), settings)
+    assert len(routed) == len(layers) == dense.n_layers and routed == reports
+    for name, tensor in after.model.state_dict().items():
+        torch.testing.assert_close(walked.model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    moe = convert(dense, ids(), small(domains, retrain=RETRAIN), method="dive", routing=RoutingConfig())
+    assert len(moe.conversion.routing) == dense.n_layers and moe.conversion.retrain
+
+
 # ---------------------------------------------------------------------------------------------
 # Expert reconstruction
 

@@ -163,6 +163,34 @@ def test_a_per_layer_budget_streams_its_sensitivity_and_gives_the_in_memory_allo
 
 
 @torch.no_grad()
+def test_dive_without_retraining_streams_and_gives_the_in_memory_conversion_exactly(
+    source, tmp_path, monkeypatch
+):
+    """DIVE's statistics (one walk per domain), mining (one walk per pruning domain, every held-out window through
+    layer i, then i + 1) and experts (assembled and routed in the conversion's walk) all stream."""
+    loads = []
+    real_load = LayerStream.load
+    monkeypatch.setattr(
+        LayerStream, "load", lambda self, dense, i: (loads.append(i), real_load(self, dense, i))[1]
+    )
+    dive = {
+        "domains": [["pydoc", "builtin:pydoc"], ["stdlib", "builtin:stdlib"]], "n_experts": 2, "n_sequences": 2,
+        "seq_len": 32, "max_chars": 20000, "retrain": {"stage1_steps": 0, "stage2_steps": 0},
+    }  # fmt: skip
+    cfg = _run(source, method="dive", dive=dive)
+    in_memory = convert_run(load_model(str(source)), cfg, folder=tmp_path / "mem")
+    opened = open_model(source)
+    streamed = convert_run(opened.dense, cfg, folder=tmp_path / "stream", source=opened)
+    n_layers = load_model(str(source)).n_layers
+    assert loads == list(range(n_layers)) * 5  # statistics of 2 domains, mining pruned on each, the experts
+    a, b = in_memory.metrics["conversion"], streamed.metrics["conversion"]
+    assert a["affinity"] == b["affinity"] and len(b["routing"]) == n_layers
+    x, y = load_converted(tmp_path / "mem"), load_converted(tmp_path / "stream")
+    for name, tensor in x.model.state_dict().items():
+        torch.testing.assert_close(tensor, y.model.state_dict()[name], rtol=0, atol=0, msg=name)
+
+
+@torch.no_grad()
 def test_ladimo_streams_and_gives_the_in_memory_conversion_exactly(source, tmp_path):
     """LaDiMo trains each layer and runs its routing step inside the one layer loop, so it streams too."""
     ladimo = {"n_experts": 4, "n_shared": 1, "top_k": 2, "steps": 5, "batch_tokens": 32}
@@ -296,7 +324,8 @@ def test_evaluation_streams_a_folder_larger_than_max_memory(source, tmp_path, mo
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [
-        ({"method": "dive"}, "method 'dive' needs the whole model at once"),
+        ({"method": "flap"}, "method 'flap' needs the whole model at once"),
+        ({"method": "dive"}, "DIVE's two retraining stages train through the whole model"),
         ({"distill": {"enabled": True}}, "and fine-tuning train through the whole model"),
     ],
 )

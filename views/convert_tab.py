@@ -392,7 +392,8 @@ def convert(session: Session, *values, progress=gr.Progress()):
             check_streamable(cfg)
         except ValueError as exc:
             raise ValueError(
-                f"{exc} Here: turn distillation off (the Recovery options), and choose CMoE or LaDiMo."
+                f"{exc} Here: turn distillation off (the Recovery options), and choose CMoE, LaDiMo, or DIVE with both "
+                "retraining stages at 0 steps."
             ) from None
     session.cancel.clear()
     start, lines, records, drawn = time.perf_counter(), [], [], [0]

@@ -28,8 +28,9 @@ OUTPUT_ROOT = Path(
 CONVERTED = "converted"  # the session folder a conversion is saved in (and a streamed evaluation reads)
 # what reads a streamed model one decoder layer at a time; everything else needs the whole model
 STREAMED_STAGES = (
-    "Profile, Design's sensitivity measurement, Convert (CMoE and LaDiMo without distillation), Evaluate "
-    "(perplexity and agreement) and Export (exact, and the Qwen2-MoE formats where the routing is native)"
+    "Profile, Design's sensitivity measurement, Convert (CMoE, LaDiMo, and DIVE without its retraining; no "
+    "distillation), Evaluate (perplexity and agreement) and Export (exact, and the Qwen2-MoE formats where the "
+    "routing is native)"
 )
 
 

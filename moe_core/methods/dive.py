@@ -42,6 +42,7 @@ Choices where the paper is silent, or where we differ on purpose:
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -51,9 +52,10 @@ import numpy as np
 import torch
 
 from ..config import DIVEConfig
-from ..layerwise import walk_layers
+from ..layerwise import convert_layers, run_layer, walk_layers
 from ..moe import MoEMLP, Router, RoutingPolicy
 from ..profiling import check_cancel
+from ..reconstruct import reconstruct_block
 from . import Method, Option
 
 Progress = Callable[[float, str], None] | None
@@ -233,14 +235,26 @@ def _copy(dense):
     return ConvertedModel.shell_of(dense)
 
 
+def _flap_block(dense, i: int, stats: FlapStats, ratio: float) -> MoEMLP:
+    """Layer i's FFN of ``dense`` pruned on ``stats``: a one-expert block (gate 1)."""
+    w_down = dense.adapter.weights(dense.mlp(i))[2]
+    kept, bias = prune_ffn(w_down, (stats.mean[i], stats.var[i]), ratio)
+    router = Router(w_down.shape[0], 1, "linear")  # zero weights; renorm over one expert gives gate 1
+    return pruned_block(dense, i, [kept], [bias], router, 1)
+
+
 def _install_flap(target, dense, stats: FlapStats, ratio: float) -> None:
-    """Replace every FFN of ``target`` by dense's FFN pruned on ``stats``: a one-expert block (gate 1)."""
-    mean, var = stats.mean, stats.var
+    """Replace every FFN of ``target`` by dense's FFN pruned on ``stats``."""
     for i in range(dense.n_layers):
-        w_down = dense.adapter.weights(dense.mlp(i))[2]
-        kept, bias = prune_ffn(w_down, (mean[i], var[i]), ratio)
-        router = Router(w_down.shape[0], 1, "linear")  # zero weights; renorm over one expert gives gate 1
-        target.adapter.set_mlp(target.model, i, pruned_block(dense, i, [kept], [bias], router, 1))
+        target.adapter.set_mlp(target.model, i, _flap_block(dense, i, stats, ratio))
+
+
+def _run_pruned(model, stats: FlapStats, ratio: float, step) -> None:
+    """A walk's visit: layer ``step.index`` runs with its FFN pruned on ``stats`` (the layer itself untouched)."""
+    from ..layerwise import with_mlp
+
+    block = _flap_block(model, step.index, stats, ratio)
+    step.outputs = run_layer(with_mlp(step.layer, model.mlp(step.index), block), step.inputs)
 
 
 @torch.no_grad()
@@ -326,21 +340,32 @@ def affinity_matrix(
     progress: Progress = None,
     cancel: Cancel = None,
 ) -> np.ndarray:
-    """P (D, D): perplexity on domain j's held-out windows of the FFNs pruned on domain i, in float64."""
-    from ..evaluate import perplexity
+    """P (D, D): perplexity on domain j's held-out windows of the FFNs pruned on domain i, in float64.
 
-    names, work = list(stats), _copy(dense)
+    One walk over the layers per calibration domain i: every domain's held-out windows go through layer l with
+    its FFN pruned on domain i, then through layer l + 1 (so a model streamed from its shards is read once per
+    domain, inside :func:`moe_core.streaming.reading`, never whole)."""
+    from ..layerwise import window_logits
+    from ..streaming import active, layers_of
+
+    names = list(stats)
+    windows = torch.cat([heldout[n] for n in names])
+    owner = torch.repeat_interleave(torch.arange(len(names)), torch.tensor([len(heldout[n]) for n in names]))
+    stream = active()
     ppl = np.zeros((len(names), len(names)))
     for i, name in enumerate(names):
-        _install_flap(work, dense, stats[name], ratio)  # swaps the blocks: one model copy for every domain
-        for j, other in enumerate(names):
-            check_cancel(cancel)
-            ppl[i, j] = perplexity(work, heldout[other], batch_size)
-            if progress:
-                progress(
-                    (i * len(names) + j + 1) / len(names) ** 2,
-                    f"DIVE mining: pruned on {name}, ppl on {other}",
-                )
+        nll, tokens = np.zeros(len(names)), np.zeros(len(names))
+        with layers_of(dense, None if stream is None else stream.source) as model:
+            visit = functools.partial(_run_pruned, model, stats[name], ratio)
+            batches = window_logits(model, windows, batch_size, cancel=cancel, visit=visit)
+            for (ids, logits), who in zip(batches, owner.split(batch_size), strict=True):
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                picked = -logp.gather(-1, ids[:, 1:, None].to(logp.device))[..., 0]  # (B, T - 1)
+                np.add.at(nll, who.numpy(), picked.double().sum(1).cpu().numpy())
+                np.add.at(tokens, who.numpy(), picked.shape[1])
+        ppl[i] = np.exp(nll / tokens)
+        if progress:
+            progress((i + 1) / len(names), f"DIVE mining: pruned on {name}, scored on every domain")
     return ppl
 
 
@@ -354,21 +379,48 @@ def assemble(dense, group_stats: list[FlapStats], cfg: DIVEConfig, all_stats: Fl
 
     all_stats: every domain pooled, only needed for the optional shared expert. Returns (model, per-layer info).
     """
-    moe, generator, layers = _copy(dense), torch.Generator().manual_seed(cfg.seed), []
-    means = [s.mean for s in group_stats]
-    variances = [s.var for s in group_stats]
+    moe, generator = _copy(dense), torch.Generator().manual_seed(cfg.seed)
+    layers = []
     for i in range(dense.n_layers):
-        w_down = dense.adapter.weights(dense.mlp(i))[2]
-        shared = _shared_channels(w_down, all_stats, i, cfg.shared_share) if cfg.shared_share else None
-        pruned = [
-            prune_ffn(w_down, (m[i], v[i]), cfg.prune_ratio, shared)
-            for m, v in zip(means, variances, strict=True)
-        ]
-        kept, biases = [k for k, _ in pruned], [b for _, b in pruned]
-        router = noisy_router(w_down.shape[0], len(kept), generator)
-        moe.adapter.set_mlp(moe.model, i, pruned_block(dense, i, kept, biases, router, cfg.top_k, shared))
-        layers.append(_layer_info(i, kept, biases, shared))
+        block, info = expert_block(dense, i, group_stats, cfg, generator, all_stats)
+        moe.adapter.set_mlp(moe.model, i, block)
+        layers.append(info)
     return moe, layers
+
+
+def expert_block(dense, i: int, group_stats: list[FlapStats], cfg: DIVEConfig, generator, all_stats=None):
+    """(layer i's MoEMLP of one pruned expert per group with its bias and a noisy router drawn from
+    ``generator``, its info): one layer of :func:`assemble`."""
+    w_down = dense.adapter.weights(dense.mlp(i))[2]
+    shared = _shared_channels(w_down, all_stats, i, cfg.shared_share) if cfg.shared_share else None
+    pruned = [prune_ffn(w_down, (g.mean[i], g.var[i]), cfg.prune_ratio, shared) for g in group_stats]
+    kept, biases = [k for k, _ in pruned], [b for _, b in pruned]
+    router = noisy_router(w_down.shape[0], len(kept), generator)
+    block = pruned_block(dense, i, kept, biases, router, cfg.top_k, shared)
+    return block, _layer_info(i, kept, biases, shared)
+
+
+@torch.no_grad()
+def assemble_routed(dense, input_ids, group_stats, cfg: DIVEConfig, all_stats=None, routing=None,
+                    progress: Progress = None, cancel: Cancel = None):  # fmt: skip
+    """:func:`assemble` on the layer-by-layer driver, each block routed and refitted (``routing``,
+    ReconstructSettings, when given) on input_ids (N, T) as soon as it is built: the same model as assemble
+    followed by the routing pass (moe_core.reconstruct.reconstruct_model), in one walk, so it streams.
+    Returns (model, per-layer info, per-layer routing reports)."""
+    moe, generator, routed = _copy(dense), torch.Generator().manual_seed(cfg.seed), []
+
+    def build(i, x, y):
+        block, info = expert_block(moe, i, group_stats, cfg, generator, all_stats)
+        moe.adapter.set_mlp(moe.model, i, block)  # a streamed layer's dense MLP is freed before the refit
+        if routing is not None:
+            routed.append(reconstruct_block(block, x, y, routing, layer=i))
+        return block, info
+
+    layers = convert_layers(
+        moe, input_ids, list(range(moe.n_layers)), build, batch_size=cfg.batch_size, progress=progress,
+        cancel=cancel, label="DIVE experts",
+    )  # fmt: skip
+    return moe, layers, routed
 
 
 def _shared_channels(w_down, all_stats: FlapStats, i: int, share: float) -> torch.Tensor:
@@ -425,9 +477,12 @@ def domain_stats(
     dense, data: dict[str, DomainData], batch_size: int = 4, progress: Progress = None, cancel: Cancel = None
 ) -> dict[str, FlapStats]:
     """{domain: FlapStats of its calibration windows} on the dense model."""
-    out = {}
+    from ..streaming import active, layers_of
+
+    out, stream = {}, active()
     for d, (name, domain) in enumerate(data.items()):
-        out[name] = flap_stats(dense, domain.calib, batch_size, cancel)
+        with layers_of(dense, None if stream is None else stream.source) as model:  # streamed: read once more
+            out[name] = flap_stats(model, domain.calib, batch_size, cancel)
         if progress:
             progress((d + 1) / len(data), f"DIVE: FLAP statistics of {name}")
     return out
@@ -439,33 +494,49 @@ def convert(
     cfg: DIVEConfig | None = None,
     progress: Progress = None,
     cancel: Cancel = None,
+    routing=None,
 ):
     """DIVE conversion of a copy of ``dense`` (untouched): mining, pruned experts, then retraining.
 
-    input_ids (N, T): general text for the two retraining stages (the paper's SlimPajama); the domains'
-    own text comes from cfg.domains. Returns a ConvertedModel of MoEMLP blocks; ``conversion`` is a DIVEReport
-    (affinity matrix, cluster order and groups, per-layer overlap, retraining losses, seconds).
+    input_ids (N, T): general text for the two retraining stages (the paper's SlimPajama) and the routing
+    step; the domains' own text comes from cfg.domains. routing (ReconstructSettings): the layer-wise routing
+    step, after the retraining (a second pass) or, with no retraining, as each layer is built (one walk: a
+    model streamed from its shards converts without ever being whole; retraining needs the whole model).
+    Returns a ConvertedModel of MoEMLP blocks; ``conversion`` is a DIVEReport (affinity matrix, cluster order
+    and groups, per-layer overlap, retraining losses, routing reports, seconds).
     """
     from ..finetune import dive_retrain
+    from ..reconstruct import reconstruct_model
 
     cfg, seconds, start = cfg or DIVEConfig(), {}, time.perf_counter()
     retraining = cfg.retrain.stage1_steps + cfg.retrain.stage2_steps > 0
-    end = 0.75 if retraining else 1.0
+    mined = 0.7 if retraining else 0.9  # share of the progress bar at the end of the mining
     data = domain_data(dense, cfg, _span(progress, 0.0, 0.05), cancel)
     stats = domain_stats(dense, data, cfg.batch_size, _span(progress, 0.05, 0.3), cancel)
     seconds["statistics"] = time.perf_counter() - start
     heldout = {name: d.heldout for name, d in data.items()}
     ppl = affinity_matrix(
-        dense, stats, heldout, cfg.prune_ratio, cfg.batch_size, _span(progress, 0.3, end - 0.05), cancel
+        dense, stats, heldout, cfg.prune_ratio, cfg.batch_size, _span(progress, 0.3, mined), cancel
     )
     affinity = cluster_domains(list(stats), ppl, cfg.n_experts, cfg.linkage)
     seconds["mining"] = time.perf_counter() - start - seconds["statistics"]
     check_cancel(cancel)
     groups = [pooled(stats, g) for g in affinity.groups]
-    moe, layers = assemble(dense, groups, cfg, pooled(stats, stats) if cfg.shared_share else None)
-    report = DIVEReport(_config_dict(cfg), affinity.as_dict(), layers)
+    all_stats = pooled(stats, stats) if cfg.shared_share else None
     if retraining:
-        report.retrain = dive_retrain(moe, input_ids, cfg.retrain, _span(progress, end, 1.0), cancel)
+        moe, layers = assemble(dense, groups, cfg, all_stats)
+        report = DIVEReport(_config_dict(cfg), affinity.as_dict(), layers)
+        after = 1.0 if routing is None else 0.9
+        report.retrain = dive_retrain(moe, input_ids, cfg.retrain, _span(progress, 0.75, after), cancel)
+        if routing is not None:
+            report.routing = reconstruct_model(
+                moe, dense, input_ids, routing, progress=_span(progress, 0.9, 1.0), cancel=cancel
+            )
+    else:
+        moe, layers, routed = assemble_routed(
+            dense, input_ids, groups, cfg, all_stats, routing, _span(progress, mined, 1.0), cancel
+        )
+        report = DIVEReport(_config_dict(cfg), affinity.as_dict(), layers, routing=routed)
     seconds["total"] = time.perf_counter() - start
     report.seconds = {k: round(v, 2) for k, v in seconds.items()}
     moe.conversion = report
@@ -553,4 +624,5 @@ METHOD = Method(
     to_layout=lambda cfg: (cfg.n_experts, cfg.top_k, cfg.shared_share),
     describe=lambda s: f"E{s.get('n_experts')} top-{s.get('top_k')}",
     order=20,
+    routes_inside=True,
 )
