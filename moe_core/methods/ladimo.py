@@ -35,6 +35,8 @@ Choices:
   by two orders of magnitude across SmolLM2's layers); also what the report prints (relative MSE).
 - Auxiliary loss: Switch Transformer's load balance E * sum_e f_e P_e (f_e: share of routed slots,
   P_e: mean p), alpha = 0.01 as in Switch; it is 1 when balanced.
+- Steps: 300 per layer (``steps``); against 100, the held-out relative MSE on the calibration tokens falls from
+  0.0748 to 0.0717 (mean over layers, SmolLM2-135M S2A4E8, 2026-12-06), WikiText-2 perplexity 65.67 -> 63.54.
 - Optimiser: Adam, lr 1e-3 for the experts (1e-4 barely moved them in 100 steps; 3e-3 hurt k = E) and 1e-2
   for the router, cosine decay, minibatches of ``batch_tokens`` rows drawn from the layer's calibration
   tokens; 10% of the tokens are held out to report the relative MSE before and after training.
