@@ -32,9 +32,10 @@ TITLES = {
     "finetune": "Fine-tuning",
 }  # the steps after a method
 ABOUT = {
-    "routing": "After any method, layer by layer: a linear router trained on each token's best experts (oracle "
-    "labels), a least-squares refit of the down projections, and the form the model is saved in. After "
-    "converting, the summary shows the held-out error before and after, and the oracle bound.",
+    "routing": "After CMoE, DIVE or FLAP, layer by layer: a linear router trained on each token's best experts "
+    "(oracle labels), a least-squares refit of the down projections, and the form the model is saved in. After "
+    "converting, the summary shows the held-out error before and after, and the oracle bound. LaDiMo takes this "
+    "step before it trains each layer (its oracle router init, native form) and not again after.",
     "distill": "After any method and the routing step: the dense model teaches the converted one (KL on the "
     "logits, text other than the evaluation set). It stops at the token or the time budget, whichever ends "
     "first; the loss curve draws as it trains. The saved model is the distilled one.",
