@@ -146,9 +146,8 @@ def measure_sensitivity(
     spill = stream is not None and stream.spills(dense, held_ids, copies=in_flight)
     # captured before the calibration's walk starts: a streamed walk frees the embeddings once it has its inputs
     held = capture_layer_inputs(dense, held_ids, cfg.batch_size, SpilledStates() if spill else None)
-    started: list[
-        tuple[int, int, object]
-    ] = []  # (layer, shape column, held-out states after it converted alone)
+    # (layer, shape column, the held-out states with that layer converted alone at that shape)
+    started: list[tuple[int, int, object]] = []
     errors: list[list[float]] = []
     for step in walk_layers(dense, calib_ids, batch_size=cfg.batch_size, cancel=cancel):
         i, layer, mlp = step.index, step.layer, dense.mlp(step.index)
