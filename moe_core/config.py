@@ -360,6 +360,11 @@ class DIVERetrainConfig:
     lora_alpha: int = 16  # paper code
     seed: int = 0
 
+    @property
+    def enabled(self) -> bool:
+        """Whether either retraining stage runs (both at 0 steps: DIVE without retraining, which streams)."""
+        return self.stage1_steps + self.stage2_steps > 0
+
     def __post_init__(self):
         _check(
             self.stage1_steps >= 0 and self.stage2_steps >= 0,

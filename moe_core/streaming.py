@@ -430,7 +430,7 @@ def check_streamable(cfg) -> None:
     if not lookup(cfg.method).routes_inside:
         reasons.append(f"method '{cfg.method}' needs the whole model at once (CMoE, LaDiMo and DIVE convert layer "
                        "by layer with their routing step)")  # fmt: skip
-    if cfg.method == "dive" and cfg.dive.retrain.stage1_steps + cfg.dive.retrain.stage2_steps > 0:
+    if cfg.method == "dive" and cfg.dive.retrain.enabled:
         reasons.append("DIVE's two retraining stages train through the whole model (--stage1-steps 0 "
                        "--stage2-steps 0 converts without them: mining and experts stream)")  # fmt: skip
     if cfg.distill.enabled or cfg.finetune.enabled:

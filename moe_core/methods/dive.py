@@ -509,7 +509,7 @@ def convert(
     from ..reconstruct import reconstruct_model
 
     cfg, seconds, start = cfg or DIVEConfig(), {}, time.perf_counter()
-    retraining = cfg.retrain.stage1_steps + cfg.retrain.stage2_steps > 0
+    retraining = cfg.retrain.enabled
     mined = 0.7 if retraining else 0.9  # share of the progress bar at the end of the mining
     data = domain_data(dense, cfg, _span(progress, 0.0, 0.05), cancel)
     stats = domain_stats(dense, data, cfg.batch_size, _span(progress, 0.05, 0.3), cancel)
