@@ -11,13 +11,13 @@ into the model: it is copied from the input shards to the output ones.
 
 The output is this project's converted checkpoint (``moe_core.checkpoint``), in numbered shards with an index,
 so ``load_converted`` and every export read it as they read an in-memory conversion's; on the same folder the
-two give identical weights. What streams: CMoE and LaDiMo with their routing step (each layer routed and
-refitted as soon as it is carved or trained), profiling (:func:`reading`: each layer read, profiled and freed, nothing written), evaluation, and the
-exports (``moe_core.export.streamed``). What cannot,
-refused before anything is read, with what would run it: the per-layer budget's
-sensitivity measurement, distillation and fine-tuning (they train through the whole model), a routing plan,
-and the methods that need the whole model at once (DIVE's domain mining, routing pass and retraining, FLAP's
-statistics pass).
+two give identical weights. What streams: every method with its routing step (CMoE, LaDiMo, DIVE without its
+retraining and FLAP: each layer routed and refitted as soon as it is built), the per-layer budget's sensitivity
+measurement, DIVE's statistics and domain mining and FLAP's statistics (each a walk of its own over the layers,
+the source read once more), profiling (:func:`reading`: each layer read, profiled and freed, nothing written),
+evaluation, and the exports (``moe_core.export.streamed``). What cannot, refused before anything is read, with
+what would run it: DIVE's retraining, distillation and fine-tuning (they train through the whole model), and a
+routing plan.
 """
 
 from __future__ import annotations
@@ -424,12 +424,7 @@ def should_stream(model_cfg) -> bool:
 
 def check_streamable(cfg) -> None:
     """ValueError before anything is read when ``cfg`` (a ConvertRun) needs the whole model at once."""
-    from .methods import lookup
-
     reasons = []
-    if not lookup(cfg.method).routes_inside:
-        reasons.append(f"method '{cfg.method}' needs the whole model at once (CMoE, LaDiMo and DIVE convert layer "
-                       "by layer with their routing step)")  # fmt: skip
     if cfg.method == "dive" and cfg.dive.retrain.enabled:
         reasons.append("DIVE's two retraining stages train through the whole model (--stage1-steps 0 "
                        "--stage2-steps 0 converts without them: mining and experts stream)")  # fmt: skip

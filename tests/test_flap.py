@@ -9,13 +9,14 @@ import torch
 
 from moe_core.checkpoint import load_converted
 from moe_core.cli import main
-from moe_core.config import ConvertRun, from_dict
+from moe_core.config import ConvertRun, RoutingConfig, from_dict
 from moe_core.methods import METHODS, Layout, convert
 from moe_core.methods.dive import flap_prune, flap_stats
 from moe_core.methods.flap import FLAPConfig
 from moe_core.model_io import load_model
 from moe_core.moe import MoEMLP
 from moe_core.pipeline import convert_run
+from moe_core.reconstruct import reconstruct_model
 
 TINY = "builtin:tiny-llama"  # 2 layers, H=64, I=192
 
@@ -39,6 +40,20 @@ def test_flap_method_is_the_flap_baseline(dense):
     assert len(blocks) == 2 and all(b.n_experts == 1 and b.expert_sizes == [144] for b in blocks)
     torch.testing.assert_close(moe.model(x).logits, ref.model(x).logits, rtol=0, atol=0)
     assert moe.conversion.method == "flap" and moe.conversion.layers[0]["kept"] == 144
+
+
+@torch.no_grad()
+def test_the_routing_step_inside_flaps_walk_is_the_routing_pass_after_it(dense):
+    """Each block refitted as soon as it is pruned gives the model that pruning everything, then running the
+    routing pass over the pruned model, gives (the refit's inputs come from the refitted layers before it)."""
+    x = ids(8)
+    settings = RoutingConfig().settings(0)
+    moe = convert(dense, x, FLAPConfig(prune_ratio=0.5), method="flap", routing=RoutingConfig())
+    ref = flap_prune(dense, flap_stats(dense, x), 0.5)
+    reports = reconstruct_model(ref, dense, x, settings)
+    assert [r["error"] for r in moe.conversion.routing] == [r["error"] for r in reports]
+    for name, tensor in ref.model.state_dict().items():
+        torch.testing.assert_close(moe.model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
 
 
 @torch.no_grad()

@@ -191,6 +191,28 @@ def test_dive_without_retraining_streams_and_gives_the_in_memory_conversion_exac
 
 
 @torch.no_grad()
+def test_flap_streams_and_gives_the_in_memory_conversion_exactly(source, tmp_path, monkeypatch):
+    """FLAP's statistics are a walk of their own over the dense layers; pruning and the refit run in the
+    conversion's walk."""
+    loads = []
+    real_load = LayerStream.load
+    monkeypatch.setattr(
+        LayerStream, "load", lambda self, dense, i: (loads.append(i), real_load(self, dense, i))[1]
+    )
+    cfg = _run(source, method="flap", flap={"prune_ratio": 0.5})
+    in_memory = convert_run(load_model(str(source)), cfg, folder=tmp_path / "mem")
+    opened = open_model(source)
+    streamed = convert_run(opened.dense, cfg, folder=tmp_path / "stream", source=opened)
+    n_layers = load_model(str(source)).n_layers
+    assert loads == list(range(n_layers)) * 2  # the statistics, then the pruned layers
+    assert streamed.metrics["streamed"] and len(streamed.metrics["conversion"]["routing"]) == n_layers
+    assert streamed.metrics["active_ffn_share"] == in_memory.metrics["active_ffn_share"]
+    a, b = load_converted(tmp_path / "mem"), load_converted(tmp_path / "stream")
+    for name, tensor in a.model.state_dict().items():
+        torch.testing.assert_close(tensor, b.model.state_dict()[name], rtol=0, atol=0, msg=name)
+
+
+@torch.no_grad()
 def test_ladimo_streams_and_gives_the_in_memory_conversion_exactly(source, tmp_path):
     """LaDiMo trains each layer and runs its routing step inside the one layer loop, so it streams too."""
     ladimo = {"n_experts": 4, "n_shared": 1, "top_k": 2, "steps": 5, "batch_tokens": 32}
@@ -324,7 +346,6 @@ def test_evaluation_streams_a_folder_larger_than_max_memory(source, tmp_path, mo
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [
-        ({"method": "flap"}, "method 'flap' needs the whole model at once"),
         ({"method": "dive"}, "DIVE's two retraining stages train through the whole model"),
         ({"distill": {"enabled": True}}, "and fine-tuning train through the whole model"),
     ],

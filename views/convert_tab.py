@@ -234,10 +234,10 @@ def status_text(session: Session) -> str:
 
 
 def routing_reports(metrics: dict | None) -> list[dict]:
-    """The routing step's per-layer reports of a conversion (CMoE keeps them per carved layer, the other methods
-    in a second pass); empty when no routing step ran."""
+    """The routing step's per-layer reports of a conversion (CMoE keeps them per carved layer, LaDiMo per trained
+    layer, DIVE and FLAP in a list of their own); empty when no routing step ran."""
     report = (metrics or {}).get("conversion") or {}
-    # a separate routing pass (DIVE), or each layer's own: CMoE's "routing", LaDiMo's "routing_step" (its
+    # a list of their own (DIVE, FLAP), or each layer's: CMoE's "routing", LaDiMo's "routing_step" (its
     # "routing" is the routing profile)
     layers = report.get("layers", [])
     found = report.get("routing") or [layer.get("routing_step") or layer.get("routing") for layer in layers]

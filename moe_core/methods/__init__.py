@@ -7,8 +7,9 @@ the modules of this package by themselves, so adding a method is adding its modu
 config (``ConvertRun`` gets a section per method), ``python -m moe_core convert``, the Convert tab and the model
 card all read :data:`METHODS`.
 
-Every ``convert`` has the signature ``convert(dense, input_ids (N, T), cfg, progress=None, cancel=None)`` (plus
-``routing=`` when the method runs the routing step inside its own layer loop) and returns a new ConvertedModel
+Every ``convert`` has the signature ``convert(dense, input_ids (N, T), cfg, progress=None, cancel=None,
+routing=None)``, runs the routing step (``routing``) inside its own layer loop, each layer routed as soon as it
+is built, so that every method converts in one walk over the layers and streams, and returns a new ConvertedModel
 (moe_core.model_io; the caller's model is never modified) whose converted layers are MoEMLP blocks and whose
 ``conversion`` field is the method's report (per-layer sizes, seconds). :func:`convert` seeds the global RNG
 from the config's ``seed`` first, so the same config gives the same model in any process or session.
@@ -23,8 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
-from ..plumbing import span
 
 
 @dataclass(frozen=True)
@@ -113,7 +112,6 @@ class Method:
     to_layout: Callable[[object], tuple[int, int, float]] | None = None
     describe: Callable[[dict], str] | None = None  # a saved section (dict) -> the layout in a phrase
     budget: bool = False  # whether the Design tab's budget mode (one shape per layer) applies
-    routes_inside: bool = False  # convert() takes routing= and runs the routing step in its layer loop
     # (section, number of layers) -> the routed experts per token of each layer the section converts, when the
     # method's gates are unit gates (CMoE's); None: not known before converting
     top_ks: Callable[[object, int], list[int]] | None = None
@@ -164,11 +162,9 @@ def convert(
     cancel: Callable[[], bool] | None = None,
 ):
     """Run one registered method. cfg: its config section (e.g. CMoEConfig), a ConvertRun (its routing
-    section then applies too), or None (defaults). routing: the layer-wise routing step after the method
-    (moe_core.reconstruct): methods with ``routes_inside`` run it inside their layer loop, the others in a
-    second pass."""
+    section then applies too), or None (defaults). routing: the layer-wise routing step (moe_core.reconstruct),
+    which every method runs inside its layer loop."""
     from ..config import ConvertRun
-    from ..reconstruct import reconstruct_model
 
     if isinstance(cfg, ConvertRun):
         method, routing, cfg = cfg.method, routing or cfg.routing, cfg.section()
@@ -182,16 +178,7 @@ def convert(
     settings = routing.settings(getattr(cfg, "seed", 0)) if routing is not None and routing.enabled else None
     with torch.random.fork_rng(devices=[dense.device] if dense.device.type == "cuda" else []):
         torch.manual_seed(getattr(cfg, "seed", 0))
-        if entry.routes_inside:
-            return entry.convert(dense, input_ids, cfg, progress=progress, cancel=cancel, routing=settings)
-        end = 1.0 if settings is None else 0.9  # the routing pass takes the last tenth of the bar
-        moe = entry.convert(dense, input_ids, cfg, progress=span(progress, 0, end), cancel=cancel)
-        if settings is not None:
-            reports = reconstruct_model(
-                moe, dense, input_ids, settings, progress=span(progress, 0.9, 1.0), cancel=cancel
-            )
-            moe.conversion.routing = reports
-        return moe
+        return entry.convert(dense, input_ids, cfg, progress=progress, cancel=cancel, routing=settings)
 
 
 def report_from_dict(data: dict | None):

@@ -448,6 +448,5 @@ METHOD = Method(
     describe=_describe,
     budget=True,
     top_ks=lambda cfg, n_layers: [s[1] for s in map(cfg.layer_shape, range(n_layers)) if s is not None],
-    routes_inside=True,
     order=0,
 )

@@ -624,5 +624,4 @@ METHOD = Method(
     to_layout=lambda cfg: (cfg.n_experts, cfg.top_k, cfg.shared_share),
     describe=lambda s: f"E{s.get('n_experts')} top-{s.get('top_k')}",
     order=20,
-    routes_inside=True,
 )

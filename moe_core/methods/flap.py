@@ -19,14 +19,14 @@ Design tab's layout sets the ratio: FLAP keeps the share of each FFN that the la
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
+from ..plumbing import Cancel, Progress, span
 from . import Method, Option
 from .cmoe import ConversionReport
-from .dive import _install_flap, flap_stats, n_kept
+from .dive import _flap_block, flap_stats
 
 
 @dataclass(frozen=True)
@@ -49,24 +49,41 @@ def convert(
     dense,
     input_ids: torch.Tensor,
     cfg: FLAPConfig | None = None,
-    progress: Callable[[float, str], None] | None = None,
-    cancel: Callable[[], bool] | None = None,
+    progress: Progress = None,
+    cancel: Cancel = None,
+    routing=None,
 ):
     """FLAP-prune a copy of ``dense`` (untouched) on calibration input_ids (N, T); every FFN becomes a
-    one-expert MoEMLP of the kept channels with the compensation bias. The ``conversion`` report lists the
-    channels kept per layer."""
+    one-expert MoEMLP of the kept channels with the compensation bias. routing (ReconstructSettings): the
+    routing step, run on each block as soon as it is pruned (the refit of its kept down projection), in the
+    same walk over the layers, so a model streamed from its shards converts without ever being whole. The
+    ``conversion`` report lists the channels kept per layer."""
+    from ..layerwise import convert_layers
     from ..model_io import ConvertedModel
+    from ..reconstruct import reconstruct_block
+    from ..streaming import active, layers_of
 
     cfg, start = cfg or FLAPConfig(), time.perf_counter()
     if progress:
         progress(0.0, "FLAP: statistics of the down projection inputs")
-    stats = flap_stats(dense, input_ids, cfg.batch_size, cancel)
-    moe = ConvertedModel.shell_of(dense)
-    _install_flap(moe, dense, stats, cfg.prune_ratio)
+    stream = active()
+    with layers_of(dense, None if stream is None else stream.source) as model:  # streamed: read once more
+        stats = flap_stats(model, input_ids, cfg.batch_size, cancel)
+    moe, routed = ConvertedModel.shell_of(dense), []
+
+    def build(i, x, y):
+        block = _flap_block(moe, i, stats, cfg.prune_ratio)
+        moe.adapter.set_mlp(moe.model, i, block)  # a streamed layer's dense MLP is freed before the refit
+        if routing is not None:
+            routed.append(reconstruct_block(block, x, y, routing, layer=i))
+        return block, {"layer": i, "kept": block.expert_sizes[0], "width": stats.sum.shape[1]}
+
     report = ConversionReport("flap", asdict(cfg))
-    width = dense.model.config.intermediate_size
-    report.layers = [{"layer": i, "kept": n_kept(width, cfg.prune_ratio), "width": width}
-                     for i in range(dense.n_layers)]  # fmt: skip
+    report.layers = convert_layers(
+        moe, input_ids, list(range(moe.n_layers)), build, batch_size=cfg.batch_size,
+        progress=span(progress, 0.5, 1.0), cancel=cancel, label="FLAP",
+    )  # fmt: skip
+    report.routing = routed
     report.seconds = round(time.perf_counter() - start, 2)
     moe.conversion = report
     if progress:

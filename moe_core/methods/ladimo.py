@@ -444,5 +444,4 @@ METHOD = Method(
     to_layout=lambda cfg: (cfg.n_experts, cfg.top_k, cfg.n_shared / cfg.n_experts),
     describe=lambda s: f"E{s.get('n_experts')} S{s.get('n_shared')} top-{s.get('top_k')}",
     order=10,
-    routes_inside=True,
 )
