@@ -138,7 +138,9 @@ def pooled(stats: dict[str, FlapStats], names) -> FlapStats:
 
 
 @torch.no_grad()
-def flap_stats(dense, input_ids: torch.Tensor, batch_size: int = 4, cancel: Cancel = None) -> FlapStats:
+def flap_stats(
+    dense, input_ids: torch.Tensor, batch_size: int = 4, cancel: Cancel = None, progress: Progress = None
+) -> FlapStats:
     """FLAP statistics of input_ids (N, T) on the dense model, layer by layer.
 
     The hooks read each down projection's input, exactly X = act(W_gate x) * (W_up x), one decoder layer at a
@@ -156,7 +158,10 @@ def flap_stats(dense, input_ids: torch.Tensor, batch_size: int = 4, cancel: Canc
 
         return accumulate
 
-    for step in walk_layers(dense, input_ids, batch_size=batch_size, cancel=cancel):
+    steps = walk_layers(
+        dense, input_ids, batch_size=batch_size, progress=progress, cancel=cancel, label="FLAP statistics"
+    )
+    for step in steps:
         step.run((dense.adapter.down(dense.mlp(step.index)), hook(step.index)))
     return FlapStats(sums, sumsq, input_ids.numel())
 

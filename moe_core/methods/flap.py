@@ -64,11 +64,9 @@ def convert(
     from ..streaming import active, layers_of
 
     cfg, start = cfg or FLAPConfig(), time.perf_counter()
-    if progress:
-        progress(0.0, "FLAP: statistics of the down projection inputs")
     stream = active()
     with layers_of(dense, None if stream is None else stream.source) as model:  # streamed: read once more
-        stats = flap_stats(model, input_ids, cfg.batch_size, cancel)
+        stats = flap_stats(model, input_ids, cfg.batch_size, cancel, span(progress, 0.0, 0.5))
     moe, routed = ConvertedModel.shell_of(dense), []
 
     def build(i, x, y):
