@@ -14,7 +14,7 @@ import sys
 import time
 import warnings
 
-from .config import DataConfig, ModelConfig, ProfileRun, from_dict, load_config_file, to_dict
+from .config import DISTILL_PARTS, DataConfig, ModelConfig, ProfileRun, from_dict, load_config_file, to_dict
 
 
 def _progress(fraction: float, message: str) -> None:
@@ -371,7 +371,8 @@ def _convert_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-minutes", type=float, help="distillation time budget")
     p.add_argument("--distill-lr", type=float, help="distillation learning rate")
     p.add_argument(
-        "--distill-train", help="parts that train, comma-separated: experts,shared,routers,norms,..."
+        "--distill-train",
+        help=f"parts that train, comma-separated: {','.join(DISTILL_PARTS)} (default experts,shared,routers,norms)",
     )
     p.add_argument("--distill-lora-r", type=int, help="0: parts train in full; r > 0: LoRA of rank r")
 

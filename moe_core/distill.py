@@ -33,10 +33,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .config import DISTILL_PARTS
 from .moe import MoEMLP
 from .plumbing import Cancel, Progress, check_cancel, report, unshare_params
 
-PARTS = ("experts", "shared", "routers", "gate_scales", "biases", "norms", "attention")
+PARTS = DISTILL_PARTS  # one list, in the run config's module (the config checks distill.train against it)
 CHECKPOINT = "distill-checkpoint.pt"
 MATRIX_PARTS = ("experts", "shared", "attention")  # the parts LoRA adapts when lora_r > 0
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
