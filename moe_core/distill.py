@@ -133,9 +133,9 @@ def _lora(moe, cfg):
     if cfg.lora_r <= 0 or not set(cfg.train) & set(MATRIX_PARTS):
         yield moe.model
         return
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
-    from .finetune import _blocks, _mask_expert_padding, _unload_nested, _zero_padding
+    from .finetune import _blocks, merged_lora
 
     model, blocks = moe.model, _blocks(moe.model)
     modules = list(ATTENTION) if "attention" in cfg.train else []
@@ -149,19 +149,8 @@ def _lora(moe, cfg):
         r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0, bias="none",
         target_modules=modules, target_parameters=params or None,
     )  # fmt: skip
-    with torch.random.fork_rng():
-        torch.manual_seed(cfg.seed)
-        peft_model = get_peft_model(model, lora)
-    _mask_expert_padding(peft_model, blocks)
-    try:
+    with merged_lora(model, blocks, lora, cfg.seed) as peft_model:
         yield peft_model
-    except BaseException:
-        _unload_nested(model, merge=False)
-        peft_model.unload()
-        raise
-    _unload_nested(model, merge=True)
-    peft_model.merge_and_unload()
-    _zero_padding(blocks)
 
 
 def trained_params(model, cfg) -> dict[str, torch.nn.Parameter]:

@@ -130,6 +130,29 @@ def _unload_nested(model, merge: bool) -> None:
         setattr(model.get_submodule(parent), child, module.get_base_layer())
 
 
+@contextlib.contextmanager
+def merged_lora(model, blocks: dict[str, MoEMLP], config, seed: int):
+    """``model`` wrapped by peft with the LoRA ``config`` while inside (factors initialised from ``seed``; the
+    caller's RNG is left alone), padded expert columns masked. On a clean exit the factors are merged into the
+    base weights and the padding is exact zeros again; on an exception they are dropped unmerged (the base
+    weights were never touched). Yields the peft model to train."""
+    from peft import get_peft_model
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config)
+    try:
+        _mask_expert_padding(peft_model, blocks)
+        yield peft_model
+    except BaseException:
+        _unload_nested(model, merge=False)
+        peft_model.unload()
+        raise
+    _unload_nested(model, merge=True)
+    peft_model.merge_and_unload()
+    _zero_padding(blocks)
+
+
 def _batches(input_ids: torch.Tensor, cfg: FinetuneConfig) -> list[torch.Tensor]:
     """Seeded shuffles of input_ids (N, T), one per epoch, cut into (B, T) batches."""
     g = torch.Generator().manual_seed(cfg.seed)
@@ -242,8 +265,6 @@ def finetune(
     Afterwards the model holds the merged weights and trained u and b, in eval mode, with no peft module
     left. On cancel (raises moe_core.Cancelled) or an error, the model is restored exactly first.
     """
-    from peft import get_peft_model
-
     cfg = cfg or FinetuneConfig()
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise ValueError(
@@ -252,22 +273,14 @@ def finetune(
     model, blocks = moe.model, _blocks(moe.model)
     _own_written(model, ATTENTION + DENSE_FFN)
     saved = _snapshot(model, blocks)
-    with torch.random.fork_rng():  # a seeded LoRA initialisation that leaves the caller's RNG alone
-        torch.manual_seed(cfg.seed)
-        peft_model = get_peft_model(model, lora_config(model, cfg))
     try:
-        _mask_expert_padding(peft_model, blocks)
-        opt = _optimizer(peft_model, blocks, cfg)
-        n_lora = sum(p.numel() for g in opt.param_groups[:1] for p in g["params"])
-        stats = _train(peft_model, blocks, _batches(input_ids, cfg), opt, cfg, progress, cancel)
-    except BaseException:  # cancelled, interrupted or failed: leave the model as it was
-        _unload_nested(model, merge=False)
-        peft_model.unload()  # drop the adapters without merging: base weights were never touched
+        with merged_lora(model, blocks, lora_config(model, cfg), cfg.seed) as peft_model:
+            opt = _optimizer(peft_model, blocks, cfg)
+            n_lora = sum(p.numel() for g in opt.param_groups[:1] for p in g["params"])
+            stats = _train(peft_model, blocks, _batches(input_ids, cfg), opt, cfg, progress, cancel)
+    except BaseException:  # cancelled, interrupted or failed: the adapters are dropped, the model restored
         _restore(model, blocks, saved, values=True)
         raise
-    _unload_nested(model, merge=True)
-    peft_model.merge_and_unload()
-    _zero_padding(blocks)
     _restore(model, blocks, saved, values=False)
     model.eval()
     return stats | _summary(blocks, cfg, input_ids, n_lora)
@@ -385,7 +398,6 @@ def train_experts(
 
     steps: defaults to cfg.stage2_steps (the FLAP baseline uses stage 1 + stage 2 steps here).
     """
-    from peft import get_peft_model
 
     model, blocks = moe.model, _blocks(moe.model)
     _own_written(model, norms=True)
@@ -396,24 +408,15 @@ def train_experts(
     batches = _cycled_batches(
         input_ids, cfg.stage2_steps if steps is None else steps, cfg.batch_size, cfg.seed + 1
     )
-    with _dive_stage(model, blocks, full):
-        with torch.random.fork_rng():  # seeded LoRA initialisation; the caller's RNG is left alone
-            torch.manual_seed(cfg.seed)
-            peft_model = get_peft_model(model, _expert_lora(blocks, cfg))
-        try:
-            _mask_expert_padding(peft_model, blocks)
-            for p in full:
-                p.requires_grad_(True)  # get_peft_model froze them
-            lora = [p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n]
-            opt = torch.optim.Adam([{"params": lora}, {"params": full}], lr=cfg.lr)
-            stats = _run_steps(peft_model, batches, opt, progress, cancel, "DIVE stage 2 (experts)")
-        except BaseException:
-            _unload_nested(model, merge=False)
-            peft_model.unload()
-            raise
-        _unload_nested(model, merge=True)
-        peft_model.merge_and_unload()
-        _zero_padding(blocks)
+    with (
+        _dive_stage(model, blocks, full),
+        merged_lora(model, blocks, _expert_lora(blocks, cfg), cfg.seed) as peft,
+    ):
+        for p in full:
+            p.requires_grad_(True)  # get_peft_model froze them
+        lora = [p for n, p in peft.named_parameters() if p.requires_grad and "lora_" in n]
+        opt = torch.optim.Adam([{"params": lora}, {"params": full}], lr=cfg.lr)
+        stats = _run_steps(peft, batches, opt, progress, cancel, "DIVE stage 2 (experts)")
     return stats | {"lora_params": sum(p.numel() for p in lora), "full_params": sum(p.numel() for p in full)}
 
 
