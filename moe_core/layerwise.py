@@ -423,6 +423,17 @@ def window_logits(
         yield ids, head_logits(model.model, model.adapter, one, keep=slice(None, -1))[0]
 
 
+def target_layers(layers: tuple[int, ...] | None, n_layers: int, section: str) -> list[int]:
+    """The layers a method's ``{section}.layers`` names (None: every layer), or ValueError for one that does
+    not exist."""
+    if layers is None:
+        return list(range(n_layers))
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if bad:
+        raise ValueError(f"{section}.layers {bad} do not exist: the model has layers 0..{n_layers - 1}.")
+    return list(layers)
+
+
 # build(layer index, x (T, H) what the MLP receives, y (T, H) what the dense MLP returns) -> (block, info)
 LayerBuild = Callable[[int, torch.Tensor, torch.Tensor], tuple[nn.Module, dict]]
 

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import CMoEConfig
-from ..layerwise import convert_layers
+from ..layerwise import convert_layers, target_layers
 from ..moe import MoEMLP, Router, RoutingPolicy
 from ..reconstruct import ReconstructSettings, reconstruct_block
 from . import Layout, Method, Option, choices
@@ -282,15 +282,6 @@ def _layer_report(layer_idx: int, cut: Carving, rates: torch.Tensor, k_act: int)
 # The pipeline
 
 
-def _target_layers(cfg: CMoEConfig, n_layers: int) -> list[int]:
-    if cfg.layers is None:
-        return list(range(n_layers))
-    bad = [i for i in cfg.layers if i >= n_layers]
-    if bad:
-        raise ValueError(f"cmoe.layers {bad} do not exist: the model has layers 0..{n_layers - 1}.")
-    return list(cfg.layers)
-
-
 @torch.no_grad()
 def convert(
     dense,
@@ -311,7 +302,7 @@ def convert(
 
     cfg, start = cfg or CMoEConfig(), time.perf_counter()
     moe = ConvertedModel.shell_of(dense)
-    targets = [i for i in _target_layers(cfg, moe.n_layers) if cfg.layer_shape(i) is not None]
+    targets = [i for i in target_layers(cfg.layers, moe.n_layers, "cmoe") if cfg.layer_shape(i) is not None]
     report = ConversionReport("cmoe", _config_dict(cfg))
     if not targets:
         raise ValueError("cmoe.layer_experts keeps every layer dense: there is nothing to convert.")

@@ -62,7 +62,7 @@ from dataclasses import replace
 import torch
 
 from ..config import LaDiMoConfig
-from ..layerwise import convert_layers
+from ..layerwise import convert_layers, target_layers
 from ..moe import MoEMLP, Router, RoutingPolicy
 from ..profiling import check_cancel
 from ..reconstruct import ReconstructSettings, reconstruct_block
@@ -326,15 +326,6 @@ def distill_layer(
     return block.to(dtype).eval(), info
 
 
-def _target_layers(cfg: LaDiMoConfig, n_layers: int) -> list[int]:
-    if cfg.layers is None:
-        return list(range(n_layers))
-    bad = [i for i in cfg.layers if i >= n_layers]
-    if bad:
-        raise ValueError(f"ladimo.layers {bad} do not exist: the model has layers 0..{n_layers - 1}.")
-    return list(cfg.layers)
-
-
 @torch.no_grad()
 def convert(
     dense,
@@ -363,7 +354,7 @@ def convert(
 
     cfg, start = cfg or LaDiMoConfig(), time.perf_counter()
     moe = ConvertedModel.shell_of(dense)
-    targets = _target_layers(cfg, moe.n_layers)
+    targets = target_layers(cfg.layers, moe.n_layers, "ladimo")
     _check_shape(moe, cfg)
     report = ConversionReport("ladimo", _config_dict(cfg))
     last = targets[-1]
