@@ -397,15 +397,18 @@ def convert(session: Session, *values, progress=gr.Progress()):
                 "retraining stages at 0 steps."
             ) from None
     session.cancel.clear()
-    start, lines, records, drawn = time.perf_counter(), [], [], [0]
+    start, lines, records, drawn, shown = time.perf_counter(), [], [], [0], [0]
     lines.append(f"{0.0:7.1f} s  {cfg.method} on {cfg.model.spec}, text {cfg.data.text}")
 
     def update():
-        curve = gr.skip()
+        curve, log = gr.skip(), gr.skip()
         if len(records) != drawn[0]:  # redraw only when a step has ended since the last update
             drawn[0] = len(records)
             curve = gr.Plot(live_loss(list(records)), visible=True)
-        return gr.skip(), gr.skip(), "\n".join(lines), gr.skip(), gr.skip(), curve
+        if len(lines) != shown[0]:  # resend the log only when it has grown (it reaches hundreds of lines)
+            shown[0] = len(lines)
+            log = "\n".join(lines)
+        return gr.skip(), gr.skip(), log, gr.skip(), gr.skip(), curve
 
     first = (
         gr.Plot(plots.placeholder(NO_STEP), visible=True) if cfg.distill.enabled else gr.Plot(visible=False)
