@@ -325,6 +325,14 @@ def layers_of(dense, source: Source | None):
     return contextlib.nullcontext(dense) if source is None else reading(source)
 
 
+def reread(dense):
+    """The model a stage of a conversion walks once more before (or besides) the conversion's own walk, as a
+    context manager: ``dense`` itself in memory, or, inside :func:`streaming`, its source read again one decoder
+    layer at a time (the conversion's shell is not disturbed)."""
+    stream = active()
+    return layers_of(dense, None if stream is None else stream.source)
+
+
 def active() -> LayerStream | None:
     return _STREAM[-1] if _STREAM else None
 

@@ -351,16 +351,15 @@ def affinity_matrix(
     its FFN pruned on domain i, then through layer l + 1 (so a model streamed from its shards is read once per
     domain, inside :func:`moe_core.streaming.reading`, never whole)."""
     from ..layerwise import window_logits
-    from ..streaming import active, layers_of
+    from ..streaming import reread
 
     names = list(stats)
     windows = torch.cat([heldout[n] for n in names])
     owner = torch.repeat_interleave(torch.arange(len(names)), torch.tensor([len(heldout[n]) for n in names]))
-    stream = active()
     ppl = np.zeros((len(names), len(names)))
     for i, name in enumerate(names):
         nll, tokens = np.zeros(len(names)), np.zeros(len(names))
-        with layers_of(dense, None if stream is None else stream.source) as model:
+        with reread(dense) as model:
             visit = functools.partial(_run_pruned, model, stats[name], ratio)
             batches = window_logits(model, windows, batch_size, cancel=cancel, visit=visit)
             for (ids, logits), who in zip(batches, owner.split(batch_size), strict=True):
@@ -482,11 +481,11 @@ def domain_stats(
     dense, data: dict[str, DomainData], batch_size: int = 4, progress: Progress = None, cancel: Cancel = None
 ) -> dict[str, FlapStats]:
     """{domain: FlapStats of its calibration windows} on the dense model."""
-    from ..streaming import active, layers_of
+    from ..streaming import reread
 
-    out, stream = {}, active()
+    out = {}
     for d, (name, domain) in enumerate(data.items()):
-        with layers_of(dense, None if stream is None else stream.source) as model:  # streamed: read once more
+        with reread(dense) as model:  # streamed: read once more
             out[name] = flap_stats(model, domain.calib, batch_size, cancel)
         if progress:
             progress((d + 1) / len(data), f"DIVE: FLAP statistics of {name}")

@@ -61,11 +61,10 @@ def convert(
     from ..layerwise import convert_layers
     from ..model_io import ConvertedModel
     from ..reconstruct import reconstruct_block
-    from ..streaming import active, layers_of
+    from ..streaming import reread
 
     cfg, start = cfg or FLAPConfig(), time.perf_counter()
-    stream = active()
-    with layers_of(dense, None if stream is None else stream.source) as model:  # streamed: read once more
+    with reread(dense) as model:  # streamed: read once more
         stats = flap_stats(model, input_ids, cfg.batch_size, cancel, span(progress, 0.0, 0.5))
     moe, routed = ConvertedModel.shell_of(dense), []
 
