@@ -45,7 +45,6 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -54,12 +53,11 @@ import torch
 from ..config import DIVEConfig
 from ..layerwise import convert_layers, run_layer, walk_layers
 from ..moe import MoEMLP, Router, RoutingPolicy
+from ..plumbing import Cancel, Progress, span
 from ..profiling import check_cancel
 from ..reconstruct import reconstruct_block
 from . import Method, Option
 
-Progress = Callable[[float, str], None] | None
-Cancel = Callable[[], bool] | None
 ROUTER_INIT_STD = 0.02  # code: nn.init.normal_(std=0.02) for topkroute_linear and noise_linear
 
 
@@ -470,13 +468,6 @@ class DIVEReport:
         return asdict(self)
 
 
-def _span(progress: Progress, lo: float, hi: float) -> Progress:
-    """A progress callback for one stage, mapped onto [lo, hi] of the whole conversion."""
-    if progress is None:
-        return None
-    return lambda fraction, message: progress(lo + (hi - lo) * fraction, message)
-
-
 def domain_stats(
     dense, data: dict[str, DomainData], batch_size: int = 4, progress: Progress = None, cancel: Cancel = None
 ) -> dict[str, FlapStats]:
@@ -515,12 +506,12 @@ def convert(
     cfg, seconds, start = cfg or DIVEConfig(), {}, time.perf_counter()
     retraining = cfg.retrain.enabled
     mined = 0.7 if retraining else 0.9  # share of the progress bar at the end of the mining
-    data = domain_data(dense, cfg, _span(progress, 0.0, 0.05), cancel)
-    stats = domain_stats(dense, data, cfg.batch_size, _span(progress, 0.05, 0.3), cancel)
+    data = domain_data(dense, cfg, span(progress, 0.0, 0.05), cancel)
+    stats = domain_stats(dense, data, cfg.batch_size, span(progress, 0.05, 0.3), cancel)
     seconds["statistics"] = time.perf_counter() - start
     heldout = {name: d.heldout for name, d in data.items()}
     ppl = affinity_matrix(
-        dense, stats, heldout, cfg.prune_ratio, cfg.batch_size, _span(progress, 0.3, mined), cancel
+        dense, stats, heldout, cfg.prune_ratio, cfg.batch_size, span(progress, 0.3, mined), cancel
     )
     affinity = cluster_domains(list(stats), ppl, cfg.n_experts, cfg.linkage)
     seconds["mining"] = time.perf_counter() - start - seconds["statistics"]
@@ -531,14 +522,14 @@ def convert(
         moe, layers = assemble(dense, groups, cfg, all_stats)
         report = DIVEReport(_config_dict(cfg), affinity.as_dict(), layers)
         after = 1.0 if routing is None else 0.9
-        report.retrain = dive_retrain(moe, input_ids, cfg.retrain, _span(progress, 0.75, after), cancel)
+        report.retrain = dive_retrain(moe, input_ids, cfg.retrain, span(progress, 0.75, after), cancel)
         if routing is not None:
             report.routing = reconstruct_model(
-                moe, dense, input_ids, routing, progress=_span(progress, 0.9, 1.0), cancel=cancel
+                moe, dense, input_ids, routing, progress=span(progress, 0.9, 1.0), cancel=cancel
             )
     else:
         moe, layers, routed = assemble_routed(
-            dense, input_ids, groups, cfg, all_stats, routing, _span(progress, mined, 1.0), cancel
+            dense, input_ids, groups, cfg, all_stats, routing, span(progress, mined, 1.0), cancel
         )
         report = DIVEReport(_config_dict(cfg), affinity.as_dict(), layers, routing=routed)
     seconds["total"] = time.perf_counter() - start
