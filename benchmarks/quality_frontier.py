@@ -103,7 +103,9 @@ class Bench:
         log(f"dense ppl {self.ref.ppl:.2f} on {len(self.windows)} x {args.seq_len} WikiText-2 test tokens")
 
     def carve(self, budget: float, **kw) -> CMoEConfig:
-        return CMoEConfig(experts=UNIFORM[budget], shared_by="magnitude", cluster_on="magnitude", **kw)
+        return CMoEConfig(
+            experts=UNIFORM[budget], shared_by="magnitude", cluster_on=self.args.cluster_on, **kw
+        )
 
 
 def build_cmoe(b: Bench, budget: float):
@@ -262,6 +264,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--form", choices=["analytic", "native"], default="analytic", help="routing form of the rows"
     )
     p.add_argument("--calib-len", type=int, default=512)
+    p.add_argument(
+        "--cluster-on",
+        choices=["magnitude", "tokens"],
+        default=CMoEConfig().cluster_on,
+        help="the carving of every row but the published CMoE's: tokens (the default) re-cuts top-1 layers' "
+        "experts around token groups; magnitude is the partition the README's frontier table was measured with",
+    )
     p.add_argument("--distill-minutes", type=float, default=30.0)
     p.add_argument(
         "--distill-tokens",

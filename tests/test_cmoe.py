@@ -197,3 +197,56 @@ def test_progress_names_the_per_layer_shapes_of_a_budget_not_the_unused_default(
     budget = CMoEConfig(layer_experts=("dense", "S1A1E8", "S2A1E8", "S1A1E8"))
     assert _shapes_label(budget) == "per-layer (S1A1E8, S2A1E8)"
     assert _shapes_label(CMoEConfig(layer_experts=("dense", "S3A1E8"))) == "S3A1E8"
+
+
+def test_token_experts_find_overlapping_neuron_sets_that_a_partition_cannot():
+    """Four token groups, each needing its own window of 10 neurons, windows overlapping by 5; 10 neurons no
+    group needs. A partition into 4 experts of 10 cannot hold two overlapping windows; cutting experts around
+    the token groups finds each window, shares the overlaps and leaves the unneeded neurons out."""
+    from moe_core.methods.cmoe import carve_features, token_experts
+
+    g = torch.Generator().manual_seed(0)
+    windows = [range(0, 10), range(5, 15), range(15, 25), range(20, 30)]
+    feats = torch.rand(40, 400, generator=g) * 0.01  # (I, T): background contributions
+    for j, window in enumerate(windows):
+        feats[list(window), j * 100 : (j + 1) * 100] += 1.0 + torch.rand(10, 100, generator=g)
+    partition = carve_features(feats, feats.mean(1), n_shared=0, n_experts=4, iters=3, metric="cosine")
+    cut = token_experts(feats, partition)
+
+    def captured(c):  # each token's best expert's share of its contribution, averaged
+        member = torch.zeros(4, 40)
+        for j, e in enumerate(c.experts):
+            member[j, e] = 1.0
+        share = feats.T / feats.T.sum(1, keepdim=True)
+        return float((share @ member.T).max(1).values.mean())
+
+    assert sorted(tuple(e.tolist()) for e in cut.experts) == [tuple(w) for w in windows]
+    assert [e.numel() for e in cut.experts] == [10, 10, 10, 10]  # sizes kept
+    assert captured(cut) > captured(partition) + 0.2
+    for rep, members in zip(cut.representatives.tolist(), cut.experts, strict=True):
+        assert rep in members.tolist()
+
+
+def test_token_experts_skip_the_shared_neurons_and_only_cut_top1_layers():
+    """cluster_on=tokens: a top-1 layer's routed experts avoid the shared expert and may overlap; a layer that
+    routes two experts per token keeps the magnitude partition (token groups measured worse there)."""
+    dense, x = tiny_model("llama", intermediate_size=96), ids(4, 32)
+    one = convert(dense, x, CMoEConfig(experts="S2A1E8", cluster_on="tokens"))
+    for layer in one.conversion.layers:
+        assert layer["shared_size"] == 24 and layer["expert_sizes"] == [12] * 6
+    two = {
+        mode: convert(dense, x, CMoEConfig(experts="S2A2E8", cluster_on=mode))
+        for mode in ("tokens", "magnitude")
+    }
+    torch.testing.assert_close(two["tokens"].model(x).logits, two["magnitude"].model(x).logits)
+    from moe_core.methods.cmoe import carve_features, magnitude_features, token_experts
+
+    mlp = dense.mlp(0)
+    w_gate, w_up, w_down = dense.adapter.weights(mlp)
+    h = torch.randn(200, dense.model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    feats = magnitude_features(h, w_gate, w_up, w_down, dense.adapter.act_fn(mlp))
+    cut = token_experts(feats, carve_features(feats, feats.mean(1), 2, 8, 1, "cosine"))
+    shared = set(cut.shared.tolist())
+    assert all(not shared & set(e.tolist()) for e in cut.experts)
+    with pytest.raises(ValueError, match="markers, magnitude or tokens"):
+        CMoEConfig(cluster_on="neurons")
