@@ -213,8 +213,8 @@ def token_experts(feats: torch.Tensor, cut: Carving, rounds: int = 3) -> Carving
     over the expert's neurons, outside the shared expert), and each expert becomes the neurons with the largest
     mean share over its tokens, at its size. Both steps raise the captured share, so the rounds converge. A
     neuron two token groups both need sits in both experts; one no group needs is left out (pruned). Measured
-    on SmolLM2 at S1A1E8 (32 x 512 calibration tokens), the routing step's held-out error drops from 0.417 to
-    0.366 (layer 12) and 0.247 to 0.211 (layer 20) at the same expert count and sizes.
+    on SmolLM2 at S1A1E8 (32 x 512 calibration tokens, 3 rounds), the routing step's held-out error drops from
+    0.417 to 0.368 (layer 12) and 0.247 to 0.206 (layer 20) at the same expert count and sizes.
     """
     shared = torch.zeros(feats.shape[0], dtype=torch.bool, device=feats.device)
     shared[cut.shared] = True
