@@ -289,7 +289,7 @@ def convert_overrides(args, method: str = "cmoe") -> dict:
             warnings.warn(f"{flag} is an option of {titles}, not of {entry.title}: ignored.", stacklevel=2)
     extra = {"method": args.method, method: section}
     routing = {"router": args.router, "form": args.routing_form, "refit": args.refit}
-    extra["routing"] = _pick(routing | {"compensate": args.compensate})
+    extra["routing"] = _pick(routing | {"compensate": args.compensate, "max_tokens": args.routing_tokens})
     extra["distill"] = _distill_overrides(args)
     extra["finetune"] = {"enabled": True} if args.finetune else {}
     return {k: v for k, v in extra.items() if v}
@@ -354,6 +354,11 @@ def _convert_flags(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="least-squares refit of down projections",
+    )
+    p.add_argument(
+        "--routing-tokens",
+        type=int,
+        help="calibration tokens per layer for the routing step's router and refit (routing.max_tokens)",
     )
     p.add_argument(
         "--compensate",

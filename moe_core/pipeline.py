@@ -207,6 +207,7 @@ def _flag_values(cfg: ConvertRun) -> list[tuple[str, object]]:
     flags += [("--router", r.router), ("--routing-form", r.form)]
     flags += [("--refit" if r.refit else "--no-refit", None)]
     flags += [("--compensate" if r.compensate else "--no-compensate", None)]
+    flags += [("--routing-tokens", r.max_tokens)]
     flags += [("--distill" if cfg.distill.enabled else "--no-distill", None)]
     if cfg.distill.enabled:
         d = cfg.distill
@@ -236,6 +237,7 @@ def command_line(cfg: ConvertRun, config_file: str = "run_config.yaml") -> str:
     tree[cfg.method] = _section_tree(cfg)
     r = cfg.routing
     tree["routing"] = {"router": r.router, "form": r.form, "refit": r.refit, "compensate": r.compensate}
+    tree["routing"]["max_tokens"] = r.max_tokens
     d = cfg.distill
     tree["distill"] = {"enabled": d.enabled}
     if d.enabled:

@@ -135,7 +135,7 @@ def test_convert_flags_express_routing_budget_and_distillation():
         "model": {"spec": "builtin:tiny-llama"},
         "data": {"text": "builtin:pydoc", "n_sequences": 2, "seq_len": 32},
         "cmoe": {"experts": "S2A2E8", "budget": 0.5, "shared_by": "magnitude", "cluster_on": "magnitude"},
-        "routing": {"router": "trained", "form": "native", "refit": True},
+        "routing": {"router": "trained", "form": "native", "refit": True, "max_tokens": 2048},
         "distill": {
             "enabled": True,
             "tokens": 4096,
@@ -148,6 +148,7 @@ def test_convert_flags_express_routing_budget_and_distillation():
     cfg = from_dict(ConvertRun, tree)
     argv = shlex.split(command_line(cfg))
     assert "--config" not in argv and "--budget" in argv and "--routing-form" in argv and "--distill" in argv
+    assert argv[argv.index("--routing-tokens") + 1] == "2048"
     args = build_parser().parse_args(argv[3:])
     assert _run_config(ConvertRun, args, convert_overrides(args, "cmoe")) == cfg
 

@@ -15,6 +15,7 @@ from moe_core.moe import RoutingPolicy
 from moe_core.reconstruct import (
     ReconstructSettings,
     expert_outputs,
+    linear_router,
     oracle_experts,
     oracle_routing,
     reconstruct_block,
@@ -79,13 +80,15 @@ def test_greedy_oracle_is_used_for_many_sets_and_is_close(llama, monkeypatch):
     assert err(greedy) < 1.2 * err(exhaustive)
 
 
-def test_router_learns_separable_labels():
+@pytest.mark.parametrize("batch", [16384, 300])  # full batch; minibatches in passes over the 2000 tokens
+def test_router_learns_separable_labels(batch):
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(4, 16, generator=g) * 3
     labels = torch.randint(0, 4, (2000,), generator=g)
     x = centres[labels] + torch.randn(2000, 16, generator=g) * 0.3
-    w = train_router(x, labels[:, None], 4)
+    w = train_router(x, labels[:, None], 4, batch=batch)
     assert float(((x @ w.T).argmax(-1) == labels).float().mean()) > 0.98
+    assert torch.equal(w, train_router(x, labels[:, None], 4, batch=batch))  # seeded
 
 
 def test_refit_recovers_known_down_projections(llama):
@@ -98,6 +101,57 @@ def test_refit_recovers_known_down_projections(llama):
     assert relative_error(block(x), target) > 0.5
     refit_down(block, x, target, ridge=1e-9)
     assert relative_error(block(x), target) < 1e-6
+
+
+def dense_features(block, x):
+    """The block output's linear features as one dense (T, D) matrix, zeros included: what refit_down's
+    block-by-block normal equations must equal."""
+    feats = []
+    if block.shared_expert is not None:
+        s = block.shared_expert
+        h = s.act_fn(s.gate_proj(x)) * s.up_proj(x)
+        feats.append(h * torch.sigmoid(block.shared_gate(x)) if block.shared_gate is not None else h)
+    idx, gates, _ = block.route(x)
+    weights = torch.zeros(x.shape[0], block.n_experts)
+    for slot in range(idx.shape[1]):
+        used = idx[:, slot] >= 0
+        weights[used, idx[used, slot]] += gates[used, slot]
+    width = block.down_proj.shape[-1]
+    for e, n in enumerate(block.expert_sizes):
+        g = x @ block.gate_up_proj[e, :n].T
+        u = x @ block.gate_up_proj[e, width : width + n].T
+        feats.append(block.act_fn(g) * u * weights[:, e : e + 1])
+    if block.expert_bias is not None:
+        feats.append(weights)
+    return torch.cat(feats, dim=1).double()
+
+
+@pytest.mark.parametrize("case", ["top1", "top2", "bias", "native", "dynamic"])
+def test_refit_solves_the_dense_normal_equations(llama, case):
+    """The refit builds the normal matrix only where features can be non-zero (an expert's columns on its own
+    tokens); its solution is the ridge solution of the dense feature matrix, whatever the routing."""
+    from moe_core.reconstruct import add_expert_bias
+
+    x, y = layer_data(llama, n=16)
+    block, _ = carve_block(llama, 1, x, CMoEConfig(experts="S1A2E4" if case == "top2" else "S1A1E4"))
+    with torch.no_grad():
+        if case == "bias":
+            add_expert_bias(block)
+        if case == "native":
+            to_native(block, torch.randn(block.n_experts, 64) * 0.5)
+        if case == "dynamic":
+            block.router = linear_router(torch.randn(block.n_experts, 64))
+            block.policy = RoutingPolicy("dynamic", threshold=0.6)
+        refit_down(block, x, y, ridge=1e-3, chunk=100)  # several chunks, some experts absent from some
+        phi = dense_features(block, x)
+    gram = phi.T @ phi
+    n_hidden = gram.shape[0] - (block.n_experts if case == "bias" else 0)
+    gram.diagonal().add_(1e-3 * gram.diagonal()[:n_hidden].mean())
+    want = torch.linalg.solve(gram, phi.T @ y.double()).T  # (H, D)
+    got = [block.shared_expert.down_proj.weight]
+    got += [block.down_proj[e, :, :n] for e, n in enumerate(block.expert_sizes)]
+    got += [block.expert_bias.T] if case == "bias" else []
+    torch.testing.assert_close(torch.cat(got, dim=1).double(), want, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("form", ["analytic", "native"])

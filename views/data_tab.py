@@ -132,7 +132,7 @@ def build(state: gr.State) -> DataTab:
                     label="Or upload a text file", file_types=UPLOAD_TYPES, type="filepath", height=90
                 )
                 with gr.Row():
-                    n = gr.Slider(1, 64, value=DEFAULTS["n_sequences"], step=1, label="Sequences")
+                    n = gr.Slider(1, 256, value=DEFAULTS["n_sequences"], step=1, label="Sequences")
                     t = gr.Slider(16, 2048, value=DEFAULTS["seq_len"], step=16, label="Tokens per sequence")
                 seed = gr.Number(DEFAULTS["seed"], precision=0, label="Seed (which windows are sampled)")
                 button = gr.Button("Preview", variant="primary")
