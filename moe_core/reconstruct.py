@@ -260,8 +260,9 @@ def refit_down(block: MoEMLP, x, y, ridge: float = 1e-2, chunk: int | None = Non
     tokens whose features are built at once (default: 8M features' worth, 32 MB of float32 per temporary,
     5461 tokens at D = 1536 and 1213 at D = 6912). The normal matrix is accumulated block by block over the feature
     groups (:func:`_feature_groups`), each pair on the tokens both have: a routed expert's columns meet only the
-    tokens that chose it, so at top-1 of E no two experts' blocks are computed at all. On SmolLM2 (65k tokens,
-    S1A1E8) that is a fifth of the dense product's work, with the same normal equations.
+    tokens that chose it, so at top-1 of E no two experts' blocks are computed at all. On SmolLM2 (layer 12, 65k
+    tokens) the same normal equations as the dense product's (solutions within 5e-6) in a fifth to a seventh of the
+    time: 3.96 s -> 0.83 s at S1A1E8, 4.3 s -> 0.6 s at S0A1E8.
     """
     sizes = [f.shape[1] for _, f in _feature_groups(block, x[:1])]
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
