@@ -567,7 +567,7 @@ class RoutingConfig:
     # 55.2 (S3A3E8 above); off by default: the portable export drops expert biases. Native cannot hold it
     compensate: bool = False
     rounds: int = 1  # label -> router -> refit rounds per layer
-    router_steps: int = 200  # full-batch Adam steps of the router's cross-entropy
+    router_steps: int = 200  # Adam steps of the router's cross-entropy (full batch up to 16k tokens)
     # calibration tokens used per layer (10% held out for the report), when the calibration has that many. The
     # refit overfits on too few: SmolLM2 layer 12 at S1A1E8, error on 4k held-out tokens 0.389 at 16k, 0.358 at
     # 32k, 0.335 at 65k, 0.330 at 131k (the routing step's share of a conversion's time grows with it)

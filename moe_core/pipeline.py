@@ -236,8 +236,9 @@ def command_line(cfg: ConvertRun, config_file: str = "run_config.yaml") -> str:
     tree["out"] = cfg.out
     tree[cfg.method] = _section_tree(cfg)
     r = cfg.routing
-    tree["routing"] = {"router": r.router, "form": r.form, "refit": r.refit, "compensate": r.compensate}
-    tree["routing"]["max_tokens"] = r.max_tokens
+    tree["routing"] = {
+        "router": r.router, "form": r.form, "refit": r.refit, "compensate": r.compensate, "max_tokens": r.max_tokens
+    }  # fmt: skip
     d = cfg.distill
     tree["distill"] = {"enabled": d.enabled}
     if d.enabled:
