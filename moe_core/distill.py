@@ -13,6 +13,8 @@ inputs but send no gradient back into them (:func:`router_inputs_detached`). Tra
 head of the source text and the held-out windows (whose KL is reported every ``eval_every`` steps) from its
 tail, so they never overlap; neither is ever the scored WikiText-2 test text unless the user asks for it.
 
+The KL and its gradient are computed together, in chunks (:class:`_FusedKL`).
+
 The run stops at its token budget or its time budget, whichever comes first; ``cancel`` stops it at the next
 step with the model restored. With a checkpoint folder it saves the trained tensors, the optimiser and the
 data position every ``checkpoint_every`` steps; a run started again with the same conversion and config
@@ -200,13 +202,48 @@ def teacher_topk(
     return out["values"], out["indices"]
 
 
+KL_ROWS = 64  # token rows per chunk of the fused KL: its temporaries stay 64 x V floats
+
+
+class _FusedKL(torch.autograd.Function):
+    """Mean KL(teacher || student) per row of (N, V) logits, computed in chunks of KL_ROWS rows; its gradient
+    (softmax(student) - softmax(teacher)) / N is written during the forward, so neither log-softmax is kept
+    for the backward. Measured with SmolLM2's shapes (1,024 tokens, V = 49,152, 2 threads), forward and
+    backward: 0.52-0.63 s as plain autograd ops (six (N, V) temporaries, each paged in afresh) against
+    0.21-0.25 s; inside a distillation step the plain forward alone took 0.3 to 1.4 s."""
+
+    @staticmethod
+    def forward(ctx, student, teacher):
+        n = student.shape[0]
+        needed = ctx.needs_input_grad[0]
+        grad = torch.empty(student.shape, dtype=torch.float32, device=student.device) if needed else None
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        for s in range(0, n, KL_ROWS):
+            log_s = F.log_softmax(student[s : s + KL_ROWS].float(), dim=-1)
+            log_t = F.log_softmax(teacher[s : s + KL_ROWS].float(), dim=-1)
+            p_t = log_t.exp()
+            total += log_t.sub_(log_s).mul_(p_t).sum()
+            if needed:
+                torch.exp(log_s, out=grad[s : s + KL_ROWS]).sub_(p_t).div_(n)
+        ctx.save_for_backward(grad)
+        ctx.dtype = student.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        if grad_output.item() != 1.0:  # a scaled loss; the plain loss.backward() passes the gradient as it is
+            grad = grad * grad_output
+        return grad.to(ctx.dtype), None
+
+
 def kl_loss(student_logits, teacher_logits=None, topk=None) -> torch.Tensor:
-    """Mean KL(teacher || student) per token, float32. Either full teacher logits (B, T, V), or its top-k
-    (values, indices) (B, T, k) renormalised over those k."""
-    logp = F.log_softmax(student_logits.float(), dim=-1)  # (B, T, V)
+    """Mean KL(teacher || student) per token, float32. Either full teacher logits (B, T, V) (fused, in chunks:
+    :class:`_FusedKL`), or its top-k (values, indices) (B, T, k) renormalised over those k."""
     if teacher_logits is not None:
-        ref = F.log_softmax(teacher_logits.float(), dim=-1)
-        return (ref.exp() * (ref - logp)).sum(-1).mean()
+        vocab = student_logits.shape[-1]
+        return _FusedKL.apply(student_logits.reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab))
+    logp = F.log_softmax(student_logits.float(), dim=-1)  # (B, T, V)
     values, indices = topk
     ref = F.log_softmax(values.float(), dim=-1)  # (B, T, k)
     return (ref.exp() * (ref - logp.gather(-1, indices.long()))).sum(-1).mean()

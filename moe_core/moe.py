@@ -256,22 +256,20 @@ class MoEMLP(nn.Module):
         return out.reshape(shape)
 
     def _routed(self, x2, idx, gates, out):
-        """Group (token, slot) pairs by expert; one matmul pair per expert hit; no loop over tokens."""
-        n_slots = idx.shape[1]
+        """Sort (token, slot) pairs by expert, one gather, one matmul pair per expert on its contiguous rows,
+        one index_add back: differentiable, no loop over tokens. Measured on SmolLM2's 20 converted layers of
+        the 50% allocation (1,024 tokens, forward and backward, 2 threads): 0.76 s with a gather and an
+        index_add per expert (each a full-size copy, and another in the backward), 0.66 s this way."""
         flat_e = idx.reshape(-1)
         order = flat_e.argsort(stable=True)
-        counts = torch.bincount(flat_e.clamp(min=0)[flat_e >= 0], minlength=self.n_experts).tolist()
-        start = int((flat_e < 0).sum())  # unused slots (-1) sort first
-        flat_gate = gates.reshape(-1).to(x2.dtype)
-        for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            pairs = order[start : start + count]
-            start += count
-            tokens = pairs // n_slots
-            y = self._expert(e, x2[tokens]) * flat_gate[pairs].unsqueeze(-1)
-            out = out.index_add(0, tokens, y)
-        return out
+        counts = torch.bincount(flat_e + 1, minlength=self.n_experts + 1).tolist()  # bin 0: unused slots
+        order = order[counts[0] :]  # unused slots (-1) sort first
+        if order.numel() == 0:
+            return out
+        tokens = order // idx.shape[1]
+        rows = x2.index_select(0, tokens).split(counts[1:])
+        y = torch.cat([self._expert(e, x) for e, x in enumerate(rows) if len(x)])
+        return out.index_add(0, tokens, y * gates.reshape(-1)[order].unsqueeze(-1).to(x2.dtype))
 
     def _expert(self, e: int, x):  # (n, H) -> (n, H)
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
