@@ -10,8 +10,10 @@ What trains is a list of parts (:data:`PARTS`); matrices (experts, shared expert
 with ``lora_r`` > 0, as LoRA factors that are merged at the end, so the result is a plain model again. Adam
 (0.9, 0.95), warm-up then cosine decay to a tenth, gradients clipped at norm 1. The routers train on their
 inputs but send no gradient back into them (:func:`router_inputs_detached`). Training text comes from the
-head of the source text and the held-out windows (whose KL is reported every ``eval_every`` steps) from its
-tail, so they never overlap; neither is ever the scored WikiText-2 test text unless the user asks for it.
+head of the source text, as non-overlapping windows in a seeded order (each token once per pass,
+:func:`~moe_core.data.training_windows`), and the held-out windows (whose KL is reported every
+``eval_every`` steps) from its tail, so they never overlap; neither is ever the scored WikiText-2 test text
+unless the user asks for it.
 
 The KL and its gradient are computed together, in chunks (:class:`_FusedKL`).
 
@@ -58,14 +60,14 @@ def split_text(docs: list[str], holdout: float = 0.05) -> tuple[list[str], list[
 
 def distill_data(dense, cfg) -> tuple[torch.Tensor, torch.Tensor]:
     """(training ids (N, T), held-out ids (W, T)) for a DistillConfig: N = tokens // seq_len windows."""
-    from .data import eval_windows, load_documents, sample_sequences
+    from .data import eval_windows, load_documents, training_windows
     from .finetune import training_text
 
     text = training_text(cfg)
     docs = load_documents(text, model=dense, seed=cfg.seed)
     head, tail = split_text(docs)
     n = max(1, cfg.tokens // cfg.seq_len)
-    train = sample_sequences(head, dense.tokenizer, n, cfg.seq_len, cfg.seed, source=text)
+    train = training_windows(head, dense.tokenizer, n, cfg.seq_len, cfg.seed, source=text)
     held = eval_windows(tail, dense.tokenizer, cfg.seq_len, cfg.eval_windows, source=f"{text} (held out)")
     return train, held
 

@@ -22,6 +22,7 @@ from moe_core.data import (
     sample_sequences,
     shared_data_dir,
     text_preview,
+    training_windows,
 )
 
 RECORDS = [
@@ -355,6 +356,27 @@ def test_sample_sequences_are_seeded_windows_of_the_joined_text(tok):
     assert not torch.equal(batch, sample_sequences(docs, tok, n=6, seq_len=32, seed=1))
     windows = full.unfold(0, 32, 1)  # (T - 31, 32): every window of the token stream
     assert all((windows == row).all(dim=1).any() for row in batch)
+
+
+def test_training_windows_cover_the_text_once_per_pass_in_a_seeded_order(tok):
+    docs = [f"Document number {i}: " + " ".join(f"item {i * 37 + j}" for j in range(12)) for i in range(20)]
+    full = torch.tensor(tok("\n\n".join(docs), add_special_tokens=False).input_ids)
+    tiles = full[: len(full) // 32 * 32].view(-1, 32)  # (W, 32): the text's non-overlapping windows
+    assert len(set(map(tuple, tiles.tolist()))) == len(tiles) > 8  # all different, so each can be found
+    batch = training_windows(docs, tok, n=len(tiles), seq_len=32, seed=0)
+    assert batch.dtype == torch.long and batch.shape == tiles.shape
+    where = [int((tiles == row).all(dim=1).nonzero()[0]) for row in batch]
+    assert sorted(where) == list(range(len(tiles)))  # each window exactly once in one pass
+    assert where != sorted(where)  # shuffled, not the text's order
+    assert torch.equal(batch, training_windows(docs, tok, n=len(tiles), seq_len=32, seed=0))
+    assert not torch.equal(batch, training_windows(docs, tok, n=len(tiles), seq_len=32, seed=1))
+    longer = training_windows(docs, tok, n=len(tiles) + 3, seq_len=32, seed=0)
+    assert torch.equal(longer[: len(tiles)], batch)  # past one pass: the first pass, then a new order
+    assert all((tiles == row).all(dim=1).any() for row in longer[len(tiles) :])
+    with pytest.raises(TextSourceError, match="training_windows needs n >= 1"):
+        training_windows(docs, tok, n=0, seq_len=32)
+    with pytest.raises(TextSourceError, match="fewer than one window"):
+        training_windows(["0123456789"], tok, n=2, seq_len=32)
 
 
 def test_too_short_text_says_how_many_tokens(tok):
