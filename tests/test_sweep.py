@@ -34,7 +34,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def converted():
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield _converted()
+    torch.set_num_threads(threads)  # the modules after this one run on the machine's count again
+
+
+def _converted():
     dense = tiny_model("llama", n_layers=3)
     calib = torch.randint(4, 250, (6, 48), generator=torch.Generator().manual_seed(0))
     moe = convert(

@@ -32,6 +32,9 @@ from views import (
 )
 from views.state import Session, Workspace
 
+# Tiny models: one thread (63 s for this module against 69 s on two)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = "builtin:tiny-llama"  # 2 layers, H=64, I=192
 DATA = ["builtin:pydoc", 2, 32, 0]
 DESIGN = [

@@ -10,7 +10,11 @@ FORMATS = ("portable", "exact", "llamacpp", "gguf")
 GGUF_TYPES = ("f16", "q8_0", "f32")  # gguf.QTYPES, named here so that importing export stays light
 MODELING_FILE = "modeling_moe_studio.py"
 TEMPLATE = Path(__file__).parent.parent / "templates" / MODELING_FILE
-EXACT_TOL = 1e-4  # max |logit difference| that counts as identical (float32 summation order: ~1e-6)
+# max |logit difference| that counts as identical. Float32 summation order alone moves a 30-layer model's logits
+# by about 1e-4: the dense SmolLM2-135M by 5.5e-5 (logits up to |33|) between 1 and 2 threads, and an exact export
+# reloaded at another thread count than its internal model by 6.2e-5 to 1.03e-4 (6 conversions). A routing
+# decision that differs moves them by far more.
+EXACT_TOL = 1e-3
 EVAL_TEXT = (
     "The history of the city begins with a small settlement on the river, where traders met to exchange "
     "grain, salt and cloth. Over the centuries the market grew into a town, and the town into a city with "
