@@ -19,7 +19,7 @@ The KL and its gradient are computed together, in chunks (:class:`_FusedKL`).
 
 The run stops at its token budget or its time budget, whichever comes first; ``cancel`` stops it at the next
 step with the model restored. With a checkpoint folder it saves the trained tensors, the optimiser and the
-data position every ``checkpoint_every`` steps; a run started again with the same conversion and config
+data position every ``checkpoint_every`` steps, at most once per ``checkpoint_minutes``; a run started again with the same conversion and config
 (checked by a fingerprint of the starting weights) resumes from there, and ends exactly as an uninterrupted
 run would (same seed, same batches, same steps).
 """
@@ -431,6 +431,7 @@ def _train(student, dense, blocks, cfg, ids, held, checkpoint, progress, cancel,
     if not stats["held_out"]:
         stats["held_out"].append((0, held_out_kl(student, dense.model, held, cfg.batch_size)))
     start = time.perf_counter() - stats["seconds"]
+    saved_at = stats["seconds"]
     device = next(student.parameters()).device
     student.train()
     for step in range(stats["steps"], n_steps):
@@ -463,8 +464,10 @@ def _train(student, dense, blocks, cfg, ids, held, checkpoint, progress, cancel,
             progress, (step + 1) / n_steps, f"Distillation step {step + 1}/{n_steps}: KL {loss.item():.3f}"
         )
         over_time = cfg.max_minutes is not None and stats["seconds"] > 60 * cfg.max_minutes
-        if checkpoint and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not over_time:
+        due = checkpoint and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not over_time
+        if due and stats["seconds"] - saved_at >= 60 * cfg.checkpoint_minutes:
             _save_checkpoint(Path(checkpoint), _state(params, opt, sched, stats, print_))
+            saved_at = stats["seconds"]
         if over_time:
             stats["stopped"] = "time"
             if stats["held_out"][-1][0] != step + 1:

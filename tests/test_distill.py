@@ -127,7 +127,8 @@ def test_cancel_restores_the_model_exactly(dense):
 
 
 def test_a_killed_run_resumes_to_the_same_model(dense, tmp_path):
-    cfg = DistillConfig(tokens=12 * 32, seq_len=32, batch_size=2, lr=1e-2, checkpoint_every=2, eval_every=100)
+    cfg = DistillConfig(tokens=12 * 32, seq_len=32, batch_size=2, lr=1e-2, checkpoint_every=2, eval_every=100,
+                         checkpoint_minutes=0)  # fmt: skip
     train, held = ids(dense, 12), ids(dense, 1, seed=9)
     whole = converted(dense)
     distill(whole, dense, cfg, train, held)
@@ -145,15 +146,30 @@ def test_a_killed_run_resumes_to_the_same_model(dense, tmp_path):
     assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
 
 
+def test_checkpoints_are_minutes_apart(dense, tmp_path):
+    cfg = DistillConfig(
+        tokens=8 * 32, seq_len=32, batch_size=2, lr=1e-2, checkpoint_every=1, checkpoint_minutes=60
+    )
+    steps = iter(range(100))  # four steps due a checkpoint each, all within the first hour: none written
+    with pytest.raises(Cancelled):
+        distill(converted(dense), dense, cfg, ids(dense, 8), ids(dense, 1, seed=9), checkpoint=tmp_path,
+                cancel=lambda: next(steps) >= 3)  # fmt: skip
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
 def test_a_checkpoint_of_another_run_is_ignored(dense, tmp_path):
-    cfg = DistillConfig(tokens=8 * 32, seq_len=32, batch_size=2, lr=1e-2, checkpoint_every=1)
+    cfg = DistillConfig(
+        tokens=8 * 32, seq_len=32, batch_size=2, lr=1e-2, checkpoint_every=1, checkpoint_minutes=0
+    )
     train, held = ids(dense, 8), ids(dense, 1, seed=9)
     steps = iter(range(100))
     with pytest.raises(Cancelled):
         distill(
             converted(dense), dense, cfg, train, held, checkpoint=tmp_path, cancel=lambda: next(steps) >= 2
         )
-    other = DistillConfig(tokens=8 * 32, seq_len=32, batch_size=2, lr=5e-3, checkpoint_every=1)
+    other = DistillConfig(
+        tokens=8 * 32, seq_len=32, batch_size=2, lr=5e-3, checkpoint_every=1, checkpoint_minutes=0
+    )
     stats = distill(converted(dense), dense, other, train, held, checkpoint=tmp_path)
     assert "resumed_at" not in stats and stats["steps"] == 4
 
