@@ -19,9 +19,9 @@ The KL and its gradient are computed together, in chunks (:class:`_FusedKL`).
 
 The run stops at its token budget or its time budget, whichever comes first; ``cancel`` stops it at the next
 step with the model restored. With a checkpoint folder it saves the trained tensors, the optimiser and the
-data position every ``checkpoint_every`` steps, at most once per ``checkpoint_minutes``; a run started again with the same conversion and config
-(checked by a fingerprint of the starting weights) resumes from there, and ends exactly as an uninterrupted
-run would (same seed, same batches, same steps).
+data position every ``checkpoint_every`` steps, at most once per ``checkpoint_minutes``; a run started again
+with the same conversion and config (checked by a fingerprint of the starting weights) resumes from there, and
+ends exactly as an uninterrupted run would (same seed, same batches, same steps).
 """
 
 from __future__ import annotations
