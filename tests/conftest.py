@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -27,13 +28,22 @@ def smollm2():
     return load_model("builtin:smollm2-135m")
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: thread hand-offs cost more than the maths (100x on a busy 2-core machine)."""
+@contextlib.contextmanager
+def single_thread():
+    """Torch on one thread inside, the count it had after. Tiny tensors: thread hand-offs cost more than the maths
+    (100x on a busy 2-core machine)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    with single_thread():
+        yield
 
 
 @pytest.fixture(autouse=True)

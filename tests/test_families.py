@@ -11,6 +11,7 @@ import re
 
 import pytest
 import torch
+from conftest import single_thread
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from moe_core.config import CMoEConfig
@@ -121,14 +122,9 @@ def results(tmp_path_factory):
 
     One thread, here and in the reloading process: on tiny tensors thread hand-offs cost more than the maths
     (100x on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as env:
-            env.setenv("OMP_NUM_THREADS", "1")
-            yield _convert_and_reload_all(tmp_path_factory.mktemp("families"))
-    finally:
-        torch.set_num_threads(threads)
+    with single_thread(), pytest.MonkeyPatch.context() as env:
+        env.setenv("OMP_NUM_THREADS", "1")
+        yield _convert_and_reload_all(tmp_path_factory.mktemp("families"))
 
 
 def _convert_and_reload_all(root) -> dict:

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import single_thread
 
 from moe_core.config import LaDiMoConfig, SweepConfig
 from moe_core.methods import convert
@@ -34,23 +35,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def converted():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield _converted()
-    torch.set_num_threads(threads)  # the modules after this one run on the machine's count again
-
-
-def _converted():
-    dense = tiny_model("llama", n_layers=3)
-    calib = torch.randint(4, 250, (6, 48), generator=torch.Generator().manual_seed(0))
-    moe = convert(
-        dense,
-        calib,
-        LaDiMoConfig(n_experts=4, n_shared=0, top_k=2, steps=20, batch_tokens=96, train_k="range"),
-        method="ladimo",
-    )
-    windows = torch.randint(4, 250, (2, 24), generator=torch.Generator().manual_seed(1))
-    return dense, moe, windows, sweep(dense, moe, windows, CFG)
+    with single_thread():  # module scope: the one_thread fixture does not cover it
+        dense = tiny_model("llama", n_layers=3)
+        calib = torch.randint(4, 250, (6, 48), generator=torch.Generator().manual_seed(0))
+        moe = convert(
+            dense,
+            calib,
+            LaDiMoConfig(n_experts=4, n_shared=0, top_k=2, steps=20, batch_tokens=96, train_k="range"),
+            method="ladimo",
+        )
+        windows = torch.randint(4, 250, (2, 24), generator=torch.Generator().manual_seed(1))
+        return dense, moe, windows, sweep(dense, moe, windows, CFG)
 
 
 def test_restart_from_any_layer_reproduces_dense_logits():
