@@ -144,3 +144,21 @@ def test_a_cast_keeps_the_routing_state_in_float32(tiny):
     with torch.no_grad():
         block(torch.randn(32, 64, dtype=torch.bfloat16))
     assert (block.selection_bias != 0.5).any()
+
+
+@pytest.mark.parametrize("tokens", [3, 9, 400])  # the decode, host-loop and grouped paths without autograd
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_block_runs_under_bfloat16_autocast(tokens, grad):
+    """Mixed precision: under torch.autocast the shared expert's output is bfloat16 and the routed experts'
+    outputs are added into it in that dtype, on every path, close to float32."""
+    from moe_core.model_io import tiny_model
+
+    block = block_from(tiny_model("llama"), 1, 24, 6, RoutingPolicy("topk", k=2))
+    x = torch.randn(1, tokens, 64)
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = block(x)
+    if grad:
+        y.float().sum().backward()
+        assert block.gate_up_proj.grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(y.float(), block(x), rtol=0.05, atol=0.05)
