@@ -603,6 +603,7 @@ class RoutingConfig:
 
 
 DISTILL_PARTS = ("experts", "shared", "routers", "gate_scales", "biases", "norms", "attention")
+TEACHER_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -629,6 +630,9 @@ class DistillConfig:
     lora_r: int = 0  # 0: the matrix parts train in full; r > 0: as LoRA factors of rank r, merged at the end
     hidden_weight: float = 0.0  # weight of the per-layer hidden-state MSE (the teacher then runs every step)
     teacher_topk: int = 0  # 0: the teacher runs every step; k: its top-k logits are cached on disk once
+    # the teacher's matmuls while training: float32, bfloat16 (autocast), or auto (bfloat16 where this device runs
+    # it faster: CUDA with bf16, CPUs with AMX; see moe_core.distill.teacher_dtype)
+    teacher_dtype: str = "auto"
     eval_windows: int = 2  # held-out windows whose KL is reported
     eval_every: int = 25  # steps between held-out KL measurements
     checkpoint_every: int = 25  # steps between resumable checkpoints (0: none)
@@ -653,6 +657,10 @@ class DistillConfig:
         _check(self.lora_r >= 0, f"distill.lora_r must be >= 0, got {self.lora_r}.")
         _check(self.hidden_weight >= 0, f"distill.hidden_weight must be >= 0, got {self.hidden_weight}.")
         _check(self.teacher_topk >= 0, f"distill.teacher_topk must be >= 0, got {self.teacher_topk}.")
+        _check(
+            self.teacher_dtype in TEACHER_DTYPES,
+            f"distill.teacher_dtype must be one of {', '.join(TEACHER_DTYPES)}, got {self.teacher_dtype!r}.",
+        )
         _check(
             self.eval_windows >= 1 and self.eval_every >= 1,
             "distill.eval_windows and eval_every must be >= 1.",

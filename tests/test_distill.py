@@ -1,9 +1,12 @@
 """Distillation recovery: the dense model teaches the converted one; budgets, cancel, resume, LoRA, cache."""
 
+import types
+
 import pytest
 import torch
 
 from moe_core import Cancelled
+from moe_core import distill as distill_module
 from moe_core.config import CMoEConfig, DistillConfig, RoutingConfig
 from moe_core.distill import CHECKPOINT, distill, kl_loss, part_params, teacher_topk
 from moe_core.methods import convert
@@ -178,6 +181,41 @@ def test_time_budget_stops_early(dense):
     cfg = DistillConfig(tokens=64 * 32, seq_len=32, batch_size=1, max_minutes=1e-9)
     stats = distill(converted(dense), dense, cfg, ids(dense, 64), ids(dense, 1, seed=9))
     assert stats["stopped"] == "time" and stats["steps"] == 1
+
+
+def test_a_run_its_time_budget_ends_has_annealed(dense, monkeypatch):
+    """The learning rate decays by whichever budget is further spent: cut by time at a fifth of its steps, the
+    run still ends at the floor (a tenth of distill.lr), halfway through its time at the cosine's midpoint."""
+    clock = iter(range(10**6))  # each reading of the distillation's clock is one second later
+    monkeypatch.setattr(
+        distill_module, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock)))
+    )
+    records = []
+    cfg = DistillConfig(tokens=160 * 32, seq_len=32, batch_size=1, lr=1e-3, max_minutes=0.5, eval_every=1000,
+                        teacher_dtype="float32")  # fmt: skip
+    stats = distill(
+        converted(dense), dense, cfg, ids(dense, 160), ids(dense, 1, seed=9), on_step=records.append
+    )
+    assert stats["stopped"] == "time" and 25 <= stats["steps"] <= 35
+    lrs = {r["step"]: r["lr"] for r in records}
+    assert lrs[stats["steps"]] == pytest.approx(1e-4, rel=0.02)
+    assert lrs[16] == pytest.approx(5.5e-4, rel=0.1)
+
+
+def test_teacher_dtype(dense):
+    """float32 or bfloat16 as asked; auto: bfloat16 only where this device's bfloat16 matmuls are faster. A
+    bfloat16 teacher's loss is close to the float32 one's."""
+    assert distill_module.teacher_dtype(dense, DistillConfig(teacher_dtype="float32")) == torch.float32
+    assert distill_module.teacher_dtype(dense, DistillConfig(teacher_dtype="bfloat16")) == torch.bfloat16
+    faster = distill_module._bf16_faster("cpu")
+    auto = distill_module.teacher_dtype(dense, DistillConfig())
+    assert auto == (torch.bfloat16 if faster else torch.float32)
+    moe, batch, cfg = converted(dense), ids(dense, 2), DistillConfig(tokens=64, seq_len=32)
+    loss = {dtype: distill_module._step(moe.model, dense, cfg, batch, None, dtype).item()
+            for dtype in (torch.float32, torch.bfloat16)}  # fmt: skip
+    assert loss[torch.float32] > 0 and loss[torch.bfloat16] == pytest.approx(loss[torch.float32], rel=0.05)
+    with pytest.raises(ValueError, match="teacher_dtype"):
+        DistillConfig(teacher_dtype="fp8")
 
 
 def test_cached_teacher_top_k(dense, tmp_path, monkeypatch):
