@@ -2,9 +2,11 @@
 
     python benchmarks/speed.py                        # S1A1E8 and S3A3E8, 5 interleaved repeats
     python benchmarks/speed.py --configs S1A1E8 --repeats 3 --breakdown --threads 1
+    python benchmarks/speed.py --configs --converted outputs/c50 --breakdown   # saved conversions
 
-Models: the dense model and one CMoE conversion per --configs entry (calibrated on --calib-sequences x
---calib-len tokens of --calib-text: speed depends on sizes and k, not on which neurons), all in this process.
+Models: the dense model, one CMoE conversion per --configs entry (calibrated on --calib-sequences x
+--calib-len tokens of --calib-text: speed depends on sizes and k, not on which neurons) and each saved
+conversion folder of --converted (any method, any per-layer allocation), all in this process.
 Prefill: model(input_ids) on --prefill-batch x --prefill-len tokens of real text (full logits, as scoring
 does), seconds per call. Decode: greedy batch-1 generation with a KV cache after a --prompt-len prompt;
 each of the --decode-tokens steps (one forward of the new token + argmax) is timed and a repeat's tokens/s is
@@ -21,7 +23,10 @@ measured speed-up / the ideal of the same phase.
 steps): attention, the FFN and, for MoE layers, its three decode parts (``shared_in+router``: the one matmul of
 the shared expert's gate/up rows and the router, with the activation; ``routing``: top-k on the host;
 ``experts``: the shared down projection and the chosen experts), ``ffn_other`` (the rest of the MoE block's
-forward), the LM head and the rest of the step.
+forward), the LM head and the rest of the step. From the dense model's breakdown it also gives each model's
+measured ceiling, ``decode_ffn_bound``: dense step / (dense step - dense FFN x (1 - active FFN share)), the
+decode speed-up if the FFN's time shrank exactly with its active share and nothing else changed (attention,
+LM head and the step's fixed costs do not shrink; the FLOP ideal leaves those fixed costs out).
 Prints the setup (versions, threads, attention, which MoE kernels ran), tables, then a JSON last line
 {"S1A1E8": {"ideal_speedup": ..., "prefill_speedup": ...,
 "decode_speedup": ..., ...}, ...}.
@@ -42,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh
 import torch  # noqa: E402
 
 from moe_core import moe_fast  # noqa: E402
+from moe_core.checkpoint import load_converted  # noqa: E402
 from moe_core.config import CMoEConfig  # noqa: E402
 from moe_core.data import load_documents, sample_sequences  # noqa: E402
 from moe_core.evaluate import decode_step_seconds as decode_steps  # noqa: E402
@@ -62,13 +68,20 @@ def log(message: str) -> None:
 # Models and the FLOP ideal
 
 
-def build_models(dense, configs: list[str], calib) -> dict:
-    """{"dense": DenseModel, config: converted DenseModel, ...}; each conversion is CMoE on calib (N, T)."""
+def build_models(dense, configs: list[str], calib, converted: list[str] = ()) -> dict:
+    """{"dense": DenseModel, config: converted DenseModel, ..., folder name: saved conversion, ...}; each config
+    is CMoE on calib (N, T), each folder a checkpoint saved by a conversion (``load_converted``)."""
     models = {"dense": dense}
     for experts in configs:
         start = time.perf_counter()
         models[experts] = convert(dense, calib, CMoEConfig(experts=experts))
         log(f"{experts}: converted in {time.perf_counter() - start:.0f} s")
+    for folder in converted:
+        name = Path(folder).resolve().name
+        if name in models:
+            raise SystemExit(f"--converted {folder}: the name {name!r} is already taken; rename the folder")
+        models[name] = load_converted(folder, device=str(dense.device))
+        log(f"{name}: loaded from {folder}")
     return models
 
 
@@ -248,6 +261,16 @@ def speed_table(speeds: dict, ideals: dict, summary: dict) -> str:
     return "\n".join(lines)
 
 
+def ffn_bounds(models: dict, dense_parts: dict[str, float]) -> dict[str, float]:
+    """Per MoE model: the decode speed-up if only the dense FFN's measured time shrank, to the active FFN share."""
+    step, ffn = dense_parts["step"], dense_parts["ffn"]
+    return {
+        name: step / (step - ffn * (1 - param_report(m)["active_ffn_share"]))
+        for name, m in models.items()
+        if name != "dense"
+    }
+
+
 def breakdown_table(parts: dict[str, dict[str, float]]) -> str:
     keys = ["attention", "ffn", *DECODE_PARTS.values(), "ffn_other", "lm_head", "other", "step"]
     lines = ["| model (ms / decode step) | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
@@ -279,7 +302,10 @@ def summarise(speeds: dict, ideals: dict) -> dict:
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--configs", nargs="+", default=["S1A1E8", "S3A3E8"], help="CMoE SxAyEz shapes")
+    p.add_argument(
+        "--configs", nargs="*", default=["S1A1E8", "S3A3E8"], help="CMoE SxAyEz shapes (none: --configs)"
+    )
+    p.add_argument("--converted", nargs="*", default=[], help="folders of saved conversions to time as well")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--prefill-batch", type=int, default=4)
     p.add_argument("--prefill-len", type=int, default=512)
@@ -305,7 +331,9 @@ def main() -> None:
     text = sample_sequences(docs, dense.tokenizer, args.prefill_batch + 1, args.prefill_len, seed=1)
     prefill_ids = text[1:].to(dense.device)  # (B, T)
     prompt = text[:1, : args.prompt_len].to(dense.device)  # (1, P)
-    models = build_models(dense, args.configs, calib.to(dense.device))
+    models = build_models(dense, args.configs, calib.to(dense.device), args.converted)
+    if len(models) == 1:
+        raise SystemExit("nothing to compare: give --configs or --converted")
     ideals = ideal_speedups(models, args.prefill_len, args.prompt_len + args.decode_tokens / 2)
     log(f"measuring: {torch.get_num_threads()} threads, {dense.summary().dtype}, device {args.device}")
     speeds = measure(models, prefill_ids, prompt, args.decode_tokens, args.repeats)
@@ -315,7 +343,14 @@ def main() -> None:
     print(speed_table(speeds, ideals, summary))
     if args.breakdown:
         print()
-        print(breakdown_table({n: breakdown(m, prompt, args.decode_tokens) for n, m in models.items()}))
+        parts = {n: breakdown(m, prompt, args.decode_tokens) for n, m in models.items()}
+        print(breakdown_table(parts))
+        for name, bound in ffn_bounds(models, parts["dense"]).items():
+            summary[name]["decode_ffn_bound"] = round(bound, 3)
+            print(
+                f"{name}: decode {summary[name]['decode_speedup']:.2f}x; if only the FFN's time shrank to its "
+                f"active share: {bound:.2f}x ({summary[name]['decode_speedup'] / bound:.0%} of that reached)"
+            )
     log("done")
     print(json.dumps(summary))
 

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from moe_core.checkpoint import save_converted
+from moe_core.evaluate import param_report
 from moe_core.model_io import tiny_model
 
 
@@ -95,3 +97,19 @@ def test_distill_settings_ranks_settings_from_one_saved_start_by_held_out_kl(tmp
     out = capsys.readouterr().out.strip().splitlines()
     assert json.loads(out[-1]) == summary and '| {"lr": 1e-06} |' in "\n".join(out)
     assert [json.loads(line) for line in jsonl.read_text().splitlines()] == rows
+
+
+def test_saved_conversions_are_timed_beside_new_ones_with_their_ffn_bound(speed, models, tmp_path):
+    save_converted(models["S1A1E4"], tmp_path / "c25", {"method": "cmoe"})
+    both = speed.build_models(models["dense"], [], None, [str(tmp_path / "c25")])
+    assert list(both) == ["dense", "c25"]
+    ids = torch.randint(0, 250, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(both["c25"].model(ids).logits, models["S1A1E4"].model(ids).logits)
+    share = param_report(both["c25"])["active_ffn_share"]
+    bound = speed.ffn_bounds(both, {"step": 10.0, "ffn": 4.0})["c25"]
+    assert bound == pytest.approx(10.0 / (10.0 - 4.0 * (1 - share)))
+    with pytest.raises(SystemExit, match="already taken"):
+        speed.build_models(
+            models["dense"], ["S1A1E4"], torch.randint(0, 250, (2, 16)), [str(tmp_path / "S1A1E4")]
+        )
